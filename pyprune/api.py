@@ -1,0 +1,111 @@
+"""The Python API behind the command line: load a model, describe it, evaluate
+it, fine-tune it. Every CLI subcommand is a thin wrapper over one function here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .data import load_dataset
+from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
+from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
+from .models.registry import DEFAULT_MEAN, DEFAULT_STD
+from .train import EpochLog, EvalResult, TrainConfig, evaluate, fine_tune, seed_everything
+
+
+@dataclass
+class LoadedModel:
+    """A model with what is needed to feed it: its normalisation and input shape."""
+
+    module: nn.Module
+    name: str
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
+    input_shape: tuple[int, ...] = (3, 32, 32)
+
+    @classmethod
+    def from_spec(cls, module: nn.Module, spec: ModelSpec | None, name: str) -> "LoadedModel":
+        if spec is None:
+            return cls(module, name)
+        return cls(module, spec.name, tuple(spec.mean), tuple(spec.std), tuple(spec.input_shape))
+
+
+def load_model(model_file: str | None = None, arch: str | None = None, weights: str | None = None,
+               pretrained: bool = False, download: bool = False, trust_pickle: bool = False,
+               seed: int = 0, num_classes: int = 10) -> LoadedModel:
+    """Build or load a model the way every subcommand names one.
+
+    ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
+    :mod:`pyprune.models.pretrained`) in place of ``weights``."""
+    if pretrained:
+        if weights or model_file:
+            raise ValueError("--pretrained replaces the weights file; give either --pretrained or a weights file")
+        if not arch:
+            raise ValueError("--pretrained needs --arch to name the zoo model")
+        weights = str(find_or_fetch_pretrained(arch, download=download))
+    seed_everything(seed)  # random initialisation is reproducible too
+    module, spec = resolve_model(model_file, arch, weights, trust_pickle=trust_pickle, num_classes=num_classes)
+    name = spec.name if spec else (arch or Path(model_file or "model").stem)
+    return LoadedModel.from_spec(module, spec, name)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    layers: list[LayerStats]
+    total: Totals
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "layers": [r.to_dict() for r in self.layers], "total": self.total.to_dict()}
+
+
+def trace_model(model: LoadedModel, batch: int = 1) -> fx.GraphModule:
+    """Trace into the graph IR and annotate shapes with a batch of ``batch``."""
+    gm = trace(model.module)
+    return propagate_shapes(gm, example_input(model.input_shape, batch))
+
+
+def model_info(model: LoadedModel) -> ModelInfo:
+    """Per-layer parameters, bytes and MACs (per sample) of the traced model."""
+    rows = layer_stats(trace_model(model))
+    return ModelInfo(model.name, rows, totals(rows))
+
+
+def evaluate_model(model: LoadedModel, data: str = "cifar10", split: str = "test",
+                   data_root: str | None = None, download: bool = False, limit: int | None = None,
+                   batch_size: int = 500, progress: bool = True) -> EvalResult:
+    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit)
+    return evaluate(model.module, dataset, model.mean, model.std, batch_size=batch_size, progress=progress)
+
+
+def train_model(model: LoadedModel, config: TrainConfig, data: str = "cifar10", split: str = "train",
+                data_root: str | None = None, download: bool = False,
+                limit: int | None = None) -> list[EpochLog]:
+    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit)
+    return fine_tune(model.module, dataset, model.mean, model.std, config)
+
+
+def save_weights(model: LoadedModel, path: str | Path, force: bool = False) -> Path:
+    """Save the state dict (loadable with ``weights_only=True``); never overwrite
+    an existing file unless ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"arch": model.name, "state_dict": model.module.state_dict()}, tmp)
+    tmp.replace(path)  # atomic, so an interrupted save never leaves half a checkpoint
+    return path
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+__all__: Sequence[str] = ["LoadedModel", "ModelInfo", "evaluate_model", "load_model", "model_info",
+                          "save_weights", "set_threads", "trace_model", "train_model"]

@@ -1,0 +1,226 @@
+"""Command line: ``pyprune info | eval | train``. A thin layer over :mod:`pyprune.api`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+EPILOG = """\
+Naming a model (the same for every subcommand):
+  pyprune eval model.pt --arch resnet56          a checkpoint (state dict) for a zoo architecture
+  pyprune eval --arch resnet56 --weights FILE     the same, as a flag
+  pyprune eval --arch resnet56 --pretrained       the published checkpoint ($PYPRUNE_MODELS, cache, --download)
+  pyprune info --arch resnet56                    random initialisation (seeded by --seed)
+  pyprune info --arch mypkg.models:make_net       your own model class or factory
+  pyprune eval whole_model.pt --trust-pickle      a pickled nn.Module (unpickling runs code: trusted files only)
+
+Data is found under --data-root, else $PYPRUNE_DATA, else ./data.
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("model", nargs="?", metavar="MODEL",
+                   help="checkpoint file: a state dict used with --arch, or a pickled module with --trust-pickle")
+    g.add_argument("--arch", help="zoo architecture (see `pyprune models`) or package.module:callable")
+    g.add_argument("--weights", metavar="FILE", help="state-dict checkpoint for --arch")
+    g.add_argument("--pretrained", action="store_true",
+                   help="use the published checkpoint of --arch (looked up in $PYPRUNE_MODELS and the cache)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a whole pickled nn.Module; unpickling runs code from the file")
+    g.add_argument("--num-classes", type=int, default=10, help="classifier outputs when building --arch")
+    g.add_argument("--seed", type=int, default=0, help="seed for random initialisation and training")
+
+
+def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
+    g.add_argument("--split", default=split, choices=["train", "val", "test"],
+                   help="val is a fixed class-balanced 5,000-image hold-out of train")
+    g.add_argument("--limit", type=int, metavar="N", help="use only the first N images of the split")
+    g.add_argument("--batch-size", type=int, default=500 if split != "train" else 128)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--download", action="store_true",
+                   help="download what is missing: CIFAR-10 through torchvision, --pretrained weights from GitHub")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyprune", formatter_class=_Formatter, epilog=EPILOG,
+        description="A compiler for CNN compression: structured channel slimming plus deep "
+                    "compression, driven by a target accuracy.")
+    parser.add_argument("--version", action="version", version=f"pyprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", formatter_class=_Formatter, epilog=EPILOG,
+                       help="per-layer table of output shapes, parameters, bytes and MACs",
+                       description="Trace the model with torch.fx, propagate shapes, and print per-layer "
+                                   "output shape, parameters, bytes (parameters and buffers) and MACs per sample.")
+    _add_model_args(p)
+    p.add_argument("--all-nodes", action="store_true",
+                   help="list every graph node, not only those with parameters or MACs")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object {"layers": [...], "total": {"params", "bytes", "macs"}}')
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", formatter_class=_Formatter, epilog=EPILOG, help="top-1 accuracy on a split",
+                       description="Evaluate top-1 accuracy of a model on one split of a dataset.")
+    _add_model_args(p)
+    _add_data_args(p, "test")
+    _add_run_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="end the output with one JSON line holding accuracy and n")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", formatter_class=_Formatter, epilog=EPILOG,
+                       help="fine-tune or train a model and save its weights",
+                       description="Fine-tune with SGD, momentum, cosine schedule and weight decay; "
+                                   "--slim-l1 adds network slimming's L1 penalty on BatchNorm gammas.")
+    _add_model_args(p)
+    _add_data_args(p, "train")
+    _add_run_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
+                   help="L1 strength on BatchNorm gammas (network slimming uses 1e-4)")
+    g.add_argument("--no-augment", action="store_true", help="train without crop and flip")
+    g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
+                   help="split to report accuracy on after training")
+    g.add_argument("-o", "--output", required=True, metavar="FILE", help="where to save the weights (.pt)")
+    g.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    g.add_argument("--json", action="store_true", help="end the output with one JSON line")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the zoo architectures", description="List the zoo architectures.")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .api import load_model
+
+    return load_model(args.model, args.arch, args.weights, pretrained=args.pretrained,
+                      download=getattr(args, "download", False), trust_pickle=args.trust_pickle,
+                      seed=args.seed, num_classes=args.num_classes)
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 or i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .api import model_info
+
+    info = model_info(_load(args))
+    if args.json:
+        print(json.dumps(info.to_dict()))
+        return 0
+    shown = [r for r in info.layers if args.all_nodes or r.params or r.macs]
+    rows = [(r.name, r.op, "x".join(map(str, r.output_shape[1:])) if r.output_shape else "-",
+             f"{r.params:,}", f"{r.bytes:,}", f"{r.macs:,}") for r in shown]
+    rows.append(("total", "", "", f"{info.total.params:,}", f"{info.total.bytes:,}", f"{info.total.macs:,}"))
+    print(f"{info.name}: {len(info.layers)} graph nodes, {len(shown)} shown")
+    print(_format_table(("layer", "op", "output", "params", "bytes", "MACs"), rows))
+    print(f"{info.total.params / 1e6:.2f}M parameters, {info.total.bytes / 2**20:.2f} MiB, "
+          f"{info.total.macs / 1e6:.1f}M MACs per image")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_model, set_threads
+
+    set_threads(args.threads)
+    model = _load(args)
+    result = evaluate_model(model, args.data, args.split, args.data_root, args.download, args.limit,
+                            args.batch_size, progress=not args.no_progress)
+    print(f"{model.name} on {args.data}/{args.split}: top-1 {result.accuracy:.4f} "
+          f"({round(result.accuracy * result.n)}/{result.n}), loss {result.loss:.4f}, {result.seconds:.1f}s")
+    if args.json:
+        print(json.dumps({"model": model.name, "data": args.data, "split": args.split,
+                          "accuracy": result.accuracy, "n": result.n, "loss": result.loss}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import evaluate_model, save_weights, set_threads, train_model
+    from .train import TrainConfig
+
+    if Path(args.output).exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    set_threads(args.threads)
+    model = _load(args)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, slim_l1=args.slim_l1, seed=args.seed,
+                         augment=not args.no_augment, progress=not args.no_progress)
+    logs = train_model(model, config, args.data, args.split, args.data_root, args.download, args.limit)
+    for log in logs:
+        print(f"epoch {log.epoch}: loss {log.loss:.4f}, train acc {log.accuracy:.4f}, "
+              f"{log.images_per_s:.0f} images/s, {log.seconds:.1f}s")
+    path = save_weights(model, args.output, force=args.force)
+    print(f"saved {path}")
+    summary = {"model": model.name, "output": str(path), "epochs": [vars(log) for log in logs]}
+    if args.eval_split != "none":
+        result = evaluate_model(model, args.data, args.eval_split, args.data_root, args.download,
+                                progress=not args.no_progress)
+        print(f"{args.eval_split} top-1 {result.accuracy:.4f} on {result.n} images")
+        summary.update(eval_split=args.eval_split, accuracy=result.accuracy, n=result.n)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import available_models, get_spec
+
+    for name in available_models():
+        spec = get_spec(name)
+        print(f"{name:14s} {spec.description}")
+    return 0
+
+
+# Errors that are the user's to fix: print one clear message, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DatasetNotFoundError
+    from .ir import TraceError
+    from .models import ModelLoadError
+
+    return (ModelLoadError, DatasetNotFoundError, TraceError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"pyprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

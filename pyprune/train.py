@@ -1,0 +1,163 @@
+"""The fine-tuning and evaluation engine.
+
+A plain PyTorch loop (SGD with momentum, cosine schedule, weight decay) over
+in-memory batches, with two hook points that later passes use to keep their
+invariants: ``after_backward`` (edit gradients before the step, for example the
+L1 subgradient on BatchNorm gammas or zeroing masked gradients) and
+``after_step`` (restore invariants on the weights, for example re-applying masks
+or tying shared weights). Runs are seeded, so the same seed replays the same
+batches, augmentations and initialisations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ArrayDataset, BatchLoader, Normalize
+
+Hook = Callable[[nn.Module], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, for reproducible initialisation and batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0  # fractional epochs run that share of the first epoch's batches
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    slim_l1: float = 0.0  # network slimming's sparsity penalty on BatchNorm gammas
+    seed: int = 0
+    augment: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.slim_l1 < 0:
+            raise ValueError(f"--slim-l1 must be >= 0, got {self.slim_l1}")
+
+
+@dataclass
+class TrainHooks:
+    after_backward: list[Hook] = field(default_factory=list)
+    after_step: list[Hook] = field(default_factory=list)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    accuracy: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    n: int
+    seconds: float
+
+
+def bn_gamma_l1(strength: float) -> Hook:
+    """Add ``strength * sign(gamma)`` to every BatchNorm weight gradient: the
+    subgradient of an L1 penalty on gammas, which network slimming uses to drive
+    unimportant channels towards zero before they are removed."""
+    def hook(model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.grad is not None:
+                m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=strength)
+    return hook
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False,
+                disable=not enabled, dynamic_ncols=True)
+
+
+def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], std: Sequence[float],
+              config: TrainConfig, hooks: TrainHooks | None = None) -> list[EpochLog]:
+    """Train ``model`` in place on ``train_set``; return one log entry per epoch."""
+    hooks = hooks or TrainHooks()
+    after_backward = list(hooks.after_backward)
+    if config.slim_l1 > 0:
+        after_backward.append(bn_gamma_l1(config.slim_l1))
+    seed_everything(config.seed)
+    loader = BatchLoader(train_set, config.batch_size, Normalize(mean, std), shuffle=True,
+                         augment=config.augment, seed=config.seed, drop_last=len(train_set) >= config.batch_size)
+    total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    logs: list[EpochLog] = []
+    step = 0
+    model.train()
+    for epoch in range(math.ceil(config.epochs)):
+        steps = min(len(loader), total_steps - step)
+        loss_sum = correct = seen = 0
+        start = time.perf_counter()
+        bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", config.progress)
+        for i, (x, y) in enumerate(bar):
+            if i == steps:
+                break
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for hook in after_backward:
+                hook(model)
+            optimizer.step()
+            for hook in hooks.after_step:
+                hook(model)
+            scheduler.step()
+            step += 1
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if config.progress:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+        seconds = time.perf_counter() - start
+        logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
+                             seen / max(seconds, 1e-9), seconds))
+    return logs
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std: Sequence[float],
+             batch_size: int = 500, progress: bool = True) -> EvalResult:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loader = BatchLoader(dataset, batch_size, Normalize(mean, std))
+    loss_sum = correct = 0.0
+    start = time.perf_counter()
+    try:
+        for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress):
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    finally:
+        model.train(was_training)
+    n = len(dataset)
+    return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start)
