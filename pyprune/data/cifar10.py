@@ -59,10 +59,9 @@ def _read_arrays(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
         ds = CIFAR10(str(root), train=train, download=False)
         x, y = ds.data, np.asarray(ds.targets)
-    expected = 50000 if train else 10000
-    if x.shape != (expected, 32, 32, 3) or x.dtype != np.uint8 or y.shape != (expected,):
-        raise ValueError(f"CIFAR-10 under {root} is malformed: images {x.shape} {x.dtype}, "
-                         f"labels {y.shape}; expected ({expected}, 32, 32, 3) uint8 and ({expected},)")
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8 or y.shape != (x.shape[0],):
+        raise ValueError(f"CIFAR-10 under {root} is malformed: images {x.shape} {x.dtype}, labels {y.shape}; "
+                         "expected (N, 32, 32, 3) uint8 images and (N,) labels")
     return x, y.astype(np.int64)
 
 

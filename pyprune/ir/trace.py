@@ -32,21 +32,22 @@ class _PathTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
-        self.module_stack: list[tuple[str, str]] = []
+        self.scope_stack: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        self.module_stack.append((self.path_of_module(m), type(m).__name__))
+        self.scope_stack.append((self.path_of_module(m), type(m).__name__))
         result = super().call_module(m, forward, args, kwargs)
-        self.module_stack.pop()
+        self.scope_stack.pop()
         return result
 
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost stack frame outside torch itself: where the user's code failed."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
     if not frames:
         return ""
     f = frames[-1]
@@ -62,7 +63,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... all mean the same here
-        path, type_name = tracer.module_stack[-1] if tracer.module_stack else ("", type(model).__name__)
+        path, type_name = tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
         where = f"module '{path}' ({type_name})" if path else f"the top-level module ({type_name})"
         frame = _user_frame(exc)
         raise TraceError(

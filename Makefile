@@ -1,0 +1,57 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create or reuse a virtualenv, install pyprune into it in editable mode with
+# build isolation off (so the C++/CUDA extension builds against the installed
+# torch), then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+PYTEST_ARGS ?=
+
+# The project's shared data and checkpoints, when they sit beside the checkout.
+ifneq ($(wildcard $(SHARED)/data),)
+export PYPRUNE_DATA ?= $(abspath $(SHARED)/data)
+endif
+ifneq ($(wildcard $(SHARED)/models),)
+export PYPRUNE_MODELS ?= $(abspath $(SHARED)/models)
+endif
+# /usr/local/bin/nvcc is a wrapper script on these machines, which makes torch guess
+# CUDA_HOME=/usr/local and fail to link cudart (see BUILD-NOTES in ../shared).
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+export MAX_JOBS ?= 2
+
+STAMP := $(VENV)/.pyprune-installed
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+
+.PHONY: install demo test test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 pybind11 ninja
+	$(PY) -m pip install --no-build-isolation -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/pyprune info --arch resnet56
+	$(VENV)/bin/pyprune eval --arch resnet56 --pretrained --download --split test
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything, including tests marked slow.
+test-all: install
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf build *.egg-info pyprune/*.so

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from pyprune.ir import TraceError, example_input, output_shape, propagate_shapes, trace
+from pyprune.models import available_models, build_model, get_spec
+
+
+@pytest.mark.parametrize("arch", available_models())
+def test_every_zoo_model_traces_and_propagates_shapes(arch):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    spec = get_spec(arch)
+    x = example_input(spec.input_shape, batch=2)
+    gm = propagate_shapes(trace(model), x)
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            assert output_shape(node) is not None, f"{arch}: no shape on {node.name}"
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    assert output_shape(out.args[0]) == (2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # a Python branch on a tensor value: untraceable
+            return x * 2
+        return x
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), DataDependent())
+
+    def forward(self, x):
+        return self.block(self.conv(x))
+
+
+def test_trace_failure_names_module_line_and_ways_out():
+    with pytest.raises(TraceError) as info:
+        trace(Wrapper())
+    err = info.value
+    assert err.module_path == "block.1" and err.module_type == "DataDependent"
+    message = str(err)
+    assert "'block.1' (DataDependent)" in message
+    assert "if x.sum() > 0" in message  # the failing line of user code
+    assert "leaf module" in message and "rewrite" in message
+
+
+def test_leaf_module_is_the_way_out():
+    model = Wrapper().eval()
+    gm = trace(model, leaf_modules=[DataDependent])
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["conv", "block.0", "block.1"]
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_shape_propagation_keeps_training_mode_and_bn_stats():
+    model = build_model("resnet20")
+    gm = trace(model).train()
+    before = gm.bn1.running_mean.clone()
+    propagate_shapes(gm, torch.randn(4, 3, 32, 32) * 5)
+    assert gm.training and torch.equal(gm.bn1.running_mean, before)
