@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyprune.cli import build_parser, main
+from pyprune.data import load_cifar10
+from pyprune.models import build_model, load_weights
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch,params,tolerance", [
+    ("resnet20", 0.27e6, 0.01), ("resnet56", 0.85e6, 0.01), ("vgg19", 20.04e6, 0.01), ("densenet40", 1.02e6, 0.03)])
+def test_info_json_reproduces_known_counts(capsys, arch, params, tolerance):
+    code, out, _ = run_cli(capsys, "info", "--arch", arch, "--json")
+    info = json.loads(out)
+    assert code == 0 and set(info) >= {"layers", "total"}
+    assert info["total"]["params"] == pytest.approx(params, rel=tolerance)
+    assert info["total"]["params"] == sum(layer["params"] for layer in info["layers"])
+
+
+def test_info_table(capsys):
+    code, out, _ = run_cli(capsys, "info", "--arch", "resnet20")
+    assert code == 0
+    assert "layer1.0.conv1" in out and "269,722" in out and "40,551,040" in out
+
+
+def test_eval_matches_an_independent_loop(capsys, data_root, models_dir):
+    weights = next(models_dir.glob("resnet20-*.th"))
+    code, out, _ = run_cli(capsys, "eval", weights, "--arch", "resnet20", "--data-root", data_root,
+                           "--limit", 300, "--json", "--no-progress")
+    result = last_json(out)
+    assert code == 0 and result["n"] == 300
+    model = build_model("resnet20").eval()
+    load_weights(model, weights)
+    test = load_cifar10("test", data_root=data_root, limit=300)
+    x = test.images.float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == test.labels).float().mean().item()
+    assert result["accuracy"] == pytest.approx(accuracy)
+
+
+def test_eval_full_resnet20_reproduces_published_figure(capsys, data_root, models_dir):
+    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet20", "--weights", next(models_dir.glob("resnet20-*.th")),
+                           "--data-root", data_root, "--split", "test", "--json", "--no-progress")
+    assert code == 0 and last_json(out)["n"] == 10000
+    assert last_json(out)["accuracy"] == pytest.approx(0.810, abs=0.003)
+
+
+@pytest.mark.slow
+def test_eval_full_resnet56_reproduces_published_figure(capsys, data_root, models_dir):
+    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet56", "--weights", next(models_dir.glob("resnet56-*.th")),
+                           "--data-root", data_root, "--json", "--no-progress")
+    assert code == 0 and last_json(out)["accuracy"] == pytest.approx(0.832, abs=0.003)
+
+
+def test_missing_data_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "--arch", "resnet20", "--data-root", tmp_path, "--no-progress")
+    assert code == 2
+    assert "CIFAR-10 not found" in err and "--download" in err and "Traceback" not in err
+
+
+def test_mismatched_checkpoint_lists_keys(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    state = build_model("resnet20").state_dict()
+    del state["linear.bias"]
+    state["linear.weight"] = torch.zeros(5, 64)
+    torch.save(state, bad)
+    code, _, err = run_cli(capsys, "info", bad, "--arch", "resnet20")
+    assert code == 2 and "linear.bias" in err and "linear.weight" in err
+
+
+def test_no_model_is_a_clear_error(capsys):
+    code, _, err = run_cli(capsys, "info")
+    assert code == 2 and "--arch" in err
+
+
+def test_train_saves_loadable_weights_and_never_overwrites(capsys, data_root, tmp_path):
+    out_file = tmp_path / "tuned.pt"
+    args = ["train", "--arch", "resnet20", "--data-root", data_root, "--limit", 128, "--batch-size", 64,
+            "--epochs", 1, "--slim-l1", 1e-4, "--eval-split", "none", "--no-progress", "-o", out_file, "--json"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and out_file.is_file()
+    summary = last_json(out)
+    assert len(summary["epochs"]) == 1 and summary["epochs"][0]["images_per_s"] > 0
+    model = build_model("resnet20")
+    load_weights(model, out_file)  # weights_only loading of our own output
+    mtime = out_file.stat().st_mtime_ns
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "--force" in err and out_file.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "train", "models"])
+def test_help_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: pyprune" in out
+    if command != "models":
+        assert "--arch" in out and "--trust-pickle" in out
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "pyprune", "models"], capture_output=True, text=True, check=True)
+    assert "resnet56" in proc.stdout and "densenet40" in proc.stdout

@@ -1,0 +1,114 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyprune.data import ArrayDataset, BatchLoader, Normalize
+from pyprune.train import TrainConfig, TrainHooks, bn_gamma_l1, evaluate, fine_tune
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def tiny_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 10, (n,), generator=g))
+
+
+def config(**kw):
+    return TrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 0.05, "progress": False, **kw})
+
+
+def test_same_seed_same_weights():
+    a, b = tiny_net(), tiny_net()
+    fine_tune(a, tiny_data(), MEAN, STD, config(seed=3))
+    fine_tune(b, tiny_data(), MEAN, STD, config(seed=3))
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    c = tiny_net()
+    fine_tune(c, tiny_data(), MEAN, STD, config(seed=4))
+    assert not torch.equal(a[0].weight, c[0].weight)
+
+
+def test_matches_a_plain_pytorch_loop():
+    """The engine is a plain loop: the same batches, the same SGD, the same result."""
+    data, cfg = tiny_data(), config(epochs=1, augment=False)
+    engine = tiny_net()
+    fine_tune(engine, data, MEAN, STD, cfg)
+    plain = tiny_net()
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.SGD(plain.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loader = BatchLoader(data, cfg.batch_size, Normalize(MEAN, STD), shuffle=True, seed=cfg.seed, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(loader))
+    plain.train()
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+        sched.step()
+    for pa, pb in zip(engine.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_fractional_epochs_and_hooks_run_once_per_step():
+    calls = {"backward": 0, "step": 0}
+    hooks = TrainHooks(after_backward=[lambda m: calls.__setitem__("backward", calls["backward"] + 1)],
+                       after_step=[lambda m: calls.__setitem__("step", calls["step"] + 1)])
+    logs = fine_tune(tiny_net(), tiny_data(96), MEAN, STD, config(epochs=0.5), hooks)
+    assert calls == {"backward": 2, "step": 2}  # 3 batches per epoch, half rounds up to 2
+    assert len(logs) == 1 and logs[0].images_per_s > 0
+
+
+def test_after_step_hook_keeps_a_mask_exact():
+    net = tiny_net()
+    mask = (torch.rand_like(net[0].weight) > 0.5).float()
+
+    def apply_mask(model):
+        with torch.no_grad():
+            model[0].weight.mul_(mask)
+
+    apply_mask(net)
+    fine_tune(net, tiny_data(), MEAN, STD, config(), TrainHooks(after_step=[apply_mask]))
+    assert torch.all(net[0].weight[mask == 0] == 0)
+    assert torch.all(net[0].weight[mask == 1] != 0)
+
+
+def test_bn_gamma_l1_adds_the_subgradient():
+    net = tiny_net()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, -2.0, 0.5, -0.1, 3.0, 0.0, 1.0, -1.0]))
+    net(torch.randn(4, 3, 8, 8)).sum().backward()
+    plain = net[1].weight.grad.clone()
+    bn_gamma_l1(1e-2)(net)
+    torch.testing.assert_close(net[1].weight.grad, plain + 1e-2 * torch.sign(net[1].weight.detach()))
+
+
+def test_slim_l1_shrinks_gammas():
+    base, slim = tiny_net(), tiny_net()
+    fine_tune(base, tiny_data(), MEAN, STD, config(epochs=3))
+    fine_tune(slim, tiny_data(), MEAN, STD, config(epochs=3, slim_l1=0.05))
+    assert slim[1].weight.abs().sum() < base[1].weight.abs().sum()
+
+
+def test_evaluate_matches_direct_computation():
+    net, data = tiny_net().eval(), tiny_data(70)
+    result = evaluate(net, data, MEAN, STD, batch_size=32, progress=False)
+    x = (data.images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = net(x)
+    assert result.n == 70
+    assert result.accuracy == pytest.approx((logits.argmax(1) == data.labels).float().mean().item())
+    assert result.loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-5)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError):
+        TrainConfig(slim_l1=-1)
