@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -42,10 +41,3 @@ def models_dir() -> Path:
     if root is None:
         pytest.skip("shared checkpoints not found ($PYPRUNE_MODELS or ../shared/models)")
     return root
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    # Tests are sized for the 2-core CI machine; keep torch from oversubscribing it.
-    torch.set_num_threads(2)
-    yield
