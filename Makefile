@@ -40,7 +40,7 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/pyprune info --arch resnet56
+	$(VENV)/bin/pyprune info --arch resnet56 --pretrained --download
 	$(VENV)/bin/pyprune eval --arch resnet56 --pretrained --download --split test
 
 test: install

@@ -37,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="use the published checkpoint of --arch (looked up in $PYPRUNE_MODELS and the cache)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a whole pickled nn.Module; unpickling runs code from the file")
+    g.add_argument("--download", action="store_true",
+                   help="download what is missing: CIFAR-10 through torchvision, --pretrained weights from GitHub")
     g.add_argument("--num-classes", type=int, default=10, help="classifier outputs when building --arch")
     g.add_argument("--seed", type=int, default=0, help="seed for random initialisation and training")
 
@@ -52,8 +54,6 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--download", action="store_true",
-                   help="download what is missing: CIFAR-10 through torchvision, --pretrained weights from GitHub")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace):
     from .api import load_model
 
     return load_model(args.model, args.arch, args.weights, pretrained=args.pretrained,
-                      download=getattr(args, "download", False), trust_pickle=args.trust_pickle,
+                      download=args.download, trust_pickle=args.trust_pickle,
                       seed=args.seed, num_classes=args.num_classes)
 
 

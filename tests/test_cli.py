@@ -116,3 +116,34 @@ def test_help_explains_itself(command, capsys):
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "pyprune", "models"], capture_output=True, text=True, check=True)
     assert "resnet56" in proc.stdout and "densenet40" in proc.stdout
+
+
+def test_demo_path_without_shared_models_downloads_once(capsys, data_root, models_dir, tmp_path, monkeypatch):
+    """`make demo` on a machine without ../shared: the checkpoint comes from GitHub
+    (here a stand-in for the network call) into the cache, verified, then reused."""
+    import shutil
+
+    import torch.hub
+
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None):
+        calls.append((url, hash_prefix))
+        shutil.copy(models_dir / url.rsplit("/", 1)[1], dst)
+
+    monkeypatch.delenv("PYPRUNE_MODELS", raising=False)
+    monkeypatch.setenv("PYPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    args = ["eval", "--arch", "resnet20", "--pretrained", "--download", "--data-root", data_root,
+            "--limit", 50, "--json", "--no-progress"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and last_json(out)["n"] == 50
+    assert calls == [("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+                      "resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8")]
+    assert (tmp_path / "cache" / "resnet20-12fca82f.th").is_file()
+    code, _, _ = run_cli(capsys, *args)
+    assert code == 0 and len(calls) == 1  # cached: no second download
+    monkeypatch.setenv("PYPRUNE_CACHE", str(tmp_path / "empty"))
+    code, _, err = run_cli(capsys, "eval", "--arch", "resnet20", "--pretrained", "--data-root", data_root,
+                           "--limit", 50)
+    assert code == 2 and "--download" in err

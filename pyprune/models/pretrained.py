@@ -97,7 +97,7 @@ def find_or_fetch_pretrained(
     search_dirs: Sequence[Path] | None = None,
     cache_dir: Path | None = None,
     download: bool = False,
-    _download_fn: Callable[..., None] = torch.hub.download_url_to_file,
+    _download_fn: Callable[..., None] | None = None,
 ) -> Path:
     """Path of the verified checkpoint for ``arch``, downloading it if asked.
 
@@ -153,7 +153,9 @@ def find_or_fetch_pretrained(
     try:
         # hash_prefix may be the full digest; torch.hub checks it before moving
         # the temporary file into place.
-        _download_fn(ckpt.url, str(dst), hash_prefix=ckpt.sha256)
+        # Looked up at call time so tests can stand in for the network.
+        fetch = _download_fn or torch.hub.download_url_to_file
+        fetch(ckpt.url, str(dst), hash_prefix=ckpt.sha256)
     except Exception as exc:
         raise ModelLoadError(
             f"downloading {ckpt.url} to {dst} failed: {exc}. On a machine without internet, "
