@@ -6,4 +6,8 @@ checkpoints), ``ir`` (trace, shape propagation, accounting, pass manager),
 the Python entry point and ``cli`` a thin layer over it.
 """
 
+# Loaded first so that the native extensions (pyprune._C, pyprune._C_cuda), which
+# link against libtorch without an rpath, find its libraries already in the process.
+import torch  # noqa: F401
+
 __version__ = "0.1.0"
