@@ -29,7 +29,8 @@ from pyprune.models import build_model, get_spec
 from pyprune.train import TrainConfig, fine_tune
 
 
-def plain_loop(model, batches) -> float:
+def sgd_loop(model, batches) -> float:
+    """Seconds for the minimal training loop over ``batches``."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
     start = time.perf_counter()
@@ -56,14 +57,7 @@ def torchvision_loop(model, dataset, batch_size, spec) -> float:
             return transform(dataset.images[i]), dataset.labels[i]
 
     loader = DataLoader(Images(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    model.train()
-    start = time.perf_counter()
-    for x, y in loader:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return time.perf_counter() - start
+    return sgd_loop(model, loader)
 
 
 def engine_loop(model, dataset, batch_size, spec) -> float:
@@ -91,11 +85,11 @@ def main() -> None:
     batches = [(normalize(dataset.images[i:i + args.batch_size]), dataset.labels[i:i + args.batch_size])
                for i in range(0, n, args.batch_size)]
     model = build_model(args.arch)
-    plain_loop(model, batches[:2])  # warm-up: first calls allocate and pick kernels
+    sgd_loop(model, batches[:2])  # warm-up: first calls allocate and pick kernels
 
     times: dict[str, list[float]] = {"plain": [], "torchvision": [], "pyprune": []}
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits all three alike
-        times["plain"].append(plain_loop(model, batches))
+        times["plain"].append(sgd_loop(model, batches))
         times["torchvision"].append(torchvision_loop(model, dataset, args.batch_size, spec))
         times["pyprune"].append(engine_loop(model, dataset, args.batch_size, spec))
 

@@ -27,17 +27,17 @@ def shared_models_dir() -> Path | None:
     return None
 
 
+def _or_skip(path: Path | None, what: str) -> Path:
+    if path is None:
+        pytest.skip(f"{what} not found")
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = shared_data_root()
-    if root is None:
-        pytest.skip("shared CIFAR-10 not found ($PYPRUNE_DATA or ../shared/data)")
-    return root
+    return _or_skip(shared_data_root(), "shared CIFAR-10 ($PYPRUNE_DATA or ../shared/data)")
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    root = shared_models_dir()
-    if root is None:
-        pytest.skip("shared checkpoints not found ($PYPRUNE_MODELS or ../shared/models)")
-    return root
+    return _or_skip(shared_models_dir(), "shared checkpoints ($PYPRUNE_MODELS or ../shared/models)")
