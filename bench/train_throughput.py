@@ -8,7 +8,8 @@ Both train the same model for the same number of batches on 2 threads:
 * torchvision: a DataLoader with per-image torchvision transforms (crop, flip,
   normalise), num_workers=0, the common way to write it;
 * pyprune: ``pyprune.train.fine_tune`` with batched augmentation from uint8,
-  cosine schedule and progress accounting.
+  cosine schedule, progress accounting and channels-last convolutions;
+* pyprune-nchw: the same with ``channels_last=False``.
 
 Each is repeated; the table gives medians and the ratio to the plain loop.
 
@@ -60,8 +61,8 @@ def torchvision_loop(model, dataset, batch_size, spec) -> float:
     return sgd_loop(model, loader)
 
 
-def engine_loop(model, dataset, batch_size, spec) -> float:
-    config = TrainConfig(epochs=1, batch_size=batch_size, progress=False)
+def engine_loop(model, dataset, batch_size, spec, channels_last=True) -> float:
+    config = TrainConfig(epochs=1, batch_size=batch_size, progress=False, channels_last=channels_last)
     start = time.perf_counter()
     fine_tune(model, dataset, spec.mean, spec.std, config)
     return time.perf_counter() - start
@@ -87,11 +88,12 @@ def main() -> None:
     model = build_model(args.arch)
     sgd_loop(model, batches[:2])  # warm-up: first calls allocate and pick kernels
 
-    times: dict[str, list[float]] = {"plain": [], "torchvision": [], "pyprune": []}
+    times: dict[str, list[float]] = {"plain": [], "torchvision": [], "pyprune": [], "pyprune-nchw": []}
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits all three alike
         times["plain"].append(sgd_loop(model, batches))
         times["torchvision"].append(torchvision_loop(model, dataset, args.batch_size, spec))
         times["pyprune"].append(engine_loop(model, dataset, args.batch_size, spec))
+        times["pyprune-nchw"].append(engine_loop(model, dataset, args.batch_size, spec, channels_last=False))
 
     base = n / statistics.median(times["plain"])
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches x {args.repeats} repeats, "

@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     progress: bool = True
+    # NHWC convolutions train about 20% faster on the CPU here (bench/train_throughput.py).
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -111,6 +113,8 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     logs: list[EpochLog] = []
     step = 0
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     model.train()
     for epoch in range(math.ceil(config.epochs)):
         steps = min(len(loader), total_steps - step)
@@ -120,7 +124,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
         for i, (x, y) in enumerate(bar):
             if i == steps:
                 break
-            logits = model(x)
+            logits = model(x.contiguous(memory_format=memory_format))
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -140,6 +144,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
         seconds = time.perf_counter() - start
         logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
                              seen / max(seconds, 1e-9), seconds))
+    model.to(memory_format=torch.contiguous_format)  # later passes slice weights as plain NCHW
     return logs
 
 

@@ -2,7 +2,13 @@
 
 Each pass is a plain callable ``GraphModule -> PassResult`` (see
 :mod:`pyprune.ir.pass_manager`) whose docstring states its contract: what it
-needs in the IR, what it guarantees, and what it refuses. The structured
-(channel slimming) and unstructured (masking, codebook quantization) passes of
-the compression pipeline land here.
+needs in the IR, what it guarantees, and what it refuses. Passes register under
+a name (:func:`register_pass`) so pipelines can be written as text
+(:func:`parse_pipeline`), as in ``pyprune opt --passes "slim(ratio=0.4)"``.
 """
+
+from .pipeline import PassSpec, PipelineSyntaxError, build_pipeline, parse_pipeline
+from .registry import PASSES, create_pass, register_pass
+
+__all__ = ["PASSES", "PassSpec", "PipelineSyntaxError", "build_pipeline", "create_pass", "parse_pipeline",
+           "register_pass"]

@@ -127,3 +127,17 @@ def test_shapes_are_propagated_again_after_each_pass():
 def test_a_pass_must_return_a_graph():
     with pytest.raises(PassCheckError, match="returned NoneType"):
         PassManager([lambda gm: None], example()).run(trace(Small()))
+
+
+def test_after_pass_runs_between_passes_and_resets_the_reference():
+    seen = []
+
+    def nudge(name, gm):  # stands in for fine-tuning: changes the weights
+        seen.append(name)
+        with torch.no_grad():
+            gm.fc.bias.add_(1.0)
+
+    result = PassManager([relu_module_to_function, lambda gm: gm], example(), check_numerics=True,
+                         after_pass=nudge).run(trace(Small()))
+    assert seen == ["relu_module_to_function", "<lambda>"]
+    assert [s.max_abs_diff for s in result.stats[1:]] == [0.0, 0.0]
