@@ -12,3 +12,5 @@ from .registry import PASSES, create_pass, register_pass
 
 __all__ = ["PASSES", "PassSpec", "PipelineSyntaxError", "build_pipeline", "create_pass", "parse_pipeline",
            "register_pass"]
+
+from . import slim  # noqa: E402,F401  (registers the pass)
