@@ -23,6 +23,20 @@ Data is found under --data-root, else $PYPRUNE_DATA, else ./data.
 """
 
 
+OPT_EPILOG = """
+Pipelines (--passes), in the style of LLVM's opt -passes=:
+  slim(ratio=0.4)                     remove 40% of BatchNorm channels by |gamma| (network slimming)
+  slim(ratio=0.5,combine=sum,min_keep=0.1)
+  slim(layer_ratios={'layer1.0.bn1':0.5},ratio=0)
+Options of slim: ratio, combine (max|sum|mean), min_channels, min_keep, layer_ratios, mode (apply|mask).
+
+Network slimming on the pretrained ResNet-56:
+  pyprune opt --arch resnet56 --pretrained --slim-l1 1e-4 --l1-epochs 2 \\
+      --passes "slim(ratio=0.4)" --finetune-epochs 2 -o resnet56-slim.pt
+  pyprune eval resnet56-slim.pt --split test
+"""
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -108,6 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="end the output with one JSON line")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("opt", formatter_class=_Formatter, epilog=EPILOG + OPT_EPILOG,
+                       help="run a compression pass pipeline and save the result",
+                       description="Run a pipeline of compression passes on a model, optionally with network "
+                                   "slimming's sparsity training before it and fine-tuning after each pass, "
+                                   "report size and accuracy after every step, and save the result as one "
+                                   "file that loads without pickle (pyprune eval/info OUT).")
+    _add_model_args(p)
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--passes", required=True, metavar="PIPELINE",
+                   help='comma-separated passes, e.g. "slim(ratio=0.4)"; see below')
+    g.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the optimized model")
+    g.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    g.add_argument("--json", action="store_true", help="end the output with one JSON line of every step")
+    g = p.add_argument_group("training")
+    g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
+                   help="sparsity training before the pipeline: L1 strength on BatchNorm gammas (e.g. 1e-4)")
+    g.add_argument("--l1-epochs", type=float, default=0.0, metavar="E", help="epochs of sparsity training")
+    g.add_argument("--finetune-epochs", type=float, default=0.0, metavar="E",
+                   help="fine-tuning epochs after each pass (0: none)")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
+    g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
+                   help="split on which every step's accuracy is measured")
+    g.add_argument("--eval-limit", type=int, metavar="N", help="measure on the first N images of that split")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_opt)
+
     p = sub.add_parser("models", help="list the zoo architectures", description="List the zoo architectures.")
     p.set_defaults(func=cmd_models)
     return parser
@@ -190,6 +235,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary.update(eval_split=args.eval_split, accuracy=result.accuracy, n=result.n)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def cmd_opt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import save_model, set_threads
+    from .opt import OptConfig, optimize
+    from .train import TrainConfig
+
+    if Path(args.output).exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    set_threads(args.threads)
+    train = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    config = OptConfig(args.passes, finetune_epochs=args.finetune_epochs, slim_l1=args.slim_l1,
+                       l1_epochs=args.l1_epochs, train=train,
+                       eval_split=None if args.eval_split == "none" else args.eval_split,
+                       eval_limit=args.eval_limit, train_limit=args.train_limit, data=args.data,
+                       data_root=args.data_root, download=args.download)
+    model = _load(args)
+    result = optimize(model.module, model.mean, model.std, model.input_shape, config, log=print)
+    for step in result.steps:
+        if step.name == "slim" and step.record.get("layers"):
+            print(f"slim removed channels in {len(step.record['layers'])} layers "
+                  f"({step.record['achieved_ratio']:.1%} of BatchNorm channels)")
+    path = save_model(model, args.output, gm=result.graph_module, provenance=result.provenance(), force=args.force)
+    first, last = result.steps[0], result.steps[-1]
+    print(f"saved {path}: {first.params:,} -> {last.params:,} parameters ({first.params / last.params:.2f}x), "
+          f"{first.macs / 1e6:.1f}M -> {last.macs / 1e6:.1f}M MACs")
+    if args.json:
+        print(json.dumps({"model": model.name, "output": str(path), "pipeline": args.passes,
+                          "steps": result.provenance()}))
     return 0
 
 

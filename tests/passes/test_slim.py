@@ -131,3 +131,36 @@ def test_pass_in_the_pass_manager():
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         S.Slim(**options)(traced(build_model("resnet20"), (1, 3, 32, 32))[0])
+
+
+class Chain1x1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(self.pool(self.relu2(self.bn2(self.conv2(x)))), 1))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_fold_keeps_the_constant_of_dead_channels(fold):
+    """Channels with gamma = 0 output the constant relu(beta): with folding, removing
+    them leaves the model's function exactly as it was."""
+    model = randomize_bn(Chain1x1(), (8, 3, 8, 8))
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.tensor([0.9, 0.0, 0.8, 0.0, 0.7, 0.6]))
+        model.bn1.bias.copy_(torch.tensor([0.1, 0.5, -0.2, 0.3, 0.2, 0.1]))
+    gm, x = traced(model, (4, 3, 8, 8))
+    with torch.no_grad():
+        original = gm(x)
+    plan = S.plan(gm, ratio=0.0, layer_ratios={"bn1": 2 / 6}, fold=fold)
+    assert [r.after for r in plan.layers if r.name == "bn1"] == [4]
+    masked = S.mask(copy.deepcopy(gm), plan)
+    slimmed = S.apply(gm, plan)
+    with torch.no_grad():
+        got = slimmed(x)
+        torch.testing.assert_close(got, masked(x), rtol=0, atol=1e-5)
+    assert torch.allclose(got, original, atol=1e-5) == fold
