@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from .data import load_dataset
+from .encode import is_graph_file, load_graph_module, save_graph_module
 from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
 from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
 from .models.registry import DEFAULT_MEAN, DEFAULT_STD
@@ -40,7 +41,16 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     """Build or load a model the way every subcommand names one.
 
     ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
-    :mod:`pyprune.models.pretrained`) in place of ``weights``."""
+    :mod:`pyprune.models.pretrained`) in place of ``weights``. A ``model_file``
+    written by :func:`save_model` carries its own architecture and weights."""
+    if model_file and is_graph_file(model_file):
+        if arch or weights or pretrained:
+            raise ValueError(f"{model_file} is a saved pyprune graph: it carries its own architecture and "
+                             "weights, so give it without --arch, --weights or --pretrained")
+        gm, meta = load_graph_module(model_file)
+        return LoadedModel(gm, str(meta.get("arch") or Path(model_file).stem),
+                           tuple(meta.get("mean", DEFAULT_MEAN)), tuple(meta.get("std", DEFAULT_STD)),
+                           tuple(meta.get("input_shape", (3, 32, 32))))
     if pretrained:
         if weights or model_file:
             raise ValueError("--pretrained replaces the weights file; give either --pretrained or a weights file")
@@ -102,10 +112,20 @@ def save_weights(model: LoadedModel, path: str | Path, force: bool = False) -> P
     return path
 
 
+def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None = None,
+               provenance: list | None = None, force: bool = False) -> Path:
+    """Save architecture and weights in one file (``docs/graph-format.md``) that
+    :func:`load_model` reads back with no ``arch``. ``gm`` is the graph to save
+    (default: ``model.module`` traced); ``provenance`` is any JSON list, e.g. the passes run."""
+    meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
+            "input_shape": list(model.input_shape), "provenance": list(provenance or [])}
+    return save_graph_module(gm if gm is not None else trace(model.module), path, meta, force=force)
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
 
 
 __all__: Sequence[str] = ["LoadedModel", "ModelInfo", "evaluate_model", "load_model", "model_info",
-                          "save_weights", "set_threads", "trace_model", "train_model"]
+                          "save_model", "save_weights", "set_threads", "trace_model", "train_model"]

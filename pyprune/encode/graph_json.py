@@ -1,0 +1,491 @@
+"""Save and load a traced model (a ``torch.fx.GraphModule``) without pickling code.
+
+Contract (the format itself is specified in ``docs/graph-format.md``):
+
+* :func:`graph_to_json` turns a GraphModule into a JSON-able dict: the leaf
+  modules its ``call_module`` nodes use (type name + constructor config), the
+  ``get_attr`` tensors, and the nodes in order. Only allowlisted module types,
+  functions, tensor methods and argument types serialize; anything else raises
+  :class:`GraphFormatError` naming the node, the op and the offending value.
+* :func:`graph_from_json` rebuilds a GraphModule from such a dict and a state
+  dict. The dict is untrusted input: every module type, function and method
+  name must be in the allowlists, every name that reaches fx's generated Python
+  source must be a plain identifier (fx ``exec``s that source), modules are
+  built on the meta device (a huge width allocates nothing), and the state dict
+  must match the rebuilt modules exactly (keys and shapes). Returns eval mode.
+  The module takes the given tensors as its own (``assign=True``, no copy).
+* :func:`save_graph_module` writes one file with ``torch.save`` holding only
+  strings and tensors: ``{"format", "version", "graph": JSON text, "meta": JSON
+  text, "state_dict"}``. Atomic (temporary file, then rename); never
+  overwrites unless ``force``.
+* :func:`load_graph_module` reads it back with ``torch.load(weights_only=True)``,
+  which cannot run code, and returns ``(graph_module, meta)``.
+* :func:`is_graph_file` says whether a path holds such a file (reads it
+  weights-only with mmap, so it is cheap and safe on any file).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import keyword
+import math
+import operator
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "graph_from_json",
+           "graph_state_dict", "graph_to_json", "is_graph_file", "load_graph_module", "module_config",
+           "save_graph_module"]
+
+FORMAT = "pyprune.graph"
+VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class GraphFormatError(ValueError):
+    """A graph cannot be serialized, or a document/file is not a valid pyprune graph."""
+
+
+# ---------------------------------------------------------------------------
+# Allowlists. Adding an entry is a format change only in the sense that older
+# readers refuse documents using it; existing documents keep their meaning.
+
+MODULE_TYPES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
+    nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+    nn.Linear, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.Upsample,
+)}
+
+
+def _named(prefix: str, namespace: Any, names: str) -> dict[str, Callable[..., Any]]:
+    return {f"{prefix}.{n}": getattr(namespace, n) for n in names.split()}
+
+
+# Stable name -> callable. Names are what a document says, never imported by name.
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    **_named("operator", operator, "add sub mul truediv floordiv mod pow neg matmul getitem"),
+    **_named("torch", torch, "flatten cat stack add sub mul div relu sigmoid tanh transpose permute reshape "
+             "squeeze unsqueeze mean sum amax matmul chunk split narrow clamp softmax"),
+    **_named("torch.nn.functional", F, "pad relu relu6 leaky_relu silu gelu hardswish hardsigmoid tanh "
+             "sigmoid softmax log_softmax dropout interpolate linear conv2d batch_norm avg_pool2d max_pool2d "
+             "adaptive_avg_pool2d adaptive_max_pool2d"),
+    "builtins.getattr": getattr,
+}
+_FUNCTION_NAMES = {fn: name for name, fn in FUNCTIONS.items()}
+
+# Tensor method names for call_method nodes (fx calls getattr(self, name)(...)).
+METHODS = frozenset(
+    "view reshape size dim numel contiguous chunk split mean sum amax flatten add sub mul div relu sigmoid tanh "
+    "permute transpose squeeze unsqueeze expand expand_as view_as narrow clamp softmax float to pow matmul "
+    "add_ mul_ relu_".split())
+
+# builtins.getattr reaches only these attributes: an arbitrary name ("__class__",
+# "__globals__") would let a document walk from a tensor to any Python object.
+_GETATTR_NAMES = frozenset("shape dtype device ndim".split())
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.complex64)}
+_MEMORY_FORMATS = {str(m).removeprefix("torch."): m for m in (
+    torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format)}
+
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+# A qualified name's parts become Python source in fx's generated forward.
+_QUALNAME = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+))*\Z")
+_PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _identifier(s: object) -> bool:
+    return isinstance(s, str) and s.isidentifier() and not keyword.iskeyword(s)
+
+
+# ---------------------------------------------------------------------------
+# Values: node references and Python constants <-> JSON.
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, (bool, int, str)):  # bool before int is implied: JSON keeps both
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}  # 'inf', '-inf', 'nan'
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return {"tuple": [_encode(v, where) for v in value]}
+    if isinstance(value, list):  # includes fx's immutable_list
+        return [_encode(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode(v, where) for k, v in value.items()}}
+    if isinstance(value, slice):
+        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": True}
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format) and value in _MEMORY_FORMATS.values():
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    raise GraphFormatError(f"{where}: cannot serialize a value of type {type(value).__module__}."
+                           f"{type(value).__qualname__} ({value!r:.80}); allowed are nodes, None, bool, int, "
+                           "float, str, tuple, list, dict with str keys, slice, Ellipsis, dtype, memory_format, "
+                           "device")
+
+
+def _decode(value: Any, where: str, nodes: Mapping[str, fx.Node] | None) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_decode(v, where, nodes) for v in value]
+    if not (isinstance(value, dict) and len(value) == 1):
+        raise GraphFormatError(f"{where}: malformed value {value!r:.80}")
+    (tag, body), = value.items()
+    if tag == "node" and nodes is not None:
+        if body not in nodes:
+            raise GraphFormatError(f"{where}: refers to node {body!r}, which is not defined before it")
+        return nodes[body]
+    if tag == "float" and body in ("inf", "-inf", "nan"):
+        return float(body)
+    if tag == "tuple" and isinstance(body, list):
+        return tuple(_decode(v, where, nodes) for v in body)
+    if tag == "dict" and isinstance(body, dict):
+        return {k: _decode(v, where, nodes) for k, v in body.items()}
+    if tag == "slice" and isinstance(body, list) and len(body) == 3:
+        return slice(*(_decode(v, where, nodes) for v in body))
+    if tag == "ellipsis" and body is True:
+        return Ellipsis
+    for name, table in (("dtype", _DTYPES), ("memory_format", _MEMORY_FORMATS)):
+        if tag == name:
+            if body not in table:
+                raise GraphFormatError(f"{where}: unknown {name} {body!r}; known: {', '.join(table)}")
+            return table[body]
+    if tag == "device" and isinstance(body, str):
+        try:
+            return torch.device(body)
+        except RuntimeError as exc:
+            raise GraphFormatError(f"{where}: bad device {body!r}") from exc
+    raise GraphFormatError(f"{where}: unknown or malformed value tag {tag!r} in {value!r:.80}")
+
+
+# ---------------------------------------------------------------------------
+# Modules: allowlisted type + constructor config read back from attributes.
+
+def _init_params(cls: type[nn.Module]) -> list[inspect.Parameter]:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
+    return [p for p in params if p.name not in ("device", "dtype")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def module_config(module: nn.Module, where: str) -> dict[str, Any]:
+    """Constructor arguments of an allowlisted module, read from same-named attributes."""
+    config = {}
+    for p in _init_params(type(module)):
+        if not hasattr(module, p.name):
+            raise GraphFormatError(f"{where}: {type(module).__name__} has no attribute {p.name!r} to "
+                                   "recover its constructor argument from")
+        value = getattr(module, p.name)
+        if isinstance(p.default, bool) and not isinstance(value, bool):
+            value = value is not None  # flags like bias=True are stored as a tensor or None
+        config[p.name] = _encode(value, where)
+    return config
+
+
+def _public_state(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _build_module(type_name: str, config: Any, where: str) -> nn.Module:
+    cls = MODULE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise GraphFormatError(f"{where}: module type {type_name!r} is not in the allowlist "
+                               f"({', '.join(sorted(MODULE_TYPES))})")
+    if not isinstance(config, dict):
+        raise GraphFormatError(f"{where}: config must be an object, got {config!r:.80}")
+    allowed = {p.name for p in _init_params(cls)}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise GraphFormatError(f"{where}: {type_name} takes no argument(s) {', '.join(unknown)}")
+    kwargs = {k: _decode(v, f"{where} config {k!r}", None) for k, v in config.items()}
+    try:
+        with torch.device("meta"):  # shapes only; the state dict brings the values
+            return cls(**kwargs)
+    except Exception as exc:
+        raise GraphFormatError(f"{where}: cannot build {type_name}({kwargs}): {exc}") from exc
+
+
+def _get_attr_path(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Graph <-> document.
+
+def _node_where(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else (
+        f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__qualname__', node.target)}")
+    return f"node {node.name!r} ({node.op} {target})"
+
+
+def _check_getattr(args: tuple, where: str) -> None:
+    if len(args) != 2 or args[1] not in _GETATTR_NAMES:
+        raise GraphFormatError(f"{where}: getattr is allowed only for {', '.join(sorted(_GETATTR_NAMES))}, "
+                               f"not {args[1:]!r:.80}")
+
+
+def graph_to_json(gm: fx.GraphModule) -> dict[str, Any]:
+    """Describe ``gm`` as a JSON-able document (see the module docstring)."""
+    modules: dict[str, Any] = {}
+    attrs: dict[str, str] = {}
+    nodes = []
+    for node in gm.graph.nodes:
+        where = f"cannot serialize {_node_where(node)}"
+        target: Any = node.target
+        if node.op == "call_module":
+            module = gm.get_submodule(target)
+            if MODULE_TYPES.get(type(module).__name__) is not type(module):  # exact type: subclasses may differ
+                raise GraphFormatError(f"{where}: module type {type(module).__module__}."
+                                       f"{type(module).__qualname__} is not in the allowlist "
+                                       f"({', '.join(sorted(MODULE_TYPES))})")
+            config = module_config(module, where)
+            rebuilt = _build_module(type(module).__name__, config, where)
+            if _public_state(rebuilt) != _public_state(module):
+                raise GraphFormatError(f"{where}: its constructor config does not reproduce the module "
+                                       f"({rebuilt} vs {module})")
+            modules[target] = {"type": type(module).__name__, "config": config}
+        elif node.op == "get_attr":
+            value = _get_attr_path(gm, target)
+            if not isinstance(value, torch.Tensor):
+                raise GraphFormatError(f"{where}: get_attr must name a tensor, not a {type(value).__name__}")
+            attrs[target] = "parameter" if isinstance(value, nn.Parameter) else "buffer"
+        elif node.op == "call_function":
+            target = _FUNCTION_NAMES.get(target) if callable(target) else None
+            if target is None:
+                raise GraphFormatError(f"{where}: not in the allowlist of functions "
+                                       f"(see pyprune.encode.FUNCTIONS)")
+            if target == "builtins.getattr":
+                _check_getattr(node.args, where)
+        elif node.op == "call_method" and target not in METHODS:
+            raise GraphFormatError(f"{where}: not in the allowlist of tensor methods "
+                                   f"(see pyprune.encode.METHODS)")
+        nodes.append({"name": node.name, "op": node.op, "target": target,
+                      "args": [_encode(a, where) for a in node.args],
+                      "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()}})
+    return {"format": FORMAT, "version": VERSION, "class_name": type(gm).__name__,
+            "modules": modules, "attrs": attrs, "nodes": nodes}
+
+
+def graph_state_dict(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors a document needs: the used leaf modules' state and the get_attr tensors."""
+    state: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            state.update(gm.get_submodule(node.target).state_dict(prefix=node.target + "."))
+        elif node.op == "get_attr":
+            state[node.target] = _get_attr_path(gm, node.target).detach()
+    return state
+
+
+def _check_document(doc: Any) -> None:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise GraphFormatError(f"not a {FORMAT} document (format field: "
+                               f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r})")
+    _check_version(doc.get("version"), "document")
+    for key, kind in (("modules", dict), ("attrs", dict), ("nodes", list)):
+        if not isinstance(doc.get(key), kind):
+            raise GraphFormatError(f"document field {key!r} must be a JSON {'object' if kind is dict else 'array'}")
+
+
+def _check_version(version: Any, what: str) -> None:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise GraphFormatError(f"{what} has no integer version (got {version!r})")
+    if version > VERSION:
+        raise GraphFormatError(f"{what} is version {version}, written by a newer pyprune; this one reads "
+                               f"version {VERSION}")
+    if version < 1:
+        raise GraphFormatError(f"{what} has invalid version {version}")
+
+
+def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dict) -> fx.Node:
+    if not isinstance(spec, dict) or set(spec) != {"name", "op", "target", "args", "kwargs"}:
+        raise GraphFormatError(f"malformed node entry {spec!r:.120}")
+    name, op, target = spec["name"], spec["op"], spec["target"]
+    where = f"node {name!r} ({op} {target})"
+    if not _identifier(name) or name in nodes:
+        raise GraphFormatError(f"{where}: node name must be a new Python identifier")
+    if op not in _OPS or not isinstance(target, str):
+        raise GraphFormatError(f"{where}: unknown op {op!r} or a target that is not a string")
+    if not isinstance(spec["args"], list) or not isinstance(spec["kwargs"], dict) \
+            or not all(_identifier(k) for k in spec["kwargs"]):
+        raise GraphFormatError(f"{where}: args must be an array and kwargs an object keyed by identifiers")
+    args = tuple(_decode(a, where, nodes) for a in spec["args"])
+    kwargs = {k: _decode(v, where, nodes) for k, v in spec["kwargs"].items()}
+    if op == "call_function":
+        if target not in FUNCTIONS:
+            raise GraphFormatError(f"{where}: function {target!r} is not in the allowlist")
+        if target == "builtins.getattr":
+            _check_getattr(args, where)
+        target = FUNCTIONS[target]
+    elif op == "call_method" and target not in METHODS:
+        raise GraphFormatError(f"{where}: method {target!r} is not in the allowlist")
+    elif op == "call_module" and target not in doc["modules"]:
+        raise GraphFormatError(f"{where}: module {target!r} is not declared in 'modules'")
+    elif op == "get_attr" and target not in doc["attrs"]:
+        raise GraphFormatError(f"{where}: tensor {target!r} is not declared in 'attrs'")
+    elif op == "placeholder" and not (isinstance(target, str) and _PLACEHOLDER.match(target)):
+        raise GraphFormatError(f"{where}: placeholder target must be an identifier")
+    elif op == "output" and target != "output":
+        raise GraphFormatError(f"{where}: output target must be 'output'")
+    return graph.create_node(op, target, args, kwargs, name=name)
+
+
+def _mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k}: file {tuple(state[k].shape)} vs graph {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    parts = [f"{title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+             for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+             if keys]
+    return "; ".join(parts)
+
+
+def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+    """Rebuild the GraphModule a document describes and load ``state_dict`` into it, strictly."""
+    _check_document(doc)
+    root: dict[str, Any] = {}
+    for qualname, spec in doc["modules"].items():
+        if not _QUALNAME.match(qualname):
+            raise GraphFormatError(f"bad module name {qualname!r}")
+        if not isinstance(spec, dict) or set(spec) != {"type", "config"}:
+            raise GraphFormatError(f"module {qualname!r}: entry must be {{'type', 'config'}}")
+        root[qualname] = _build_module(spec["type"], spec["config"], f"module {qualname!r}")
+    for target, kind in doc["attrs"].items():
+        if not _QUALNAME.match(target) or kind not in ("parameter", "buffer"):
+            raise GraphFormatError(f"bad attrs entry {target!r}: {kind!r}")
+        if not isinstance(state_dict.get(target), torch.Tensor):
+            raise GraphFormatError(f"tensor {target!r} (get_attr) is missing from the state dict")
+        tensor = state_dict[target]
+        root[target] = nn.Parameter(tensor) if kind == "parameter" else tensor
+
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for spec in doc["nodes"]:
+        node = _decode_node(graph, spec, nodes, doc)
+        nodes[spec["name"]] = node
+    class_name = doc.get("class_name", "GraphModule")
+    try:
+        graph.lint()
+        gm = fx.GraphModule(root, graph, class_name if _identifier(class_name) else "GraphModule")
+    except Exception as exc:
+        raise GraphFormatError(f"the document does not form a valid graph: {exc}") from exc
+
+    expected = gm.state_dict()
+    problem = _mismatch(state_dict, expected)
+    if problem:
+        raise GraphFormatError(f"the state dict does not fit the graph: {problem}")
+    gm.load_state_dict(state_dict, strict=True, assign=True)  # replaces the meta tensors
+    left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer would stay without values
+        raise GraphFormatError(f"tensors with no value in the state dict: {', '.join(left)}")
+    return gm.eval()
+
+
+# ---------------------------------------------------------------------------
+# Files.
+
+def save_graph_module(gm: fx.GraphModule, path: PathLike, meta: dict[str, Any] | None = None,
+                      force: bool = False) -> Path:
+    """Write ``gm`` and ``meta`` (JSON-able) to ``path``; see the module docstring."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    graph_text = json.dumps(graph_to_json(gm), allow_nan=False, separators=(",", ":"))
+    if meta is not None and not isinstance(meta, dict):
+        raise GraphFormatError(f"meta must be a dict, not a {type(meta).__name__}")
+    try:
+        meta_text = json.dumps(meta or {}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise GraphFormatError(f"meta must be plain JSON (no NaN): {exc}") from exc
+    payload = {"format": FORMAT, "version": VERSION, "graph": graph_text, "meta": meta_text,
+               "state_dict": {k: v.detach().cpu() for k, v in graph_state_dict(gm).items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read(path: Path, mmap: bool = False) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def is_graph_file(path: PathLike) -> bool:
+    """True if ``path`` is a file written by :func:`save_graph_module` (any version)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        obj = _read(p, mmap=True)  # tensors stay on disk; weights-only runs no code
+    except Exception:  # not a zip checkpoint, pickled objects, junk: not ours
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    # torch's message is long advice; its "WeightsUnpickler error: ..." line is the fact.
+    for line in str(exc).splitlines():
+        _, found, rest = line.partition("WeightsUnpickler error:")
+        if found:
+            return rest.split(". Please use")[0].strip()
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Read a file written by :func:`save_graph_module`; returns ``(graph_module, meta)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"graph file not found: {p}")
+    try:
+        obj = _read(p)
+    except pickle.UnpicklingError as exc:
+        raise GraphFormatError(
+            f"{p} was refused: it holds pickled Python objects, which a pyprune graph file never does "
+            f"(read with torch.load(weights_only=True), nothing in it was run): {_unpickler_detail(exc)}") from exc
+    except Exception as exc:
+        raise GraphFormatError(f"{p} is not a readable PyTorch file: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise GraphFormatError(f"{p} is not a {FORMAT} file (a plain checkpoint? name its --arch)")
+    _check_version(obj.get("version"), str(p))
+    state = obj.get("state_dict")
+    if not isinstance(obj.get("graph"), str) or not isinstance(obj.get("meta"), str) or not (
+            isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise GraphFormatError(f"{p}: fields 'graph' and 'meta' must be JSON text and 'state_dict' tensors")
+    try:
+        doc, meta = json.loads(obj["graph"]), json.loads(obj["meta"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise GraphFormatError(f"{p}: invalid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise GraphFormatError(f"{p}: meta must be a JSON object")
+    try:
+        return graph_from_json(doc, state), meta
+    except GraphFormatError as exc:
+        raise GraphFormatError(f"{p}: {exc}") from exc
