@@ -108,6 +108,14 @@ class Rewriter:
         return not isinstance(node, fx.Node) or node not in self.keep or \
             len(self.keep[node]) == output_shape(node)[1]
 
+    def in_out_keep(self, node: fx.Node, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(kept input channels, kept output channels) of a layer, or None if it keeps all."""
+        src = node.args[0]
+        if self.unchanged(node) and self.unchanged(src):
+            return None
+        return (self.kept(src) if src in self.keep else torch.arange(n_in),
+                self.kept(node) if node in self.keep else torch.arange(n_out))
+
     def replace_module(self, node: fx.Node, key: tuple, build: Callable[[], nn.Module]) -> None:
         """Swap the module called by ``node``; a module shared by several calls must
         shrink the same way at each of them."""
@@ -120,6 +128,15 @@ class Rewriter:
         parent_name, _, leaf = target.rpartition(".")
         setattr(self.gm.get_submodule(parent_name), leaf, new)
         self._replaced[target] = (key, new)
+
+
+def _filled(new: nn.Module, old: nn.Module, weight: torch.Tensor, out_keep: torch.Tensor) -> nn.Module:
+    """``new`` with ``weight`` and the kept part of ``old``'s bias, on ``old``'s device and mode."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias[out_keep])
+    return new.to(old.weight.device).train(old.training)
 
 
 class ChannelHandler:
@@ -246,12 +263,11 @@ class ConvHandler(ChannelHandler):
         return ctx.not_zero(node)
 
     def rewrite(self, rw: Rewriter, node: fx.Node) -> None:
-        src = node.args[0]
-        if rw.unchanged(node) and rw.unchanged(src):
-            return
         conv = rw.gm.get_submodule(node.target)
-        out_keep = rw.kept(node) if node in rw.keep else torch.arange(conv.out_channels)
-        in_keep = rw.kept(src) if src in rw.keep else torch.arange(conv.in_channels)
+        keeps = rw.in_out_keep(node, conv.in_channels, conv.out_channels)
+        if keeps is None:
+            return
+        in_keep, out_keep = keeps
         if self.depthwise(conv):
             groups, weight = len(in_keep), conv.weight[out_keep]
         elif conv.groups == 1:
@@ -264,11 +280,7 @@ class ConvHandler(ChannelHandler):
             new = type(conv)(weight.shape[1] * groups, len(out_keep), conv.kernel_size, stride=conv.stride,
                              padding=conv.padding, dilation=conv.dilation, groups=groups,
                              bias=conv.bias is not None, padding_mode=conv.padding_mode)
-            with torch.no_grad():
-                new.weight.copy_(weight)
-                if conv.bias is not None:
-                    new.bias.copy_(conv.bias[out_keep])
-            return new.to(conv.weight.device).train(conv.training)
+            return _filled(new, conv, weight, out_keep)
 
         rw.replace_module(node, (tuple(in_keep.tolist()), tuple(out_keep.tolist())), build)
 
@@ -283,20 +295,15 @@ class LinearHandler(ChannelHandler):
         ctx.read(src, f"linear '{node.target}'")
 
     def rewrite(self, rw: Rewriter, node: fx.Node) -> None:
-        src = node.args[0]
-        if rw.unchanged(node) and rw.unchanged(src):
-            return
         lin = rw.gm.get_submodule(node.target)
-        out_keep = rw.kept(node) if node in rw.keep else torch.arange(lin.out_features)
-        in_keep = rw.kept(src) if src in rw.keep else torch.arange(lin.in_features)
+        keeps = rw.in_out_keep(node, lin.in_features, lin.out_features)
+        if keeps is None:
+            return
+        in_keep, out_keep = keeps
 
         def build() -> nn.Module:
             new = nn.Linear(len(in_keep), len(out_keep), bias=lin.bias is not None)
-            with torch.no_grad():
-                new.weight.copy_(lin.weight[out_keep][:, in_keep])
-                if lin.bias is not None:
-                    new.bias.copy_(lin.bias[out_keep])
-            return new.to(lin.weight.device).train(lin.training)
+            return _filled(new, lin, lin.weight[out_keep][:, in_keep], out_keep)
 
         rw.replace_module(node, (tuple(in_keep.tolist()), tuple(out_keep.tolist())), build)
 
