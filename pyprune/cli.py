@@ -29,6 +29,20 @@ Pipelines (--passes), in the style of LLVM's opt -passes=:
   slim(ratio=0.5,combine=sum,min_keep=0.1)
   slim(layer_ratios={'layer1.0.bn1':0.5},ratio=0)
 Options of slim: ratio, combine (max|sum|mean), min_channels, min_keep, layer_ratios, mode (apply|mask).
+  mask(sparsity=0.8)                  zero the 80% smallest |w| of all conv/linear weights (one global threshold)
+  mask(sparsity=0.7,scope=layer,layers={'linear':0.9})
+Options of mask: sparsity, scope (global|layer: exactly round(S*n) zeros per layer), layers ({name: sparsity}
+  overrides), include (conv|linear|'conv,linear'), min_params (skip smaller layers).
+  quant(bits=5)                       share weights: per-layer k-means on the non-zero weights, 2^5 codes
+  quant(conv_bits=8,linear_bits=5,init=density)
+Options of quant: bits, conv_bits, linear_bits, layers ({name: bits}; 0 leaves a layer alone),
+  init (linear|kmeans++|density), iters, seed. Zeros stay zero.
+Fine-tuning after a pass keeps the constraints of every earlier mask and quant: masked weights stay
+exactly zero, and shared weights stay tied (their centroids train on the summed gradients).
+
+Deep compression's pruning and weight sharing, with fine-tuning after each:
+  pyprune opt --arch resnet20 --pretrained --passes "mask(sparsity=0.8),quant(bits=5)" \\
+      --finetune-epochs 1 -o resnet20-dc.pt
 
 Network slimming on the pretrained ResNet-56:
   pyprune opt --arch resnet56 --pretrained --slim-l1 1e-4 --l1-epochs 2 \\

@@ -14,7 +14,7 @@ from torch import fx, nn
 from .data import ArrayDataset, load_dataset
 from .ir import PassManager, example_input, layer_stats, propagate_shapes, totals, trace
 from .passes import build_pipeline
-from .train import TrainConfig, evaluate, fine_tune
+from .train import TrainConfig, TrainHooks, evaluate, fine_tune
 
 
 @dataclass
@@ -72,6 +72,20 @@ def _size(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, in
     return t.params, t.bytes, t.macs
 
 
+def constraint_hooks(constrainers: list[Any], gm: fx.GraphModule) -> TrainHooks:
+    """The training hooks of every pass in ``constrainers`` (earliest first), each
+    captured from ``gm`` as it is now, so that fine-tuning keeps the constraints of
+    all the passes run so far. Capturing again after every pass (rather than once,
+    right after each pass) keeps the hooks valid when a later pass reshapes a layer:
+    the constraints themselves live in the weights (exact zeros, tied values)."""
+    hooks = TrainHooks()
+    for p in constrainers:
+        h = p.training_hooks(gm)
+        hooks.after_backward.extend(h.after_backward)
+        hooks.after_step.extend(h.after_step)
+    return hooks
+
+
 def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
              input_shape: tuple[int, ...], config: OptConfig,
              log: Callable[[str], None] = lambda _: None) -> OptResult:
@@ -113,12 +127,22 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
     measured: list[tuple[float | None, float | None, float]] = []  # per pass: accuracies, seconds
     clock = time.perf_counter()
 
+    # Passes whose constraints (masks, shared weights) fine-tuning must keep, in pipeline
+    # order. The manager calls after_pass once per pass, in order, so the iterator names
+    # the pass that just ran.
+    pending = iter(passes)
+    constrainers: list[Any] = []
+
     def after_pass(name: str, g: fx.GraphModule) -> None:
         nonlocal clock
+        p = next(pending)
+        if callable(getattr(p, "training_hooks", None)):
+            constrainers.append(p)
         before = None
         if config.finetune_epochs > 0:
             before = accuracy_of(g)
-            fine_tune(g, train_set, mean, std, replace(config.train, epochs=config.finetune_epochs, slim_l1=0.0))
+            fine_tune(g, train_set, mean, std, replace(config.train, epochs=config.finetune_epochs, slim_l1=0.0),
+                      hooks=constraint_hooks(constrainers, g))
         measured.append((accuracy_of(g), before, time.perf_counter() - clock))
         clock = time.perf_counter()
 

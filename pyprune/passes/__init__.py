@@ -14,3 +14,5 @@ __all__ = ["PASSES", "PassSpec", "PipelineSyntaxError", "build_pipeline", "creat
            "register_pass"]
 
 from . import slim  # noqa: E402,F401  (registers the pass)
+from . import mask  # noqa: E402,F401
+from . import quant  # noqa: E402,F401

@@ -1,0 +1,263 @@
+"""mask: magnitude pruning of Conv and Linear weights (deep compression, step 1).
+
+Needs: a ``GraphModule`` whose layers are ``call_module`` nodes of ``nn.Conv*d``
+(transposed included) or ``nn.Linear``. Functional convolutions on ``get_attr``
+weights are not layers here and are left alone. Biases and BatchNorm are never
+touched.
+
+Guarantees: the pruned weights are set to exactly ``0.0`` in place; nothing else
+changes (shapes, graph, other parameters). The mask is implied by the exact zeros,
+so it survives save/load with no extra state. With ``scope="layer"`` a layer of
+``n`` weights ends with exactly ``round(S * n)`` zeros (Python's ``round``), the
+smallest ``|w|`` going first and ties broken by flat index, lowest first. With
+``scope="global"`` one threshold over the ``|w|`` of every globally pruned layer
+removes exactly ``round(S * N)`` of their ``N`` weights (same tie rule, layers in
+graph order), so small layers may lose more or less than ``S``. Overridden layers
+(``layers={name: sparsity}``) get their own exact per-layer count in both scopes.
+Zeros already present count as the smallest weights; the pass never un-prunes, so
+a layer already sparser than asked stays as it is.
+
+Refuses: sparsity outside ``[0, 1]``, unknown scopes or layer kinds, and names in
+``layers`` that are not included layers of the graph. Layers with fewer than
+``min_params`` weights are skipped unless named in ``layers``.
+
+Fine-tuning: :meth:`MaskPass.training_hooks` (or :func:`mask_hooks`) returns
+:class:`~pyprune.train.TrainHooks` that zero the masked gradients after backward
+and re-apply the mask after every optimizer step, so masked weights stay exactly
+zero under SGD with momentum and weight decay. :func:`sensitivity_scan` prunes one
+layer at a time to find how much each tolerates.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..ir import PassResult
+from ..train import TrainHooks
+from .registry import register_pass
+
+KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": (nn.modules.conv._ConvNd,),
+    "linear": (nn.Linear,),
+}
+SCOPES = ("global", "layer")
+
+
+def parse_include(include: str | Iterable[str]) -> tuple[str, ...]:
+    """``"conv,linear"``, ``"conv+linear"``, ``"conv"`` or a sequence of kind names."""
+    if isinstance(include, str):
+        parts = include.replace("+", ",").replace("|", ",").split(",")
+    else:
+        parts = list(include)
+    kinds = tuple(dict.fromkeys(p.strip().lower() for p in parts if p and p.strip()))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"include must name layer kinds among {', '.join(KINDS)}, got {include!r}")
+    return kinds
+
+
+def weight_layers(gm: fx.GraphModule, include: str | Iterable[str] = "conv,linear") -> list[str]:
+    """Names of the Conv/Linear modules the graph calls, in graph order, each once."""
+    types = tuple(t for k in parse_include(include) for t in KINDS[k])
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in names:
+            m = gm.get_submodule(node.target)
+            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
+                names.append(node.target)
+    return names
+
+
+def _check_sparsity(s: float, what: str) -> float:
+    s = float(s)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {s}")
+    return s
+
+
+def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` smallest entries of the 1-D ``values``, ties by index."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    return torch.sort(values, stable=True).indices[:k]
+
+
+def prune_layer(weight: torch.Tensor, sparsity: float) -> int:
+    """Zero exactly ``round(sparsity * n)`` of ``weight`` by magnitude (at least that
+    many if more are zero already), in place; returns the number of zeros."""
+    with torch.no_grad():
+        k = int(round(sparsity * weight.numel()))
+        flat = weight.detach().reshape(-1)  # a copy for channels_last weights: write back below
+        drop = _smallest(flat.abs(), k)
+        mask = torch.ones(flat.numel(), dtype=torch.bool, device=weight.device)
+        mask[drop] = False
+        weight.masked_fill_(~mask.view(weight.shape), 0.0)
+        return int((weight == 0).sum())
+
+
+def _layer_record(weight: torch.Tensor, asked: float, how: str) -> dict[str, Any]:
+    n = weight.numel()
+    zeros = int((weight == 0).sum())
+    return {"params": n, "zeros": zeros, "sparsity": zeros / max(n, 1), "asked": asked, "by": how}
+
+
+class MaskPass:
+    """Magnitude pruning; see the module docstring for the contract."""
+
+    name = "mask"
+    changes_outputs = True
+
+    def __init__(self, sparsity: float = 0.5, scope: str = "global", layers: Mapping[str, float] | None = None,
+                 include: str | Sequence[str] = "conv,linear", min_params: int = 0) -> None:
+        self.sparsity = _check_sparsity(sparsity, "mask sparsity")
+        if scope not in SCOPES:
+            raise ValueError(f"mask scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.scope = scope
+        if layers is not None and not isinstance(layers, Mapping):
+            raise ValueError(f"mask layers must be a dict {{name: sparsity}}, got {layers!r}")
+        self.layers = {str(k): _check_sparsity(v, f"sparsity of layer {k!r}") for k, v in (layers or {}).items()}
+        self.include = parse_include(include)
+        if int(min_params) < 0:
+            raise ValueError(f"min_params must be >= 0, got {min_params}")
+        self.min_params = int(min_params)
+        self.pruned: list[str] | None = None  # layer names, once the pass has run
+
+    def select(self, gm: fx.GraphModule) -> tuple[list[str], dict[str, float]]:
+        """(layers under the global/layer rule, overridden layers with their sparsity)."""
+        names = weight_layers(gm, self.include)
+        unknown = sorted(set(self.layers) - set(names))
+        if unknown:
+            raise ValueError(f"mask layers not among the included {'/'.join(self.include)} layers of the graph: "
+                             f"{', '.join(unknown)}")
+        overridden = {n: self.layers[n] for n in names if n in self.layers}
+        ruled = [n for n in names if n not in self.layers
+                 and gm.get_submodule(n).weight.numel() >= self.min_params]
+        return ruled, overridden
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        ruled, overridden = self.select(gm)
+        weights = {n: gm.get_submodule(n).weight for n in [*ruled, *overridden]}
+        before = sum(int((w == 0).sum()) for w in weights.values())
+        per_layer: dict[str, dict[str, Any]] = {}
+        threshold = None
+        for name, s in overridden.items():
+            prune_layer(weights[name], s)
+        if self.scope == "layer":
+            for name in ruled:
+                prune_layer(weights[name], self.sparsity)
+        elif ruled:
+            with torch.no_grad():
+                flat = torch.cat([weights[n].detach().reshape(-1).abs() for n in ruled])
+                k = int(round(self.sparsity * flat.numel()))
+                drop = _smallest(flat, k)
+                keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                keep[drop] = False
+                if k:
+                    threshold = float(flat[drop[-1]])
+                offset = 0
+                for n in ruled:
+                    w = weights[n]
+                    w.masked_fill_(~keep[offset:offset + w.numel()].view(w.shape), 0.0)
+                    offset += w.numel()
+        for name in weights:
+            how = "override" if name in overridden else self.scope
+            asked = overridden.get(name, self.sparsity)
+            per_layer[name] = _layer_record(weights[name], asked, how)
+        total = sum(r["params"] for r in per_layer.values())
+        zeros = sum(r["zeros"] for r in per_layer.values())
+        self.pruned = list(weights)
+        record = {"scope": self.scope, "sparsity": self.sparsity, "threshold": threshold,
+                  "params": total, "zeros": zeros, "achieved": zeros / max(total, 1),
+                  "layers": per_layer}
+        return PassResult(gm, modified=zeros != before, record=record)
+
+    def training_hooks(self, gm: fx.GraphModule) -> TrainHooks:
+        """Hooks that keep this pass's zeros at zero while ``gm`` trains, captured
+        from ``gm``'s weights now (call it after the pass)."""
+        names = self.pruned
+        if names is None:
+            ruled, overridden = self.select(gm)
+            names = [*ruled, *overridden]
+        return mask_hooks(gm, names)
+
+
+@register_pass("mask")
+def mask(sparsity: float = 0.5, scope: str = "global", layers: Mapping[str, float] | None = None,
+         include: str | Sequence[str] = "conv,linear", min_params: int = 0) -> MaskPass:
+    return MaskPass(sparsity, scope, layers, include, min_params)
+
+
+mask.__doc__ = __doc__
+
+
+def _present(model: nn.Module, names: Iterable[str]) -> list[str]:
+    out = []
+    for n in names:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            continue  # a later pass removed the layer
+        out.append(n)
+    return out
+
+
+def mask_hooks(gm: nn.Module, layer_names: Iterable[str]) -> TrainHooks:
+    """Capture ``mask = (weight != 0)`` of the named layers now; the hooks zero the
+    masked gradients after backward and the masked weights after each step. The
+    hooks look the layers up by name in the model they are given, so they work on
+    a model whose parameters were moved or re-laid-out (channels_last) since."""
+    masks = {n: (gm.get_submodule(n).weight.detach() == 0) for n in _present(gm, layer_names)}
+    masks = {n: m for n, m in masks.items() if bool(m.any())}  # dense layers need no hook
+
+    def _check(n: str, w: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if w.shape != zero.shape:
+            raise RuntimeError(f"mask of {n} has shape {tuple(zero.shape)} but the weight is now "
+                               f"{tuple(w.shape)}: capture the hooks again after passes that reshape layers")
+        if zero.device != w.device:
+            zero = masks[n] = zero.to(w.device)
+        return zero
+
+    def after_backward(model: nn.Module) -> None:
+        for n, zero in masks.items():
+            w = model.get_submodule(n).weight
+            if w.grad is not None:
+                w.grad.masked_fill_(_check(n, w, zero), 0.0)
+
+    def after_step(model: nn.Module) -> None:
+        with torch.no_grad():
+            for n, zero in masks.items():
+                w = model.get_submodule(n).weight
+                w.masked_fill_(_check(n, w, zero), 0.0)
+
+    return TrainHooks(after_backward=[after_backward], after_step=[after_step])
+
+
+def sensitivity_scan(gm: nn.Module, evaluate_fn: Callable[[nn.Module], float],
+                     sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+                     layers: Sequence[str] | None = None,
+                     include: str | Sequence[str] = "conv,linear") -> dict[str, list[tuple[float, float]]]:
+    """Prune one layer at a time (layer scope, on a copy of ``gm``) to each of
+    ``sparsities`` and return ``{layer: [(sparsity, evaluate_fn(copy)), ...]}``.
+    ``gm`` itself is not changed; ``layers`` defaults to every included layer."""
+    work = copy.deepcopy(gm)
+    if layers is None:
+        if not isinstance(work, fx.GraphModule):
+            raise ValueError("sensitivity_scan needs layers=... for a model that is not a GraphModule")
+        layers = weight_layers(work, include)
+    result: dict[str, list[tuple[float, float]]] = {}
+    for name in layers:
+        weight = work.get_submodule(name).weight
+        saved = weight.detach().clone()
+        rows = []
+        for s in sparsities:
+            prune_layer(weight, _check_sparsity(s, "sensitivity sparsity"))
+            rows.append((float(s), float(evaluate_fn(work))))
+            with torch.no_grad():
+                weight.copy_(saved)
+        result[name] = rows
+    return result
