@@ -25,7 +25,7 @@ Data is found under --data-root, else $PYPRUNE_DATA, else ./data.
 
 OPT_EPILOG = """
 Pipelines (--passes), in the style of LLVM's opt -passes=:
-  slim(ratio=0.4)                     remove 40% of BatchNorm channels by |gamma| (network slimming)
+  slim(ratio=0.4)                     remove the 40% of channel groups with the smallest BatchNorm |gamma|
   slim(ratio=0.5,combine=sum,min_keep=0.1)
   slim(layer_ratios={'layer1.0.bn1':0.5},ratio=0)
 Options of slim: ratio, combine (max|sum|mean), min_channels, min_keep, layer_ratios, mode (apply|mask).
@@ -273,7 +273,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
     for step in result.steps:
         if step.name == "slim" and step.record.get("layers"):
             print(f"slim removed channels in {len(step.record['layers'])} layers "
-                  f"({step.record['achieved_ratio']:.1%} of BatchNorm channels)")
+                  f"({step.record['achieved_ratio']:.1%} of prunable channel groups)")
     path = save_model(model, args.output, gm=result.graph_module, provenance=result.provenance(), force=args.force)
     first, last = result.steps[0], result.steps[-1]
     print(f"saved {path}: {first.params:,} -> {last.params:,} parameters ({first.params / last.params:.2f}x), "

@@ -15,9 +15,13 @@ masked model is not zero; they stay, and the plan says why.
 
 Selection: each group's score combines the |gamma| of its BatchNorm channels with
 ``combine`` (default ``max``: a residual channel goes only when it is weak in every
-block that writes it). Groups go in ascending score until ``ratio`` of all
-BatchNorm channels of the model are removed, network slimming's global threshold;
-``layer_ratios`` first removes the given share of a named layer's own channels.
+block that writes it). Network slimming's global threshold, with groups in place of
+channels: the lowest-scoring ``ratio`` of the prunable groups go, in ascending
+score, skipping any whose removal would take a layer below its floor.
+(Counting BatchNorm channels instead would make a residual group, written by many
+BatchNorms, cost as much as many single channels, so a budget would be spent almost
+entirely inside blocks.) ``layer_ratios`` first removes the given share of a named
+layer's own channels.
 
 Folding (``fold=True``, the default): a removed channel did not output zero but,
 on average, E[act(gamma * z + beta)] for z ~ N(0, 1) (the BatchNorm output is
@@ -71,6 +75,11 @@ class SlimPlan:
     fold: bool = True
 
     @property
+    def achieved_ratio(self) -> float:
+        """Share of the prunable groups removed."""
+        return len(self.removed) / max(len(self.analysis.prunable_groups), 1)
+
+    @property
     def removed_bn_channels(self) -> int:
         return sum(len(self.analysis.groups[g].bn_channels) for g in self.removed)
 
@@ -83,8 +92,7 @@ class SlimPlan:
     def summary(self) -> dict:
         groups = self.analysis.groups
         refused = Counter(g.reason.split(" '")[0].split(" (")[0] for g in groups if not g.prunable)
-        return {"ratio": self.ratio, "combine": self.combine,
-                "achieved_ratio": self.removed_bn_channels / max(self.total_bn_channels, 1),
+        return {"ratio": self.ratio, "combine": self.combine, "achieved_ratio": self.achieved_ratio,
                 "groups": len(groups), "prunable_groups": len(self.analysis.prunable_groups),
                 "removed_groups": len(self.removed), "removed_bn_channels": self.removed_bn_channels,
                 "total_bn_channels": self.total_bn_channels, "refused": dict(refused),
@@ -97,9 +105,9 @@ class SlimPlan:
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         s = self.summary()
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows),
-                 f"removed {s['removed_bn_channels']}/{s['total_bn_channels']} BatchNorm channels "
-                 f"({s['achieved_ratio']:.1%}, asked {self.ratio:.1%}) in {s['removed_groups']} groups; "
-                 f"{s['prunable_groups']}/{s['groups']} groups prunable"]
+                 f"removed {s['removed_groups']}/{s['prunable_groups']} prunable channel groups "
+                 f"({s['achieved_ratio']:.1%}, asked {self.ratio:.1%}; {s['groups']} groups in all), "
+                 f"{s['removed_bn_channels']}/{s['total_bn_channels']} BatchNorm channels"]
         return "\n".join(lines)
 
 
@@ -160,13 +168,11 @@ def plan(gm: fx.GraphModule, ratio: float = 0.5, combine: str = "max", min_chann
                 break
             if g in own:
                 take(g)
-    budget = ratio * total_bn
-    removed_bn = sum(len(analysis.groups[g].bn_channels) for g in removed)
+    budget = round(ratio * len(scores))
     for g in by_score:
-        if removed_bn >= budget:
+        if len(removed) >= budget:
             break
-        if take(g):
-            removed_bn += len(analysis.groups[g].bn_channels)
+        take(g)
 
     rows = [LayerRow(str(n.target), type(gm.get_submodule(n.target)).__name__, width[n], remaining[n])
             for n in layers]

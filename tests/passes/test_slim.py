@@ -115,6 +115,8 @@ def test_plan_is_inspectable():
     assert "layer1.0.conv1" in table and "asked 40.0%" in table
     summary = plan.summary()
     assert summary["removed_groups"] == len(plan.removed) and summary["refused"]["graph output"] == 10
+    # The ratio counts prunable channel groups, as network slimming counts channels.
+    assert len(plan.removed) == round(0.4 * summary["prunable_groups"])
 
 
 def test_pass_in_the_pass_manager():
