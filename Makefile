@@ -26,7 +26,7 @@ export MAX_JOBS ?= 2
 STAMP := $(VENV)/.pyprune-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,19 @@ test-all: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+
+# The container decoder and its fuzz tests under AddressSanitizer, built in a copy of
+# the tree so the normal extension is left alone (docs/format.md, "Fuzzing under ASan").
+ASAN_DIR ?= /tmp/pyprune-asan
+asan: install
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	tar --exclude=./.venv --exclude=./build --exclude=./data --exclude=./.git --exclude='*.so' -cf - . | tar -C $(ASAN_DIR) -xf -
+	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
+		PYPRUNE_CUDA=0 $(abspath $(PY)) setup.py build_ext --inplace
+	cd $(ASAN_DIR) && PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		$(abspath $(PY)) -m pytest -p no:cacheprovider -s -m "" \
+		tests/encode/test_ppz_fuzz.py tests/encode/test_ppz.py tests/encode/test_huffman.py
 
 clean:
 	rm -rf build *.egg-info pyprune/*.so

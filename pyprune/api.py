@@ -12,6 +12,8 @@ from torch import fx, nn
 
 from .data import load_dataset
 from .encode import is_graph_file, load_graph_module, save_graph_module
+from .encode.model_ppz import load_ppz, save_ppz
+from .encode.ppz import is_ppz
 from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
 from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
 from .models.registry import DEFAULT_MEAN, DEFAULT_STD
@@ -43,11 +45,12 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
     :mod:`pyprune.models.pretrained`) in place of ``weights``. A ``model_file``
     written by :func:`save_model` carries its own architecture and weights."""
-    if model_file and is_graph_file(model_file):
+    container = model_file and (is_ppz(model_file) or is_graph_file(model_file))
+    if container:
         if arch or weights or pretrained:
-            raise ValueError(f"{model_file} is a saved pyprune graph: it carries its own architecture and "
+            raise ValueError(f"{model_file} is a saved pyprune model: it carries its own architecture and "
                              "weights, so give it without --arch, --weights or --pretrained")
-        gm, meta = load_graph_module(model_file)
+        gm, meta = load_ppz(model_file) if is_ppz(model_file) else load_graph_module(model_file)
         return LoadedModel(gm, str(meta.get("arch") or Path(model_file).stem),
                            tuple(meta.get("mean", DEFAULT_MEAN)), tuple(meta.get("std", DEFAULT_STD)),
                            tuple(meta.get("input_shape", (3, 32, 32))))
@@ -113,13 +116,21 @@ def save_weights(model: LoadedModel, path: str | Path, force: bool = False) -> P
 
 
 def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None = None,
-               provenance: list | None = None, force: bool = False) -> Path:
-    """Save architecture and weights in one file (``docs/graph-format.md``) that
-    :func:`load_model` reads back with no ``arch``. ``gm`` is the graph to save
-    (default: ``model.module`` traced); ``provenance`` is any JSON list, e.g. the passes run."""
+               provenance: list | None = None, codebooks: dict[str, torch.Tensor] | None = None,
+               force: bool = False) -> Path:
+    """Save architecture and weights in one file that :func:`load_model` reads back
+    with no ``arch``: the compressed ``.ppz`` container (``docs/format.md``) when the
+    name ends in ``.ppz``, else a plain graph file (``docs/graph-format.md``). ``gm``
+    is the graph to save (default: ``model.module`` traced); ``provenance`` is any JSON
+    list, e.g. the passes run; ``codebooks`` are quantized layers' codebooks."""
     meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
             "input_shape": list(model.input_shape), "provenance": list(provenance or [])}
-    return save_graph_module(gm if gm is not None else trace(model.module), path, meta, force=force)
+    gm = gm if gm is not None else trace(model.module)
+    if Path(path).suffix == ".ppz":
+        return save_ppz(gm, path, meta, codebooks, force=force)
+    if codebooks:
+        raise ValueError(f"{path}: codebooks are stored only in a .ppz container")
+    return save_graph_module(gm, path, meta, force=force)
 
 
 def set_threads(threads: int | None) -> None:

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pipeline")
     g.add_argument("--passes", required=True, metavar="PIPELINE",
                    help='comma-separated passes, e.g. "slim(ratio=0.4)"; see below')
-    g.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the optimized model")
+    g.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="where to save the optimized model: NAME.ppz for the compressed container, "
+                        "any other name for a plain graph file")
     g.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     g.add_argument("--json", action="store_true", help="end the output with one JSON line of every step")
     g = p.add_argument_group("training")
@@ -166,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, metavar="N", help="measure on the first N images of that split")
     _add_run_args(p)
     p.set_defaults(func=cmd_opt)
+
+    p = sub.add_parser("inspect", formatter_class=_Formatter,
+                       help="how a .ppz file stores each tensor: encoding, density, bits, stream bytes",
+                       description="Decode and validate a .ppz container and print, per tensor: shape, encoding, "
+                                   "density, bits per code and per gap, bytes of each stream, fp32 bytes and "
+                                   "the ratio; then totals, and each Huffman stream's size against its Shannon "
+                                   "entropy.")
+    p.add_argument("file", metavar="FILE.ppz")
+    p.add_argument("--all", action="store_true", help="also list small raw tensors (BatchNorm, biases)")
+    p.add_argument("--json", action="store_true", help="print the full inspection as one JSON object")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("models", help="list the zoo architectures", description="List the zoo architectures.")
     p.set_defaults(func=cmd_models)
@@ -274,13 +287,49 @@ def cmd_opt(args: argparse.Namespace) -> int:
         if step.name == "slim" and step.record.get("layers"):
             print(f"slim removed channels in {len(step.record['layers'])} layers "
                   f"({step.record['achieved_ratio']:.1%} of prunable channel groups)")
-    path = save_model(model, args.output, gm=result.graph_module, provenance=result.provenance(), force=args.force)
+    codebooks = result.codebooks() if Path(args.output).suffix == ".ppz" else None
+    path = save_model(model, args.output, gm=result.graph_module, provenance=result.provenance(),
+                      codebooks=codebooks, force=args.force)
     first, last = result.steps[0], result.steps[-1]
     print(f"saved {path}: {first.params:,} -> {last.params:,} parameters ({first.params / last.params:.2f}x), "
           f"{first.macs / 1e6:.1f}M -> {last.macs / 1e6:.1f}M MACs")
     if args.json:
         print(json.dumps({"model": model.name, "output": str(path), "pipeline": args.passes,
                           "steps": result.provenance()}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .encode.ppz import inspect
+
+    report = inspect(args.file)
+    if args.json:
+        report = {k: v for k, v in report.items() if k != "manifest"}
+        print(json.dumps(report))
+        return 0
+    rows = []
+    for t in report["tensors"]:
+        if not args.all and t["encoding"] == "raw" and t["numel"] < 4096:
+            continue
+        rows.append((t["name"], "x".join(map(str, t["shape"])), t["encoding"], f"{t['density']:.3f}",
+                     t["code_bits"] if t["code_bits"] is not None else "-", t["gap_bits"] or "-",
+                     f"{t['code_bytes']:,}", f"{t['gap_bytes']:,}", f"{t['bytes']:,}", f"{t['fp32_bytes']:,}",
+                     f"{t['fp32_bytes'] / t['bytes']:.1f}x" if t["bytes"] else "-"))
+    total = report["total"]
+    rows.append(("total", "", "", f"{total['density']:.3f}", "", "", f"{total['code_bytes']:,}",
+                 f"{total['gap_bytes']:,}", f"{total['bytes']:,}", f"{total['fp32_bytes']:,}",
+                 f"{total['fp32_bytes'] / max(total['bytes'], 1):.1f}x"))
+    print(_format_table(("tensor", "shape", "encoding", "density", "code bits", "gap bits", "code bytes",
+                         "gap bytes", "bytes", "fp32 bytes", "ratio"), rows))
+    print(f"file {total['file_bytes']:,} bytes (manifest {total['manifest_bytes']:,}, "
+          f"overhead {total['overhead_bytes']:,}); fp32 {total['fp32_bytes']:,} bytes; "
+          f"compression {total['compression']:.2f}x")
+    for stream in ("codes", "gaps"):
+        bits, entropy = total[f"{stream}_payload_bits"], total[f"{stream}_entropy_bits"]
+        symbols = sum(t[stream]["symbols"] for t in report["tensors"] if t[stream])
+        if symbols:
+            print(f"{stream} stream: Huffman {bits / 8:,.0f} bytes ({bits / symbols:.3f} bits/symbol) vs entropy "
+                  f"{entropy / 8:,.0f} bytes ({entropy / symbols:.3f} bits/symbol) over {symbols:,} symbols")
     return 0
 
 

@@ -44,6 +44,17 @@ class OptResult:
     def provenance(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.steps]
 
+    def codebooks(self) -> dict[str, torch.Tensor]:
+        """Codebooks of the layers quantized by the pipeline, read from the final
+        weights (centroid fine-tuning moves them after the pass recorded them)."""
+        from .passes.quant import codebooks
+
+        found: dict[str, torch.Tensor] = {}
+        for step in self.steps:
+            if step.name == "quant":
+                found.update(codebooks(self.graph_module, step.record))
+        return found
+
 
 @dataclass
 class OptConfig:

@@ -3,7 +3,243 @@
 // nearly doubles this file's compile time.
 #include <torch/python.h>
 
+#include <omp.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "huffman.h"
 #include "ops.h"
+#include "ppz.h"
+
+namespace {
+
+namespace huff = pyprune::huff;
+namespace ppz = pyprune::ppz;
+
+// A read-only, C-contiguous view of any bytes-like object (bytes, bytearray, memoryview,
+// mmap); the export stays valid (and a bytearray cannot resize) while this lives.
+class ByteView {
+ public:
+  explicit ByteView(const py::object& obj) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~ByteView() { PyBuffer_Release(&view_); }
+  ByteView(const ByteView&) = delete;
+  ByteView& operator=(const ByteView&) = delete;
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+
+py::bytes to_bytes(const std::vector<uint8_t>& v) {
+  return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
+}
+
+void check_cpu_contiguous(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+std::vector<uint16_t> to_symbols(const at::Tensor& symbols, uint32_t alphabet) {
+  check_cpu_contiguous(symbols, "symbols");
+  const at::Tensor s = symbols.to(at::kLong).reshape({-1});
+  const int64_t* p = s.const_data_ptr<int64_t>();
+  std::vector<uint16_t> out(static_cast<size_t>(s.numel()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (p[i] < 0 || p[i] >= static_cast<int64_t>(alphabet)) {
+      throw std::invalid_argument("huffman: symbol " + std::to_string(p[i]) + " at " + std::to_string(i) +
+                                  " outside [0, " + std::to_string(alphabet) + ")");
+    }
+    out[i] = static_cast<uint16_t>(p[i]);
+  }
+  return out;
+}
+
+std::vector<uint8_t> huffman_code_lengths(const std::vector<uint64_t>& freqs, int max_len) {
+  uint64_t total = 0;
+  for (uint64_t f : freqs) {
+    if (__builtin_add_overflow(total, f, &total)) throw std::invalid_argument("huffman: frequencies sum past 2^64");
+  }
+  return huff::build_code_lengths(freqs.data(), freqs.size(), max_len);
+}
+
+py::bytes huffman_encode(const at::Tensor& symbols, uint32_t alphabet, uint32_t chunk_symbols) {
+  const std::vector<uint16_t> s = to_symbols(symbols, alphabet);
+  std::vector<uint8_t> out;
+  {
+    py::gil_scoped_release nogil;
+    huff::encode_stream(s.data(), s.size(), alphabet, out, chunk_symbols);
+  }
+  return to_bytes(out);
+}
+
+py::tuple huffman_decode(const py::object& data, uint32_t alphabet, int threads) {
+  ByteView buf(data);
+  pyprune::Reader r(buf.data(), buf.size(), "stream");
+  const huff::StreamView s = huff::parse_stream(r, alphabet, "huffman stream");
+  std::vector<uint16_t> sym(s.n_symbols);
+  {
+    py::gil_scoped_release nogil;
+    huff::decode_stream(s, sym.data(), resolve_threads(threads));
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(sym.size())}, at::kInt);
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  for (size_t i = 0; i < sym.size(); ++i) o[i] = sym[i];
+  return py::make_tuple(out, static_cast<uint64_t>(r.pos()));
+}
+
+py::tuple ppz_encode_section(const std::string& name, int dtype, const std::vector<uint64_t>& shape,
+                             const at::Tensor& data, const std::optional<at::Tensor>& codebook,
+                             const std::vector<int>& gap_bits, int encoding, uint32_t chunk_symbols) {
+  check_cpu_contiguous(data, "data");
+  ppz::TensorInput t;
+  t.name = name;
+  t.dtype = dtype;
+  t.shape = shape;
+  t.data = static_cast<const uint8_t*>(data.const_data_ptr());
+  t.nbytes = data.nbytes();
+  t.encoding = encoding;
+  if (ppz::dtype_itemsize(dtype) != static_cast<int>(data.element_size())) {
+    throw std::invalid_argument("ppz: dtype code " + std::to_string(dtype) + " does not match the tensor's " +
+                                std::to_string(data.element_size()) + "-byte elements");
+  }
+  if (codebook) {
+    check_cpu_contiguous(*codebook, "codebook");
+    TORCH_CHECK(codebook->scalar_type() == at::kFloat && codebook->dim() == 1, "codebook must be 1-D float32");
+    t.quantized = true;
+    const float* cb = codebook->const_data_ptr<float>();
+    t.codebook.assign(cb, cb + codebook->numel());
+  }
+  ppz::EncodeOptions opt;
+  opt.gap_bits = gap_bits;
+  opt.chunk_symbols = chunk_symbols;
+  ppz::EncodedSection s;
+  {
+    py::gil_scoped_release nogil;
+    s = ppz::encode_section(t, opt);
+  }
+  return py::make_tuple(to_bytes(s.bytes), s.encoding, s.gap_bits);
+}
+
+py::bytes ppz_assemble(const py::object& manifest, const py::list& sections) {
+  ByteView m(manifest);
+  std::vector<std::vector<uint8_t>> owned;
+  owned.reserve(sections.size());
+  for (const py::handle& h : sections) {
+    ByteView b(py::reinterpret_borrow<py::object>(h));
+    owned.emplace_back(b.data(), b.data() + b.size());
+  }
+  std::vector<const std::vector<uint8_t>*> ptrs;
+  for (const auto& o : owned) ptrs.push_back(&o);
+  std::vector<uint8_t> out;
+  {
+    py::gil_scoped_release nogil;
+    out = ppz::assemble_file(m.data(), m.size(), ptrs);
+  }
+  return to_bytes(out);
+}
+
+py::list shape_list(const std::vector<uint64_t>& shape) {
+  py::list l;
+  for (uint64_t d : shape) l.append(d);
+  return l;
+}
+
+py::tuple ppz_decode(const py::object& data, int threads, int64_t max_bytes) {
+  ByteView buf(data);
+  ppz::FileView v;
+  {
+    py::gil_scoped_release nogil;
+    v = ppz::parse_file(buf.data(), buf.size());
+  }
+  if (max_bytes >= 0 && v.decoded_bytes > static_cast<uint64_t>(max_bytes)) {
+    throw std::invalid_argument("ppz: the tensors decode to " + std::to_string(v.decoded_bytes) +
+                                " bytes, more than max_bytes=" + std::to_string(max_bytes));
+  }
+  std::vector<at::Tensor> outs;
+  outs.reserve(v.sections.size());
+  for (const auto& s : v.sections) outs.push_back(at::empty({static_cast<int64_t>(s.out_bytes)}, at::kByte));
+  {
+    py::gil_scoped_release nogil;
+    const int nt = resolve_threads(threads);
+    for (size_t i = 0; i < v.sections.size(); ++i) ppz::decode_section(v.sections[i], outs[i].mutable_data_ptr<uint8_t>(), nt);
+  }
+  py::list tensors;
+  for (size_t i = 0; i < v.sections.size(); ++i) {
+    const auto& s = v.sections[i];
+    tensors.append(py::make_tuple(py::bytes(s.name), s.dtype, shape_list(s.shape), s.encoding, outs[i]));
+  }
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), tensors);
+}
+
+py::dict stream_dict(const ppz::StreamStats& st) {
+  py::dict d;
+  d["symbols"] = st.symbols;
+  d["alphabet"] = st.alphabet;
+  d["used_symbols"] = st.used_symbols;
+  d["max_code_length"] = st.max_code_length;
+  d["chunks"] = st.chunks;
+  d["table_bytes"] = st.table_bytes;
+  d["chunk_table_bytes"] = st.chunk_table_bytes;
+  d["payload_bytes"] = st.payload_bytes;
+  d["payload_bits"] = st.payload_bits;
+  d["bytes"] = st.record_bytes;
+  d["entropy_bits"] = st.entropy_bits;
+  return d;
+}
+
+py::tuple ppz_inspect(const py::object& data, int threads) {
+  ByteView buf(data);
+  ppz::FileView v;
+  std::vector<ppz::SectionStats> stats;
+  {
+    py::gil_scoped_release nogil;
+    v = ppz::parse_file(buf.data(), buf.size());
+    const int nt = resolve_threads(threads);
+    for (const auto& s : v.sections) stats.push_back(ppz::inspect_section(s, nt));
+  }
+  py::list out;
+  for (size_t i = 0; i < v.sections.size(); ++i) {
+    const auto& s = v.sections[i];
+    const auto& st = stats[i];
+    py::dict d;
+    d["name"] = py::bytes(s.name);
+    d["dtype"] = s.dtype;
+    d["shape"] = shape_list(s.shape);
+    d["encoding"] = ppz::encoding_name(s.encoding);
+    d["numel"] = s.numel;
+    d["itemsize"] = s.itemsize;
+    d["nnz"] = st.nnz;
+    d["entries"] = st.entries;
+    d["fillers"] = st.fillers;
+    d["gap_bits"] = s.gap_bits;
+    d["codebook_size"] = s.codebook ? py::object(py::int_(s.codebook_size)) : py::object(py::none());
+    d["section_bytes"] = s.size;
+    d["header_bytes"] = s.header_bytes;
+    d["codebook_bytes"] = st.codebook_bytes;
+    d["rowcount_bytes"] = st.rowcount_bytes;
+    d["values_bytes"] = st.values_bytes;
+    d["raw_bytes"] = st.raw_bytes;
+    d["gaps"] = st.gaps.present ? py::object(stream_dict(st.gaps)) : py::none();
+    d["codes"] = st.codes.present ? py::object(stream_dict(st.codes)) : py::none();
+    out.append(d);
+  }
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), v.file_bytes, out);
+}
+
+uint32_t ppz_crc32(const py::object& data, uint32_t crc) {
+  ByteView b(data);
+  return ppz::crc32(b.data(), b.size(), crc);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyprune CPU kernels";
@@ -12,4 +248,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "mask: bool, uint8 or float32 CPU, same shape.");
   m.def("omp_max_threads", &pyprune::omp_max_threads,
         "omp_get_max_threads() of the OpenMP runtime this extension links; 1 if OpenMP is limited.");
+
+  // The .ppz container (docs/format.md); Python API in pyprune/encode/ppz.py.
+  py::register_exception<pyprune::CorruptError>(m, "CorruptFileError", PyExc_ValueError);
+  m.attr("PPZ_VERSION") = ppz::kVersion;
+  m.attr("PPZ_MAGIC") = py::bytes(reinterpret_cast<const char*>(ppz::kMagic), sizeof ppz::kMagic);
+  m.attr("HUFFMAN_MAX_CODE_LENGTH") = huff::kMaxCodeLength;
+  m.attr("HUFFMAN_DEFAULT_CHUNK") = huff::kDefaultChunkSymbols;
+  m.def("huffman_code_lengths", &huffman_code_lengths, py::arg("freqs"), py::arg("max_len") = huff::kMaxCodeLength,
+        "Deterministic length-limited canonical Huffman code lengths (0 = unused symbol).");
+  m.def("huffman_encode", &huffman_encode, py::arg("symbols"), py::arg("alphabet"),
+        py::arg("chunk_symbols") = huff::kDefaultChunkSymbols, "One .ppz Huffman stream record as bytes.");
+  m.def("huffman_decode", &huffman_decode, py::arg("data"), py::arg("alphabet"), py::arg("threads") = -1,
+        "Decode one stream record at the start of data: (int32 symbols, record bytes). Raises CorruptFileError.");
+  m.def("ppz_encode_section", &ppz_encode_section, py::arg("name"), py::arg("dtype"), py::arg("shape"),
+        py::arg("data"), py::arg("codebook"), py::arg("gap_bits"), py::arg("encoding") = -1,
+        py::arg("chunk_symbols") = huff::kDefaultChunkSymbols,
+        "Encode one tensor as a .ppz section: (bytes, encoding code, gap bits).");
+  m.def("ppz_assemble", &ppz_assemble, py::arg("manifest"), py::arg("sections"),
+        "Join the manifest (bytes) and the sections into a .ppz file (bytes).");
+  m.def("ppz_decode", &ppz_decode, py::arg("data"), py::arg("threads") = -1, py::arg("max_bytes") = -1,
+        "Decode a .ppz file: (manifest bytes, [(name bytes, dtype code, shape, encoding code, uint8 tensor)]).");
+  m.def("ppz_inspect", &ppz_inspect, py::arg("data"), py::arg("threads") = -1,
+        "Validate and measure a .ppz file: (manifest bytes, file bytes, [per-section dict]).");
+  m.def("ppz_crc32", &ppz_crc32, py::arg("data"), py::arg("crc") = 0, "CRC-32 as zlib.crc32.");
 }

@@ -1,6 +1,8 @@
-"""Serialization of traced models: the architecture as allowlisted JSON, the weights
-as plain tensors, one file, loadable without unpickling code. See
-:mod:`pyprune.encode.graph_json` and ``docs/graph-format.md``."""
+"""Serialization of traced models, loadable without unpickling code: a plain graph
+file (architecture as allowlisted JSON plus tensors; :mod:`graph_json`,
+``docs/graph-format.md``) and the compressed ``.ppz`` container (CSR, codebooks and
+canonical Huffman streams, encoded and decoded in C++; :mod:`ppz`,
+:mod:`model_ppz`, ``docs/format.md``)."""
 
 from .graph_json import (
     FORMAT,
@@ -18,6 +20,10 @@ from .graph_json import (
     save_graph_module,
 )
 
-__all__ = ["FORMAT", "FUNCTIONS", "METHODS", "MODULE_TYPES", "VERSION", "GraphFormatError", "graph_from_json",
+from .model_ppz import load_ppz, save_ppz
+from .ppz import CorruptFileError, inspect, is_ppz, pack, unpack
+
+__all__ = ["CorruptFileError", "inspect", "is_ppz", "load_ppz", "pack", "save_ppz", "unpack",
+           "FORMAT", "FUNCTIONS", "METHODS", "MODULE_TYPES", "VERSION", "GraphFormatError", "graph_from_json",
            "graph_state_dict", "graph_to_json", "is_graph_file", "load_graph_module", "module_config",
            "save_graph_module"]

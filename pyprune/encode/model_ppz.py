@@ -1,0 +1,43 @@
+"""A whole model in a ``.ppz`` container (``docs/format.md``).
+
+The manifest holds the architecture as allowlisted JSON (:mod:`graph_json`) and the
+model's meta (normalisation, input shape, provenance); every state tensor is one
+section, which the codec stores raw, dense or as CSR, whichever is smallest, with the
+layer's codebook where a quant pass left one. Loading rebuilds the graph from the
+allowlist and the weights bit for bit: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import ppz
+from .graph_json import GraphFormatError, graph_from_json, graph_state_dict, graph_to_json
+
+MANIFEST_FORMAT = "pyprune.model"
+
+
+def save_ppz(gm: fx.GraphModule, path: str | os.PathLike, meta: Mapping[str, Any] | None = None,
+             codebooks: Mapping[str, torch.Tensor] | None = None, force: bool = False) -> Path:
+    """Pack ``gm`` into ``path``. ``codebooks`` maps a layer (module name) to the
+    sorted distinct non-zero values of its weight, as :func:`pyprune.passes.quant.codebooks` gives."""
+    manifest = {"format": MANIFEST_FORMAT, "graph": graph_to_json(gm), "meta": dict(meta or {})}
+    tensors = {k: v.detach().cpu() for k, v in graph_state_dict(gm).items()}
+    by_tensor = {f"{layer}.weight": cb for layer, cb in (codebooks or {}).items()}
+    return ppz.pack(path, manifest, tensors, codebooks=by_tensor, force=force)
+
+
+def load_ppz(path: str | os.PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Read a model packed by :func:`save_ppz`: ``(graph module in eval mode, meta)``."""
+    manifest, tensors = ppz.unpack(path)
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("graph"), dict):
+        raise GraphFormatError(f"{path} is a .ppz container but holds no pyprune model "
+                               f"(manifest format {manifest.get('format')!r})")
+    meta = manifest.get("meta")
+    return graph_from_json(manifest["graph"], tensors), meta if isinstance(meta, dict) else {}

@@ -1,0 +1,344 @@
+"""The ``.ppz`` container of deep compression: pack and unpack tensors without pickle.
+
+The byte layout is specified in ``docs/format.md``; encoding and decoding run in C++
+(``csrc/cpu/ppz.cpp``, ``csrc/cpu/huffman.cpp``), with a pure-Python reference in
+:mod:`pyprune.encode.huffman_ref` for tests.
+
+* :func:`pack` writes a manifest (any JSON object; a ``"tensors"`` table is added) and
+  tensors. Each tensor is stored in whichever encoding is smallest: raw bytes (any dtype,
+  kept exactly), CSR over the flattened kernel with Huffman-coded relative column gaps
+  and raw float32 values, or, for a tensor with a codebook, the dense code stream or CSR
+  with a Huffman-coded index stream. Atomic; refuses to overwrite unless ``force``.
+* :func:`unpack` returns ``(manifest, {name: tensor})`` bit for bit as packed (-0.0 and
+  NaN payloads included). The file is untrusted input: it never unpickles, and any
+  corruption raises :class:`CorruptFileError` naming the section.
+* :func:`inspect` reports per tensor how it is stored, stream by stream, with the Shannon
+  entropy of each Huffman stream next to its coded size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
+           "pack", "pack_bytes", "unpack", "unpack_bytes"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MAGIC = b"\x89PPZ\r\n\x1a\n"
+VERSION = 1
+HEADER_BYTES = 32
+ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32")  # index = the code in the file
+DEFAULT_GAP_BITS = (2, 3, 4, 5, 6, 7, 8)
+MAX_GAP_BITS = 8
+MAX_CODEBOOK = 65535
+DEFAULT_CHUNK = 4096
+
+# dtype code in the file -> torch dtype
+DTYPES: dict[int, torch.dtype] = {
+    0: torch.float32, 1: torch.float64, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8, 5: torch.int8,
+    6: torch.int16, 7: torch.int32, 8: torch.int64, 9: torch.bool, 10: torch.complex64, 11: torch.complex128,
+    12: torch.uint16, 13: torch.uint32, 14: torch.uint64,
+}
+_DTYPE_CODES = {d: c for c, d in DTYPES.items()}
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+class CorruptFileError(ValueError):
+    """A ``.ppz`` file is malformed, truncated or hostile; the message names the section."""
+
+
+def _C() -> Any:
+    from pyprune import _native
+
+    return _native.cpu()
+
+
+def _threads(threads: int | None) -> int:
+    return -1 if threads is None else max(1, int(threads))
+
+
+# --------------------------------------------------------------------------- writing
+
+def _gap_bits(gap_bits: int | Iterable[int] | None) -> list[int]:
+    widths = list(DEFAULT_GAP_BITS) if gap_bits is None else [gap_bits] if isinstance(gap_bits, int) else list(gap_bits)
+    if not widths or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_GAP_BITS for b in widths):
+        raise ValueError(f"gap_bits must be an int in [1, {MAX_GAP_BITS}] or a non-empty sequence of them, "
+                         f"got {gap_bits!r}")
+    return widths
+
+
+def _prepare(name: object, t: object) -> torch.Tensor:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    try:
+        if len(name.encode("utf-8")) > 0xFFFF:
+            raise ValueError(f"tensor name {name[:40]!r}... is longer than 65535 UTF-8 bytes")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"tensor name {name!r} is not encodable as UTF-8: {exc}") from exc
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"tensor {name!r}: only dense (strided) tensors can be packed, not {t.layout}")
+    if t.dtype not in _DTYPE_CODES:
+        raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not supported; supported: "
+                         f"{', '.join(_dtype_name(d) for d in _DTYPE_CODES)}")
+    if t.dim() > 8:
+        raise ValueError(f"tensor {name!r}: {t.dim()} dimensions, at most 8")
+    return t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+
+
+def _codebook(name: str, cb: object, t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32:
+        raise ValueError(f"tensor {name!r}: a codebook needs a float32 tensor, not {t.dtype}")
+    cb = torch.as_tensor(cb).detach().to("cpu")
+    if not cb.is_floating_point() or cb.dim() != 1:
+        raise ValueError(f"codebook of {name!r} must be a 1-D floating tensor, got {cb.dtype} of shape "
+                         f"{tuple(cb.shape)}")
+    if cb.numel() > MAX_CODEBOOK:
+        raise ValueError(f"codebook of {name!r} has {cb.numel()} entries, at most {MAX_CODEBOOK}")
+    return cb.to(torch.float32).contiguous()
+
+
+def pack_bytes(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+               codebooks: Mapping[str, torch.Tensor] | None = None, gap_bits: int | Iterable[int] | None = None,
+               *, encodings: Mapping[str, str] | None = None, chunk_symbols: int = DEFAULT_CHUNK) -> bytes:
+    """The bytes :func:`pack` writes; see there."""
+    if not isinstance(manifest, Mapping) or not all(isinstance(k, str) for k in manifest):
+        raise ValueError("manifest must be a dict with string keys")
+    if "tensors" in manifest:
+        raise ValueError("manifest key 'tensors' is reserved: pack writes the tensor table there")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}")
+    codebooks = dict(codebooks or {})
+    encodings = dict(encodings or {})
+    for what, names in (("codebooks", codebooks), ("encodings", encodings)):
+        unknown = [k for k in names if k not in tensors]
+        if unknown:
+            raise ValueError(f"{what} name tensors that are not packed: {unknown[:5]}")
+    widths = _gap_bits(gap_bits)
+    C = _C()
+    sections, table = [], []
+    for name, value in tensors.items():
+        t = _prepare(name, value)
+        cb = _codebook(name, codebooks[name], t) if name in codebooks else None
+        forced = encodings.get(name)
+        if forced is not None and forced not in ENCODINGS:
+            raise ValueError(f"tensor {name!r}: unknown encoding {forced!r}; one of {', '.join(ENCODINGS)}")
+        section, enc, _ = C.ppz_encode_section(
+            name, _DTYPE_CODES[t.dtype], list(t.shape), t, cb, widths,
+            -1 if forced is None else ENCODINGS.index(forced), chunk_symbols)
+        sections.append(section)
+        table.append({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "encoding": ENCODINGS[enc]})
+    try:
+        text = json.dumps({**manifest, "tensors": table}, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"manifest must be plain JSON (no NaN/inf, no objects): {exc}") from exc
+    return C.ppz_assemble(text.encode("utf-8"), sections)
+
+
+def pack(path: PathLike, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+         codebooks: Mapping[str, torch.Tensor] | None = None, gap_bits: int | Iterable[int] | None = None,
+         force: bool = False, *, encodings: Mapping[str, str] | None = None,
+         chunk_symbols: int = DEFAULT_CHUNK) -> Path:
+    """Write ``tensors`` and ``manifest`` to a ``.ppz`` file; returns the path.
+
+    Args:
+        manifest: a JSON object (e.g. the architecture from ``graph_json``, provenance).
+            The key ``"tensors"`` is reserved: the file's manifest gets the tensor table
+            ``[{"name", "dtype", "shape", "encoding"}]`` there.
+        tensors: name -> tensor, any supported dtype (float32/64/16, bfloat16, the int and
+            uint types, bool, complex64/128), any device; stored in this order.
+        codebooks: name -> 1-D float codebook for quantized float32 tensors. Every element
+            of such a tensor must be 0 or bitwise one of the codebook's float32 values
+            (``ValueError`` otherwise); -0.0 is added to the stored codebook if present.
+        gap_bits: CSR relative-index width b in [1, 8], or several to try per tensor;
+            None tries 2..8. A gap longer than 2^b - 1 zeros costs a filler entry.
+        force: overwrite an existing file.
+        encodings: name -> one of ``ENCODINGS`` to force an encoding (tests, benchmarks);
+            otherwise the smallest is chosen per tensor.
+        chunk_symbols: symbols per independently decodable Huffman chunk.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``force`` is false.
+        ValueError: bad names, dtypes, codebooks or manifest.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
+    data = pack_bytes(manifest, tensors, codebooks, gap_bits, encodings=encodings, chunk_symbols=chunk_symbols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: an interrupted write never leaves half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+def _manifest(raw: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"manifest: not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(f"manifest: a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def _name(raw: bytes, index: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"section {index}: tensor name {raw[:80]!r} is not UTF-8") from None
+
+
+def _check_table(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    if manifest.get("tensors") != rows:
+        raise CorruptFileError("manifest: its 'tensors' table does not match the file's sections")
+
+
+def _read(path: PathLike) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f".ppz file not found: {p}")
+    return p.read_bytes()
+
+
+def unpack_bytes(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None,
+                 threads: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """:func:`unpack` on the file's bytes."""
+    C = _C()
+    try:
+        raw_manifest, sections = C.ppz_decode(data, _threads(threads), -1 if max_bytes is None else int(max_bytes))
+    except C.CorruptFileError as exc:
+        raise CorruptFileError(str(exc)) from None
+    manifest = _manifest(raw_manifest)
+    tensors: dict[str, torch.Tensor] = {}
+    rows = []
+    for i, (raw_name, code, shape, enc, buf) in enumerate(sections):
+        name = _name(raw_name, i)
+        dtype = DTYPES[code]
+        tensors[name] = buf.view(dtype).reshape(shape)
+        rows.append({"name": name, "dtype": _dtype_name(dtype), "shape": shape, "encoding": ENCODINGS[enc]})
+    _check_table(manifest, rows)
+    return manifest, tensors
+
+
+def unpack(path: PathLike, *, max_bytes: int | None = None,
+           threads: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a ``.ppz`` file: ``(manifest, {name: tensor})``, tensors on the CPU in file order.
+
+    The manifest is returned as stored, including the ``"tensors"`` table :func:`pack`
+    added. Tensors are bit-identical to what was packed.
+
+    Args:
+        max_bytes: refuse (``ValueError``) a file whose tensors decode to more bytes than
+            this, checked before anything is allocated. Without it, the decoded size is
+            still bounded by the format (see ``docs/format.md``, "Safety").
+        threads: decoder threads (default: OpenMP's maximum).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptFileError: anything wrong with the file, naming the section.
+    """
+    return unpack_bytes(_read(path), max_bytes=max_bytes, threads=threads)
+
+
+def _stream(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    n = d["symbols"]
+    return {**d, "bits_per_symbol": d["payload_bits"] / n if n else 0.0,
+            "entropy_per_symbol": d["entropy_bits"] / n if n else 0.0}
+
+
+def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> dict[str, Any]:
+    """:func:`inspect` on the file's bytes."""
+    C = _C()
+    try:
+        raw_manifest, file_bytes, sections = C.ppz_inspect(data, _threads(threads))
+    except C.CorruptFileError as exc:
+        raise CorruptFileError(str(exc)) from None
+    manifest = _manifest(raw_manifest)
+    rows, table = [], []
+    for i, s in enumerate(sections):
+        name = _name(s["name"], i)
+        dtype = DTYPES[s["dtype"]]
+        k = s["codebook_size"]
+        gaps, codes = _stream(s["gaps"]), _stream(s["codes"])
+        rows.append({
+            "name": name, "shape": s["shape"], "dtype": _dtype_name(dtype), "encoding": s["encoding"],
+            "numel": s["numel"], "nnz": s["nnz"], "density": s["nnz"] / s["numel"] if s["numel"] else 0.0,
+            "entries": s["entries"], "fillers": s["fillers"], "gap_bits": s["gap_bits"],
+            "codebook_size": k, "code_bits": None if k is None else math.ceil(math.log2(k)) if k > 1 else 0,
+            "bytes": s["section_bytes"], "fp32_bytes": 4 * s["numel"], "dense_bytes": s["numel"] * s["itemsize"],
+            "header_bytes": s["header_bytes"], "codebook_bytes": s["codebook_bytes"],
+            "rowcount_bytes": s["rowcount_bytes"], "gap_bytes": gaps["bytes"] if gaps else 0,
+            "code_bytes": codes["bytes"] if codes else 0, "values_bytes": s["values_bytes"],
+            "raw_bytes": s["raw_bytes"], "gaps": gaps, "codes": codes,
+        })
+        table.append({"name": name, "dtype": _dtype_name(dtype), "shape": s["shape"], "encoding": s["encoding"]})
+    _check_table(manifest, table)
+    keys = ("numel", "nnz", "entries", "fillers", "bytes", "fp32_bytes", "dense_bytes", "header_bytes",
+            "codebook_bytes", "rowcount_bytes", "gap_bytes", "code_bytes", "values_bytes", "raw_bytes")
+    total: dict[str, Any] = {k: sum(r[k] for r in rows) for k in keys}
+    for stream in ("gaps", "codes"):
+        present = [r[stream] for r in rows if r[stream]]
+        total[f"{stream}_payload_bits"] = sum(s["payload_bits"] for s in present)
+        total[f"{stream}_entropy_bits"] = sum(s["entropy_bits"] for s in present)
+    total.update(tensors=len(rows), density=total["nnz"] / total["numel"] if total["numel"] else 0.0,
+                 file_bytes=file_bytes, manifest_bytes=len(raw_manifest),
+                 overhead_bytes=file_bytes - total["bytes"],
+                 compression=total["fp32_bytes"] / file_bytes if file_bytes else 0.0)
+    return {"tensors": rows, "total": total, "manifest": manifest}
+
+
+def inspect(path: PathLike, *, threads: int | None = None) -> dict[str, Any]:
+    """How each tensor of a ``.ppz`` file is stored (decoding and validating all of it).
+
+    Returns ``{"tensors": [row, ...], "total": {...}, "manifest": {...}}``. A row has
+    ``name, shape, dtype, encoding`` (raw / dense_q / csr_q / csr_f32), ``numel, nnz,
+    density`` (elements whose bytes are not all zero), ``entries, fillers, gap_bits``
+    (CSR), ``codebook_size, code_bits`` (ceil log2 of the codebook size), ``bytes`` (the
+    section), ``fp32_bytes`` (numel * 4), ``dense_bytes`` (numel * itemsize), the bytes of
+    each part (``header_bytes, codebook_bytes, rowcount_bytes, gap_bytes, code_bytes,
+    values_bytes, raw_bytes``) and, per Huffman stream (``gaps``, ``codes``: the dense code
+    or CSR index stream), ``symbols, alphabet, used_symbols, max_code_length, chunks,
+    payload_bits, entropy_bits, bits_per_symbol, entropy_per_symbol`` and byte counts.
+    ``total`` sums them and adds ``file_bytes, manifest_bytes, overhead_bytes`` and
+    ``compression`` (fp32 bytes / file bytes).
+
+    Raises:
+        CorruptFileError: as :func:`unpack`.
+    """
+    return inspect_bytes(_read(path), threads=threads)
+
+
+def is_ppz(path: PathLike) -> bool:
+    """True if ``path`` starts with a valid ``.ppz`` header (magic and header CRC, any version)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:
+        return False
+    return (len(head) == HEADER_BYTES and head[:8] == MAGIC
+            and zlib.crc32(head[:28]) == struct.unpack_from("<I", head, 28)[0])
