@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from .data import load_dataset
 from .encode import is_graph_file, load_graph_module, save_graph_module
+from .encode.files import atomic_write
 from .encode.model_ppz import load_ppz, save_ppz
 from .encode.ppz import is_ppz
 from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
@@ -105,14 +106,8 @@ def train_model(model: LoadedModel, config: TrainConfig, data: str = "cifar10", 
 def save_weights(model: LoadedModel, path: str | Path, force: bool = False) -> Path:
     """Save the state dict (loadable with ``weights_only=True``); never overwrite
     an existing file unless ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"arch": model.name, "state_dict": model.module.state_dict()}, tmp)
-    tmp.replace(path)  # atomic, so an interrupted save never leaves half a checkpoint
-    return path
+    state = {"arch": model.name, "state_dict": model.module.state_dict()}
+    return atomic_write(path, lambda f: torch.save(state, f), force=force)
 
 
 def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None = None,

@@ -34,7 +34,6 @@ import operator
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -42,6 +41,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .files import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "graph_from_json",
            "graph_state_dict", "graph_to_json", "is_graph_file", "load_graph_module", "module_config",
@@ -410,9 +411,8 @@ def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor])
 def save_graph_module(gm: fx.GraphModule, path: PathLike, meta: dict[str, Any] | None = None,
                       force: bool = False) -> Path:
     """Write ``gm`` and ``meta`` (JSON-able) to ``path``; see the module docstring."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    if Path(path).exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
     graph_text = json.dumps(graph_to_json(gm), allow_nan=False, separators=(",", ":"))
     if meta is not None and not isinstance(meta, dict):
         raise GraphFormatError(f"meta must be a dict, not a {type(meta).__name__}")
@@ -422,16 +422,7 @@ def save_graph_module(gm: fx.GraphModule, path: PathLike, meta: dict[str, Any] |
         raise GraphFormatError(f"meta must be plain JSON (no NaN): {exc}") from exc
     payload = {"format": FORMAT, "version": VERSION, "graph": graph_text, "meta": meta_text,
                "state_dict": {k: v.detach().cpu() for k, v in graph_state_dict(gm).items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), force=force)
 
 
 def _read(path: Path, mmap: bool = False) -> Any:

@@ -22,13 +22,14 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from .files import atomic_write
 
 __all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
            "pack", "pack_bytes", "unpack", "unpack_bytes"]
@@ -176,20 +177,10 @@ def pack(path: PathLike, manifest: Mapping[str, Any], tensors: Mapping[str, torc
         FileExistsError: ``path`` exists and ``force`` is false.
         ValueError: bad names, dtypes, codebooks or manifest.
     """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
+    if Path(path).exists() and not force:  # before the work of packing
+        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
     data = pack_bytes(manifest, tensors, codebooks, gap_bits, encodings=encodings, chunk_symbols=chunk_symbols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic: an interrupted write never leaves half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(data), force=force)
 
 
 # --------------------------------------------------------------------------- reading
