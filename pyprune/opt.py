@@ -42,7 +42,10 @@ class OptResult:
     pipeline: str
 
     def provenance(self) -> list[dict[str, Any]]:
-        return [s.to_dict() for s in self.steps]
+        """Every step, for the saved file's manifest. Codebooks are left out: the
+        container stores them with their tensors, and twice as JSON text would
+        cost more than the quantized weights of a small model."""
+        return [_without_codebooks(s.to_dict()) for s in self.steps]
 
     def codebooks(self) -> dict[str, torch.Tensor]:
         """Codebooks of the layers quantized by the pipeline, read from the final
@@ -54,6 +57,14 @@ class OptResult:
             if step.name == "quant":
                 found.update(codebooks(self.graph_module, step.record))
         return found
+
+
+def _without_codebooks(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_codebooks(v) for k, v in value.items() if k not in ("codebook", "codebooks")}
+    if isinstance(value, list):
+        return [_without_codebooks(v) for v in value]
+    return value
 
 
 @dataclass

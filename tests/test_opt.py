@@ -46,3 +46,11 @@ def test_bad_pipelines_fail_before_any_work(capsys, tmp_path, passes, message):
 def test_sparsity_training_needs_both_flags():
     with pytest.raises(ValueError, match="both"):
         OptConfig("slim", slim_l1=1e-4)
+
+
+def test_provenance_leaves_codebooks_to_the_container():
+    from pyprune.opt import _without_codebooks
+
+    record = {"layers": {"conv": {"bits": 5, "codebook": [0.1, 0.2]}}, "codebooks": {"conv": [0.1, 0.2]}}
+    assert _without_codebooks([{"name": "quant", "record": record}]) == \
+        [{"name": "quant", "record": {"layers": {"conv": {"bits": 5}}}}]
