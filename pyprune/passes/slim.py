@@ -117,16 +117,20 @@ def _layer_nodes(gm: fx.GraphModule, analysis: ChannelAnalysis) -> list[fx.Node]
     return [n for n in analysis.base if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)]
 
 
-def plan(gm: fx.GraphModule, ratio: float = 0.5, combine: str = "max", min_channels: int = 1,
-         min_keep: float = 0.0, layer_ratios: Mapping[str, float] | None = None, fold: bool = True,
-         analysis: ChannelAnalysis | None = None) -> SlimPlan:
-    """Choose the channel groups to remove (see the module docstring)."""
+def _check_options(ratio: float, combine: str, min_channels: int, min_keep: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"slim ratio must be in [0, 1), got {ratio}")
     if combine not in COMBINE:
         raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
     if min_channels < 1 or not 0.0 <= min_keep < 1.0:
         raise ValueError("min_channels must be >= 1 and min_keep in [0, 1)")
+
+
+def plan(gm: fx.GraphModule, ratio: float = 0.5, combine: str = "max", min_channels: int = 1,
+         min_keep: float = 0.0, layer_ratios: Mapping[str, float] | None = None, fold: bool = True,
+         analysis: ChannelAnalysis | None = None) -> SlimPlan:
+    """Choose the channel groups to remove (see the module docstring)."""
+    _check_options(ratio, combine, min_channels, min_keep)
     analysis = analysis or analyze_channels(gm)
     gammas = {t: gm.get_submodule(t).weight.detach().abs().cpu().numpy() for t, _ in analysis.ctx.batchnorms}
     scores = {g.id: float(COMBINE[combine]([gammas[t][c] for t, c in g.bn_channels]))
@@ -296,12 +300,11 @@ class Slim:
                  layer_ratios: Mapping[str, float] | None = None, fold: bool = True, mode: str = "apply") -> None:
         if mode not in ("apply", "mask"):
             raise ValueError(f"slim mode must be apply or mask, got {mode!r}")
+        _check_options(ratio, combine, min_channels, min_keep)  # at parse time, before any training
         self.options = dict(ratio=ratio, combine=combine, min_channels=min_channels, min_keep=min_keep,
                             layer_ratios=dict(layer_ratios or {}), fold=fold)
         self.mode = mode
         self.plan: SlimPlan | None = None
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"slim ratio must be in [0, 1), got {ratio}")
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         self.plan = plan(gm, **self.options)
