@@ -1,4 +1,5 @@
-"""Command line: ``pyprune info | eval | train``. A thin layer over :mod:`pyprune.api`."""
+"""Command line: ``pyprune info | eval | train | opt | compile | inspect | models``.
+A thin layer over :mod:`pyprune.api` and :mod:`pyprune.compile`."""
 
 from __future__ import annotations
 
@@ -51,6 +52,34 @@ Network slimming on the pretrained ResNet-56:
 """
 
 
+DEFAULT_ORDER_TEXT = ("slim", "mask", "quant")
+
+COMPILE_EPILOG = """
+Examples:
+  pyprune compile --arch resnet56 --pretrained --max-drop 0.01 --val-from test -o out/
+  pyprune compile model.pt --arch resnet20 --target-acc 0.80 --finetune-epochs 0.2 --budget-minutes 10 -o out/
+  pyprune compile --arch resnet20 --pretrained --max-drop 0.01 --search grid \\
+      --slim-levels 0.2,0.4 --mask-levels 0.5,0.8 --bits-levels 8,5 -o grid/
+  pyprune compile ... -o out/ --resume       # after Ctrl-C or a kill: finished candidates are not redone
+
+Exit codes: 0 done (also when nothing beat the baseline: a warning says so, and
+model.ppz holds the baseline packed losslessly); 2 bad input, or the baseline is
+already below --target-acc (nothing is written); 130 interrupted (resume with --resume).
+"""
+
+
+def _levels(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+    return parse
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -75,8 +104,10 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="cifar10", help="dataset name")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
-    g.add_argument("--split", default=split, choices=["train", "val", "test"],
-                   help="val is a fixed class-balanced 5,000-image hold-out of train")
+    g.add_argument("--split", default=split, choices=["train", "val", "test", "test-search", "test-report"],
+                   help="val is a fixed class-balanced 5,000-image hold-out of train; test-search and "
+                        "test-report are the two fixed class-balanced halves of test that compile --val-from "
+                        "test uses")
     g.add_argument("--limit", type=int, metavar="N", help="use only the first N images of the split")
     g.add_argument("--batch-size", type=int, default=500 if split != "train" else 128)
 
@@ -168,6 +199,70 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, metavar="N", help="measure on the first N images of that split")
     _add_run_args(p)
     p.set_defaults(func=cmd_opt)
+
+    p = sub.add_parser("compile", formatter_class=_Formatter, epilog=EPILOG + COMPILE_EPILOG,
+                       help="find the smallest model that meets an accuracy target",
+                       description="Search how far to push channel slimming, magnitude pruning and codebook "
+                                   "quantization (and in which order) so that the model still meets the target "
+                                   "accuracy on the validation split, then store it with CSR + Huffman coding. "
+                                   "Writes OUT/model.ppz, report.json, report.md and pareto.png; the final model is "
+                                   "evaluated once on the test split, which the search never sees.")
+    _add_model_args(p)
+    g = p.add_argument_group("target (one of)")
+    t = g.add_mutually_exclusive_group(required=True)
+    t.add_argument("--target-acc", type=float, metavar="A", help="absolute top-1 on the validation split, e.g. 0.93")
+    t.add_argument("--max-drop", type=float, metavar="D",
+                   help="accuracy points the model may lose against its own validation accuracy, measured "
+                        "first (0.01: 92.5%% -> 91.5%%)")
+    g = p.add_argument_group("search")
+    g.add_argument("--search", choices=["heuristic", "grid"], default="heuristic",
+                   help="heuristic: bisection per stage, fine-tuning only near the boundary; grid: the brute-force "
+                        "baseline over every combination of the levels")
+    g.add_argument("--order", default=",".join(DEFAULT_ORDER_TEXT), metavar="STAGES",
+                   help="stages in the order they run (any of slim, mask, quant); Huffman storage is always last")
+    g.add_argument("--explore-order", action="store_true",
+                   help="compare every order of the stages on a cheap proxy (screening only) and use the best")
+    g.add_argument("--slim-levels", type=_levels(float), metavar="R,R,...",
+                   help="slim ratios to search (default 0.05..0.9 by 0.05)")
+    g.add_argument("--mask-levels", type=_levels(float), metavar="S,S,...",
+                   help="mask sparsities to search (default 0.3..0.98)")
+    g.add_argument("--bits-levels", type=_levels(int), metavar="B,B,...", help="codebook bits to search (default 8..2)")
+    g.add_argument("--recover-margin", type=float, default=0.1, metavar="M",
+                   help="fine-tune candidates whose screened accuracy is at most M below the target (grows with the "
+                        "recovery fine-tuning shows)")
+    g.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="stop searching after M minutes and keep the best verified model so far")
+    g = p.add_argument_group("training")
+    g.add_argument("--finetune-epochs", type=float, default=0.1, metavar="E",
+                   help="fine-tuning per deciding candidate (may be fractional; 0: recalibrate BatchNorm only)")
+    g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
+                   help="let the search try network slimming's sparsity training (L1 on BatchNorm gammas) first; "
+                        "it is used only if it lets slimming go further")
+    g.add_argument("--l1-epochs", type=float, default=1.0, metavar="E", help="epochs of sparsity training")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--train-limit", type=int, metavar="N", help="fine-tune on the first N training images only")
+    g.add_argument("--recal-images", type=int, default=1024, metavar="N",
+                   help="training images used to recalibrate BatchNorm statistics after each pass")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
+    g.add_argument("--val-from", choices=["train", "test"], default="train",
+                   help="train: validate on the 5,000-image hold-out of train; test: on one fixed class-balanced "
+                        "half of test, reporting on the other (for checkpoints trained on all of train)")
+    g.add_argument("--val-limit", type=int, default=2500, metavar="N", help="validation images used by the search")
+    g.add_argument("--screen-limit", type=int, default=1000, metavar="N",
+                   help="validation images used to screen candidates")
+    g.add_argument("--test-limit", type=int, metavar="N", help="test images for the final report (default: all)")
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compile in OUT without redoing finished candidates")
+    g.add_argument("--force", action="store_true", help="start over in a non-empty OUT")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no per-candidate lines")
+    g.add_argument("--json", action="store_true", help="end the output with one JSON line summarising the result")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("inspect", formatter_class=_Formatter,
                        help="how a .ppz file stores each tensor: encoding, density, bits, stream bytes",
@@ -299,6 +394,36 @@ def cmd_opt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .api import set_threads
+    from .compile import CompileConfig, compile_model
+    from .search.target import Target
+    from .train import TrainConfig
+
+    levels = {k: v for k, v in (("slim", args.slim_levels), ("mask", args.mask_levels),
+                                ("quant", args.bits_levels)) if v}
+    config = CompileConfig(
+        Target(args.target_acc, args.max_drop), args.output, search=args.search,
+        order=tuple(s.strip() for s in args.order.split(",") if s.strip()), explore_order=args.explore_order,
+        levels=levels, finetune_epochs=args.finetune_epochs, slim_l1=args.slim_l1, l1_epochs=args.l1_epochs,
+        budget_minutes=args.budget_minutes, val_from=args.val_from, val_limit=args.val_limit,
+        screen_limit=args.screen_limit, test_limit=args.test_limit, train_limit=args.train_limit,
+        recal_images=args.recal_images, margin=args.recover_margin,
+        train=TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed), data=args.data,
+        data_root=args.data_root, download=args.download, resume=args.resume, force=args.force, quiet=args.quiet)
+    set_threads(args.threads)
+    model = _load(args)
+    result = compile_model(model, config)
+    if args.json:
+        chosen, search = result.report["chosen"], result.report["search"]
+        print(json.dumps({"output": str(result.output), "pipeline": chosen["pipeline"],
+                          "met_target": chosen["met_target"], "val_accuracy": chosen["val_accuracy"],
+                          "test_accuracy": chosen["test_accuracy"], "file_bytes": chosen["file_bytes"],
+                          "compression": chosen["compression"], "candidates": search["candidates"],
+                          "finetuned": search["finetuned"], "seconds": search["seconds"]}))
+    return result.exit_code
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .encode.ppz import inspect
 
@@ -359,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = " (resume with the same command plus --resume)" if args.command == "compile" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error. Point stdout at

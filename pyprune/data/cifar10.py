@@ -9,7 +9,10 @@ Layouts looked for under the data root:
 
 Splits: ``train`` is the training set minus ``val``; ``val`` is a fixed, seeded,
 class-balanced hold-out of 5,000 training images that searches use so that they
-never see ``test``; ``test`` is the official test set.
+never see ``test``; ``test`` is the official test set. ``test-search`` and
+``test-report`` are two fixed, class-balanced halves of ``test``, for checkpoints
+that were trained on all of train (so ``val`` flatters them): a search measures on
+the first half, and the final report on the second.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .root import DataRoot, DatasetNotFoundError, resolve_data_root
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CLASSES)
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "test-search", "test-report")
 VAL_SIZE = 5000
 VAL_SEED = 0
 
@@ -116,10 +119,12 @@ def load_cifar10(split: str, data_root: str | Path | None = None, download: bool
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = locate(resolve_data_root(data_root), download=download)
-    x, y = _read_arrays(root, train=split != "test")
+    from_train = split in ("train", "val")
+    x, y = _read_arrays(root, train=from_train)
     if split != "test":
-        kept, held_out = class_balanced_holdout(y, val_size, val_seed)
-        index = held_out if split == "val" else kept
+        size = val_size if from_train else len(y) // 2 // NUM_CLASSES * NUM_CLASSES
+        kept, held_out = class_balanced_holdout(y, size, val_seed)
+        index = held_out if split in ("val", "test-search") else kept
         x, y = x[index], y[index]
     if limit is not None:
         if limit <= 0:

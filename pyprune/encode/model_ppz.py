@@ -23,14 +23,28 @@ from .graph_json import GraphFormatError, graph_from_json, graph_state_dict, gra
 MANIFEST_FORMAT = "pyprune.model"
 
 
+def _contents(gm: fx.GraphModule, meta: Mapping[str, Any] | None,
+              codebooks: Mapping[str, torch.Tensor] | None) -> tuple[dict, dict, dict]:
+    manifest = {"format": MANIFEST_FORMAT, "graph": graph_to_json(gm), "meta": dict(meta or {})}
+    tensors = {k: v.detach().cpu() for k, v in graph_state_dict(gm).items()}
+    by_tensor = {f"{layer}.weight": cb for layer, cb in (codebooks or {}).items()}
+    return manifest, tensors, by_tensor
+
+
 def save_ppz(gm: fx.GraphModule, path: str | os.PathLike, meta: Mapping[str, Any] | None = None,
              codebooks: Mapping[str, torch.Tensor] | None = None, force: bool = False) -> Path:
     """Pack ``gm`` into ``path``. ``codebooks`` maps a layer (module name) to the
     sorted distinct non-zero values of its weight, as :func:`pyprune.passes.quant.codebooks` gives."""
-    manifest = {"format": MANIFEST_FORMAT, "graph": graph_to_json(gm), "meta": dict(meta or {})}
-    tensors = {k: v.detach().cpu() for k, v in graph_state_dict(gm).items()}
-    by_tensor = {f"{layer}.weight": cb for layer, cb in (codebooks or {}).items()}
+    manifest, tensors, by_tensor = _contents(gm, meta, codebooks)
     return ppz.pack(path, manifest, tensors, codebooks=by_tensor, force=force)
+
+
+def ppz_bytes(gm: fx.GraphModule, meta: Mapping[str, Any] | None = None,
+              codebooks: Mapping[str, torch.Tensor] | None = None) -> bytes:
+    """The bytes :func:`save_ppz` would write, in memory: a search sizes every
+    candidate by its real file, not by an estimate."""
+    manifest, tensors, by_tensor = _contents(gm, meta, codebooks)
+    return ppz.pack_bytes(manifest, tensors, codebooks=by_tensor)
 
 
 def load_ppz(path: str | os.PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:

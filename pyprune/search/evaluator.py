@@ -1,0 +1,260 @@
+"""Measuring candidates: apply a setting to a copy of the parent model,
+recalibrate BatchNorm statistics, then either screen it (accuracy on a subset of
+val) or fine-tune it and measure it on all of val; size it as the bytes of its
+``.ppz`` file. Every measurement goes through the :class:`Journal` first."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import fx
+
+from ..data import ArrayDataset
+from ..encode import ppz_bytes
+from ..ir import PassManager, example_input
+from ..opt import constraint_hooks
+from ..passes import create_pass, parse_pipeline
+from ..passes.quant import codebooks
+from ..train import DivergenceError, TrainConfig, evaluate, fine_tune, recalibrate_bn
+from .candidates import Candidate, Stage, State
+from .journal import Journal
+from .progress import Progress
+
+
+class BudgetExhausted(Exception):
+    """The search's time budget is spent: keep the best verified result so far."""
+
+
+class Budget:
+    """Wall-clock budget of a search, counting the time earlier runs spent on the
+    candidates a resumed run replays from the journal."""
+
+    def __init__(self, minutes: float | None, journal: Journal) -> None:
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.journal = journal
+        self.start = time.perf_counter()
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start + self.journal.replayed_seconds
+
+    @property
+    def exhausted(self) -> bool:
+        return self.seconds is not None and self.spent() >= self.seconds
+
+    def check(self) -> None:
+        if self.exhausted:
+            raise BudgetExhausted(f"time budget of {self.seconds / 60:g} min spent")
+
+
+@dataclass
+class SearchData:
+    train: ArrayDataset
+    val: ArrayDataset
+    screen: ArrayDataset  # a prefix of val
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, ...]
+
+
+@dataclass
+class EvalSettings:
+    finetune_epochs: float
+    train: TrainConfig  # lr, batch size, seed and progress of every fine-tune
+    recal_images: int = 1024
+
+
+class Evaluator:
+    """Measures candidates against ``target`` (an absolute val accuracy)."""
+
+    def __init__(self, data: SearchData, settings: EvalSettings, target: float, journal: Journal,
+                 budget: Budget, progress: Progress, meta: dict[str, Any], search: str = "heuristic") -> None:
+        self.data = data
+        self.settings = settings
+        self.target = target
+        self.journal = journal
+        self.budget = budget
+        self.progress = progress
+        self.meta = meta
+        self.search = search
+        self.measured = 0  # candidates measured in this run (not replayed)
+        self._states: dict[str, State] = {}  # fine-tuned states of this run, by key
+        self._offsets: dict[str, float] = {}  # state key -> val accuracy minus screen-subset accuracy
+
+    # -- primitives
+
+    def _example(self):
+        return example_input(self.data.input_shape)
+
+    def apply(self, parent: State, specs: Sequence[str]) -> State:
+        """``specs`` applied to a copy of ``parent`` (graph checked after each pass),
+        then BatchNorm statistics recalibrated on training images."""
+        gm = copy.deepcopy(parent.gm)
+        passes = [create_pass(s.name, **s.options) for s in parse_pipeline(",".join(specs))]
+        gm = PassManager(passes, (self._example(),)).run(gm).graph_module
+        recalibrate_bn(gm, self.data.train, self.data.mean, self.data.std, self.settings.recal_images)
+        steps = (*parent.steps, *specs)
+        key = f"{parent.key}>{','.join(specs)}@bn"
+        return State(gm, steps, key, parent.prefix)
+
+    def accuracy(self, gm: fx.GraphModule, dataset: ArrayDataset) -> float:
+        return evaluate(gm, dataset, self.data.mean, self.data.std, progress=False).accuracy
+
+    def size(self, state: State) -> tuple[int, int]:
+        """(bytes of the state's .ppz file, parameters)."""
+        books = codebooks(state.gm, state.quantized_layers())
+        params = sum(p.numel() for p in state.gm.parameters())
+        return len(ppz_bytes(state.gm, self.meta, books)), params
+
+    def finetune(self, state: State, epochs: float, slim_l1: float = 0.0, key: str | None = None) -> State:
+        """Fine-tune a copy of ``state`` keeping its constraints; raises
+        :class:`DivergenceError` (the copy is dropped: ``state`` is untouched)."""
+        gm = copy.deepcopy(state.gm)
+        config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1)
+        fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
+                  hooks=constraint_hooks(state.constrainers(), gm))
+        return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
+
+    def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
+                n: int, epochs: float, start: float, status: str = "ok", reason: str = "",
+                pipeline: str | None = None) -> Candidate:
+        size, params = self.size(state) if state is not None else (0, 0)
+        meets = status == "ok" and accuracy is not None and accuracy >= self.target
+        c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
+                      accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason)
+        self.measured += 1
+        self.journal.put(c)
+        self.progress.done(c, cached=False)
+        return c
+
+    def _cached(self, key: str) -> Candidate | None:
+        c = self.journal.get(key)
+        if c is not None:
+            self.progress.done(c, cached=True)
+        return c
+
+    # -- candidates of one stage
+
+    def screen(self, parent: State, stage: Stage, level: Any) -> Candidate:
+        """Cheap: recalibrated accuracy on the screening subset of val."""
+        spec = stage.spec(level)
+        key = f"{parent.key}>{spec}@bn#screen"
+        c = self._cached(key)
+        if c is not None:
+            return c
+        self.budget.check()
+        start = time.perf_counter()
+        child = self.apply(parent, [spec])
+        return self._record(key, child, stage.name, level, "screen", self.accuracy(child.gm, self.data.screen),
+                            len(self.data.screen), 0.0, start)
+
+    def screen_estimate(self, parent: State, candidate: Candidate) -> float | None:
+        """The val accuracy a screened child is expected to have: the parent's val
+        accuracy plus the child-minus-parent difference on the same screening
+        images. A paired difference, so the subset's own difficulty cancels out
+        (the subset alone can sit points away from all of val)."""
+        if candidate.status != "ok":
+            return None
+        if parent.key not in self._offsets:
+            if parent.val_accuracy is None:
+                raise ValueError(f"state {parent.key} has no val accuracy to estimate from")
+            self._offsets[parent.key] = parent.val_accuracy - self.accuracy(parent.gm, self.data.screen)
+        return candidate.accuracy + self._offsets[parent.key]
+
+    def screen_meets(self, parent: State, stage: Stage, level: Any, slack: float = 0.0) -> bool:
+        estimate = self.screen_estimate(parent, self.screen(parent, stage, level))
+        return estimate is not None and estimate >= self.target - slack
+
+    def measure(self, parent: State, stage: Stage, level: Any) -> Candidate:
+        """The deciding measurement: fine-tuned (if there is a fine-tuning budget)
+        and measured on all of val."""
+        return self.measure_pipeline(parent, [stage.spec(level)], stage.name, level)
+
+    def measure_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any) -> Candidate:
+        epochs = self.settings.finetune_epochs
+        base_key = f"{parent.key}>{','.join(specs)}"
+        key = f"{base_key}@ft#val" if epochs > 0 else f"{base_key}@bn#val"
+        c = self._cached(key)
+        if c is not None:
+            return c
+        self.budget.check()
+        start = time.perf_counter()
+        child = self.apply(parent, specs)
+        if epochs > 0:
+            try:
+                child = self.finetune(child, epochs)
+            except DivergenceError as exc:
+                return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
+                                    status="failed", reason=f"rolled back: {exc}", pipeline=child.pipeline)
+            self.journal.save_weights(child.key, child.gm)
+            self._states[child.key] = child
+        return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",
+                            self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start)
+
+    def state_of(self, parent: State, specs: Sequence[str], candidate: Candidate) -> State:
+        """The model a measured candidate stands for: fine-tuned weights from
+        memory or the journal's folder, or the recalibrated child rebuilt (the
+        passes and the recalibration are deterministic)."""
+        if candidate.phase == "finetune":
+            key = candidate.key.removesuffix("#val")
+            state = self._states.get(key)
+            if state is None:
+                gm = self.journal.load_weights(key)
+                if gm is not None:
+                    state = State(gm, (*parent.steps, *specs), key, parent.prefix)
+            if state is None:  # weights lost (e.g. a journal without its folder): redo the work
+                state = self.finetune(self.apply(parent, specs), candidate.finetune_epochs, key=key)
+        else:
+            state = self.apply(parent, specs)
+        state.candidate = candidate
+        state.val_accuracy = candidate.accuracy if candidate.phase != "screen" else \
+            self.screen_estimate(parent, candidate)
+        return state
+
+    def forget(self, keep: str | None = None) -> None:
+        """Drop the fine-tuned models held in memory, all but the one of key ``keep``."""
+        self._states = {keep: self._states[keep]} if keep in self._states else {}
+
+    # -- whole-model steps
+
+    def baseline(self, base: State) -> Candidate:
+        key = "base#val"
+        c = self._cached(key)
+        if c is not None:
+            return c
+        start = time.perf_counter()
+        return self._record(key, base, "baseline", None, "val", self.accuracy(base.gm, self.data.val),
+                            len(self.data.val), 0.0, start)
+
+    def sparsity_train(self, base: State, strength: float, epochs: float) -> tuple[Candidate, State | None]:
+        """Network slimming's sparsity training (L1 on BatchNorm gammas) of the
+        whole model: the state later stages may start from instead of ``base``."""
+        prefix = f"l1(strength={strength!r},epochs={epochs!r})"
+        key = f"{prefix}@ft"
+        c = self._cached(f"{key}#val")
+        if c is None:
+            self.budget.check()
+            start = time.perf_counter()
+            try:
+                state = self.finetune(base, epochs, slim_l1=strength, key=key)
+            except DivergenceError as exc:
+                c = self._record(f"{key}#val", None, "l1", strength, "finetune", None, len(self.data.val), epochs,
+                                 start, status="failed", reason=f"rolled back: {exc}", pipeline=prefix)
+                return c, None
+            state.prefix = prefix
+            self.journal.save_weights(key, state.gm)
+            self._states[key] = state
+            c = self._record(f"{key}#val", state, "l1", strength, "finetune", self.accuracy(state.gm, self.data.val),
+                             len(self.data.val), epochs, start)
+        if c.status != "ok":
+            return c, None
+        state = self._states.get(key)
+        if state is None:
+            gm = self.journal.load_weights(key)
+            state = State(gm, (), key, prefix) if gm is not None else \
+                State(self.finetune(base, epochs, slim_l1=strength, key=key).gm, (), key, prefix)
+        state.candidate, state.val_accuracy = c, c.accuracy
+        return c, state

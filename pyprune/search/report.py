@@ -1,0 +1,163 @@
+"""The compile's outputs besides the model: ``report.json`` (everything),
+``report.md`` (a readable summary) and ``pareto.png`` (size against accuracy)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..encode.files import atomic_write
+from ..passes.mask import weight_layers
+
+
+def layer_table(base: fx.GraphModule, final: fx.GraphModule, inspection: dict[str, Any],
+                quantized: set[str]) -> list[dict[str, Any]]:
+    """One row per conv/linear layer of the original model: channels before and
+    after, sparsity, bits per weight code (32 where not quantized) and the bytes
+    its tensors take in the file."""
+    stored = {t["name"]: t for t in inspection["tensors"]}
+    rows = []
+    for name in weight_layers(base):
+        before = base.get_submodule(name)
+        try:
+            after = final.get_submodule(name)
+        except AttributeError:
+            after = None
+        w = after.weight.detach() if after is not None else None
+        nonzero = w[w != 0] if w is not None else None
+        distinct = int(torch.unique(nonzero).numel()) if nonzero is not None and nonzero.numel() else 0
+        shared = name in quantized and w is not None
+        tensors = [t for n, t in stored.items() if n.rsplit(".", 1)[0] == name]
+        rows.append({
+            "layer": name,
+            "op": type(before).__name__,
+            "in_before": _channels(before, "in"), "in_after": _channels(after, "in"),
+            "out_before": _channels(before, "out"), "out_after": _channels(after, "out"),
+            "params_before": before.weight.numel(), "params_after": w.numel() if w is not None else 0,
+            "sparsity": 1.0 - (nonzero.numel() / w.numel()) if w is not None and w.numel() else 1.0,
+            "bits": max(1, math.ceil(math.log2(max(distinct, 1)))) if shared else 32,
+            "codes": distinct if shared else None,
+            "bytes": sum(t["bytes"] for t in tensors),
+            "fp32_bytes_before": 4 * sum(p.numel() for p in before.parameters(recurse=False)),
+        })
+    return rows
+
+
+def _channels(m: nn.Module | None, side: str) -> int:
+    if m is None:
+        return 0
+    if isinstance(m, nn.Linear):
+        return m.in_features if side == "in" else m.out_features
+    return m.in_channels if side == "in" else m.out_channels
+
+
+def write_json(path: Path, report: dict[str, Any], force: bool = True) -> Path:
+    text = json.dumps(report, indent=1, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode()), force=force)
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    chosen, base, search = report["chosen"], report["baseline"], report["search"]
+    target = report["target"]
+    lines = [f"# pyprune compile: {report['model']}", ""]
+    if not chosen["met_target"]:
+        lines += ["> **Warning:** no compressed candidate met the target within the budget; the file holds the "
+                  "baseline model, packed losslessly.", ""]
+    lines += [
+        "| | baseline | compiled |", "| --- | ---: | ---: |",
+        f"| pipeline | (none) | `{chosen['pipeline'] or '(none)'}` |",
+        f"| val top-1 ({report['data']['val_split']}, {report['data']['val_n']} images) | "
+        f"{base['val_accuracy']:.4f} | {chosen['val_accuracy']:.4f} |",
+        f"| test top-1 ({report['data']['test_split']}, {report['data']['test_n']} images) | "
+        f"{base['test_accuracy']:.4f} | {chosen['test_accuracy']:.4f} |",
+        f"| parameters | {base['params']:,} | {chosen['params']:,} |",
+        f"| size | {_kib(base['fp32_bytes'])} fp32 ({_kib(base['ppz_bytes'])} as lossless .ppz) | "
+        f"{_kib(chosen['file_bytes'])} (`model.ppz`) |",
+        f"| compression (fp32 bytes / file bytes) | 1.00x | **{chosen['compression']:.2f}x** |",
+        "",
+        f"Target: {target['accuracy']:.4f} val top-1 ({'baseline minus ' + str(target['value']) if target['kind'] == 'max_drop' else 'absolute'}). "
+        f"Validation data: {report['data']['val_from']} (`--val-from {report['data']['val_from']}`); the search never "
+        f"saw the test images.",
+        "",
+        "## Per layer", "",
+        "| layer | op | in | out | sparsity | bits | bytes | fp32 bytes before |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["layers"]:
+        lines.append(f"| {r['layer']} | {r['op']} | {r['in_before']} → {r['in_after']} | "
+                     f"{r['out_before']} → {r['out_after']} | {r['sparsity']:.1%} | {r['bits']} | {r['bytes']:,} | "
+                     f"{r['fp32_bytes_before']:,} |")
+    lines += ["", "## Search", "",
+              f"- strategy: {search['kind']}, order {' → '.join(search['order'])} then Huffman storage",
+              f"- candidates measured: {search['candidates']} ({search['screened']} screened, "
+              f"{search['finetuned']} fine-tuned, {search['validated']} validated without training, "
+              f"{search['failed']} failed); cache hits: {search['cache_hits']}",
+              f"- search time {search['seconds']:.1f}s, total {report['total_seconds']:.1f}s"
+              + (" — **time budget exhausted**" if search["budget_exhausted"] else "")]
+    for s in search.get("stages", []):
+        lines.append(f"- {s['stage']}: chose {s['level'] if s['level'] is not None else 'none'} "
+                     f"(screened boundary {s['screened']}, recoverable bound {s['recoverable']}, "
+                     f"margin {s['margin']:.3f}; {s['measured']} deciding measurements)")
+    if search.get("l1"):
+        l1 = search["l1"]
+        lines.append(f"- sparsity training (L1 {l1['strength']:g}, {l1['epochs']:g} epochs): slim boundary "
+                     f"{l1['boundary_without']} without vs {l1['boundary_with']} with; "
+                     f"{'paid off, used' if l1['paid_off'] else 'did not pay off, not used'}")
+    for o in search.get("orders") or []:
+        lines.append(f"- order {' → '.join(o['order'])} on the screen-only proxy: {_kib(o['size_bytes'])}")
+    lines += ["", "![size against accuracy](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> Path:
+    """Every candidate, size against val accuracy, with the target line and the
+    chosen model marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ok = [c for c in report["candidates"] if c["status"] == "ok" and c["accuracy"] is not None and c["size_bytes"]]
+    styles = {"screen": ("o", "none", "tab:gray", "screened (val subset, no training)"),
+              "val": ("s", "tab:blue", "tab:blue", "validated (no training)"),
+              "finetune": ("D", "tab:blue", "tab:blue", "fine-tuned"),
+              }
+    for phase, (marker, face, edge, label) in styles.items():
+        pts = [c for c in ok if c["phase"] == phase and c["stage"] not in ("baseline",)]
+        if pts:
+            ax.scatter([c["size_bytes"] / 1024 for c in pts], [c["accuracy"] for c in pts], marker=marker,
+                       facecolors=face, edgecolors=edge, s=28, label=label, alpha=0.8)
+    base, chosen = report["baseline"], report["chosen"]
+    ax.scatter([base["ppz_bytes"] / 1024], [base["val_accuracy"]], marker="^", color="black", s=60,
+               label="baseline (lossless .ppz)", zorder=3)
+    ax.scatter([chosen["file_bytes"] / 1024], [chosen["val_accuracy"]], marker="*", color="tab:red", s=220,
+               label=f"chosen ({chosen['compression']:.1f}x)", zorder=4)
+    ax.axhline(report["target"]["accuracy"], color="tab:red", linestyle="--", linewidth=1,
+               label=f"target {report['target']['accuracy']:.4f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size (KiB, log scale)")
+    ax.set_ylabel("val top-1")
+    ax.set_title(f"{report['model']}: candidates of the {report['search']['kind']} search")
+    accs = [c["accuracy"] for c in ok] + [report["target"]["accuracy"]]
+    ax.set_ylim(max(0.0, min(accs) - 0.02), min(1.0, max(accs) + 0.02))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+
+    def write(f) -> None:
+        fig.savefig(f, format="png")
+
+    try:
+        return atomic_write(path, write, force=True)
+    finally:
+        plt.close(fig)
