@@ -37,7 +37,7 @@ Options of mask: sparsity, scope (global|layer: exactly round(S*n) zeros per lay
   quant(bits=5)                       share weights: per-layer k-means on the non-zero weights, 2^5 codes
   quant(conv_bits=8,linear_bits=5,init=density)
 Options of quant: bits, conv_bits, linear_bits, layers ({name: bits}; 0 leaves a layer alone),
-  init (linear|kmeans++|density), iters, seed. Zeros stay zero.
+  init (linear|kmeans++|density), iters, seed, grad (mean|sum: centroid gradient in fine-tuning). Zeros stay zero.
 Fine-tuning after a pass keeps the constraints of every earlier mask and quant: masked weights stay
 exactly zero, and shared weights stay tied (their centroids train on the summed gradients).
 

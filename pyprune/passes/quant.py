@@ -28,14 +28,19 @@ Bits: ``bits`` for every layer, ``conv_bits`` / ``linear_bits`` by kind (deep
 compression used 8 and 5), ``layers={name: bits}`` for single layers; any of them
 may be 0 to leave those layers unquantized.
 
-Refuses: bits outside 0..16, unknown ``init``, ``iters < 1`` and names in
+Refuses: bits outside 0..16, unknown ``init`` or ``grad``, ``iters < 1`` and names in
 ``layers`` that are not Conv/Linear layers of the graph.
 
 Fine-tuning: :meth:`QuantPass.training_hooks` (or :func:`tie_hooks`) returns
-hooks that make every weight's gradient the SUM of its cluster's gradients (the
-gradient of the shared centroid), zero for zero weights, and re-tie each cluster
-to one value after every step, so the clusters and the zero set never change and
-each layer keeps at most ``2**bits`` distinct non-zero values.
+hooks that make every weight's gradient the MEAN (``grad="mean"``, the default)
+or the SUM (``grad="sum"``, deep compression's centroid gradient) of its
+cluster's gradients, zero for zero weights, and re-tie each cluster to one value
+after every step, so the clusters and the zero set never change and each layer
+keeps at most ``2**bits`` distinct non-zero values. The sum is the exact gradient
+of the shared centroid, but a centroid of a few thousand weights then steps a few
+thousand times further than an untied weight at the same learning rate: on the
+shared ResNet-20, 5-bit codes fine-tuned at lr 0.01 with the sum fell from 0.83
+to 0.76 top-1. The mean is the same direction with the step of one weight.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from .mask import _present, weight_layers
 from .registry import register_pass
 
 INITS = ("linear", "kmeans++", "density")
+GRADS = ("mean", "sum")
 MAX_BITS = 16
 KMEANSPP_SAMPLE = 1 << 16
 
@@ -172,8 +178,11 @@ class QuantPass:
 
     def __init__(self, bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None,
                  init: str = "linear", iters: int = 100, seed: int = 0,
-                 layers: Mapping[str, int] | None = None) -> None:
+                 layers: Mapping[str, int] | None = None, grad: str = "mean") -> None:
         self.bits = _check_bits(bits, "quant bits")
+        if grad not in GRADS:
+            raise ValueError(f"quant grad must be one of {', '.join(GRADS)}, got {grad!r}")
+        self.grad = grad
         self.conv_bits = _check_bits(conv_bits, "conv_bits")
         self.linear_bits = _check_bits(linear_bits, "linear_bits")
         if init not in INITS:
@@ -226,13 +235,13 @@ class QuantPass:
     def training_hooks(self, gm: fx.GraphModule) -> TrainHooks:
         """Centroid fine-tuning hooks for the quantized layers, captured from ``gm`` now."""
         names = self.quantized if self.quantized is not None else list(self.plan(gm))
-        return tie_hooks(gm, names)
+        return tie_hooks(gm, names, reduce=self.grad)
 
 
 @register_pass("quant")
 def quant(bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None, init: str = "linear",
-          iters: int = 100, seed: int = 0, layers: Mapping[str, int] | None = None) -> QuantPass:
-    return QuantPass(bits, conv_bits, linear_bits, init, iters, seed, layers)
+          iters: int = 100, seed: int = 0, layers: Mapping[str, int] | None = None, grad: str = "mean") -> QuantPass:
+    return QuantPass(bits, conv_bits, linear_bits, init, iters, seed, layers, grad)
 
 
 quant.__doc__ = __doc__
@@ -255,51 +264,55 @@ def codebooks(gm: nn.Module, record: Mapping[str, Any] | Iterable[str]) -> dict[
     return out
 
 
-def tie_hooks(gm: nn.Module, layer_names: Iterable[str]) -> TrainHooks:
+def tie_hooks(gm: nn.Module, layer_names: Iterable[str], reduce: str = "mean") -> TrainHooks:
     """Capture each named layer's clusters now (``torch.unique(w, return_inverse=True)``
     over its non-zero weights). After backward each weight's gradient becomes the
-    sum of its cluster's gradients (zero for zero weights); after each step every
-    weight is set to the value of its cluster's first member (zeros to zero)."""
+    mean (or, with ``reduce="sum"``, the sum) of its cluster's gradients (zero for
+    zero weights); after each step every weight is set to the value of its
+    cluster's first member (zeros to zero)."""
+    if reduce not in GRADS:
+        raise ValueError(f"reduce must be one of {', '.join(GRADS)}, got {reduce!r}")
     ties = {}
     for n in _present(gm, layer_names):
         w = gm.get_submodule(n).weight.detach()
         flat = w.reshape(-1)
         index = torch.nonzero(flat).squeeze(1)
         if index.numel() == 0:
-            ties[n] = (w.shape, index, index, index, 0)
+            ties[n] = (w.shape, index, index, index, 0, index.to(w.dtype))
             continue
-        _, inverse = torch.unique(flat[index], return_inverse=True)
+        _, inverse, counts = torch.unique(flat[index], return_inverse=True, return_counts=True)
         k = int(inverse.max()) + 1
         # first member (lowest flat position) of each cluster
         first = torch.full((k,), index.numel(), dtype=torch.long, device=index.device)
         first.scatter_reduce_(0, inverse, torch.arange(index.numel(), device=index.device), reduce="amin")
-        ties[n] = (w.shape, index, inverse, index[first], k)
+        scale = counts.to(w.dtype).reciprocal() if reduce == "mean" else torch.ones(k, dtype=w.dtype)
+        ties[n] = (w.shape, index, inverse, index[first], k, scale)
 
     def _get(model: nn.Module, n: str):
-        shape, index, inverse, first, k = ties[n]
+        shape, index, inverse, first, k, scale = ties[n]
         w = model.get_submodule(n).weight
         if w.shape != shape:
             raise RuntimeError(f"clusters of {n} were captured for shape {tuple(shape)} but the weight is now "
                                f"{tuple(w.shape)}: capture the hooks again after passes that reshape layers")
         if index.device != w.device:
-            ties[n] = (shape, index.to(w.device), inverse.to(w.device), first.to(w.device), k)
+            ties[n] = (shape, index.to(w.device), inverse.to(w.device), first.to(w.device), k, scale.to(w.device))
         return w, ties[n]
 
     def after_backward(model: nn.Module) -> None:
         for n in ties:
-            w, (_, index, inverse, _, k) = _get(model, n)
+            w, (_, index, inverse, _, k, scale) = _get(model, n)
             if w.grad is None:
                 continue
             g = w.grad.reshape(-1)
             sums = torch.zeros(k, dtype=g.dtype, device=g.device).index_add_(0, inverse, g[index])
             new = torch.zeros_like(g)
-            new[index] = sums[inverse]
+            new[index] = (sums * scale)[inverse]
             w.grad.copy_(new.view(w.shape))
 
     def after_step(model: nn.Module) -> None:
         with torch.no_grad():
             for n in ties:
-                w, (_, index, inverse, first, _) = _get(model, n)
+                w, (_, index, inverse, first, _, _) = _get(model, n)
                 flat = w.detach().reshape(-1)
                 new = torch.zeros_like(flat)
                 new[index] = flat[first][inverse]

@@ -127,11 +127,12 @@ def test_refusals(options, message):
         create_pass("quant", **options)(zoo_graph("resnet20"))
 
 
-def test_tie_hooks_sum_the_gradients_of_each_cluster():
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_tie_hooks_reduce_the_gradients_of_each_cluster(reduce):
     gm = trace(Tiny())
     with torch.no_grad():
         gm.conv.weight.copy_(torch.tensor([0.0, 0.5, -0.25, 1.0]).repeat(14)[:54].view(3, 2, 3, 3))
-    hooks = tie_hooks(gm, ["conv"])
+    hooks = tie_hooks(gm, ["conv"], reduce=reduce)
     gm(torch.randn(2, 2, 5, 5)).sum().backward()
     raw = gm.conv.weight.grad.clone().view(-1)
     for h in hooks.after_backward:
@@ -139,7 +140,9 @@ def test_tie_hooks_sum_the_gradients_of_each_cluster():
     w, g = gm.conv.weight.detach().view(-1), gm.conv.weight.grad.view(-1)
     assert torch.all(g[w == 0] == 0)
     for v in (0.5, -0.25, 1.0):
-        assert torch.allclose(g[w == v], raw[w == v].sum().expand(int((w == v).sum())))
+        members = raw[w == v]
+        expected = members.sum() if reduce == "sum" else members.mean()
+        assert torch.allclose(g[w == v], expected.expand(members.numel()))
     with torch.no_grad():
         gm.conv.weight.add_(torch.randn(3, 2, 3, 3))
     for h in hooks.after_step:
