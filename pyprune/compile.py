@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,8 +158,12 @@ def fp32_bytes(gm: torch.nn.Module) -> int:
     return 4 * sum(t.numel() for t in graph_state_dict(gm).values() if t.is_floating_point())
 
 
-def compile_model(model: LoadedModel, config: CompileConfig,
-                  log: Callable[[str], None] = print) -> CompileResult:
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str], None] = print,
+                  warn: Callable[[str], None] = _warn) -> CompileResult:
     """Search for the smallest model that meets ``config.target``; write
     ``model.ppz``, ``report.json``, ``report.md`` and ``pareto.png`` into
     ``config.output``. See the module docstring for the order of work."""
@@ -199,7 +204,7 @@ def compile_model(model: LoadedModel, config: CompileConfig,
     shutil.rmtree(config.output / STATE_DIR, ignore_errors=True)
     chosen = report["chosen"]
     if not chosen["met_target"]:
-        log(f"warning: no compressed candidate met the target {target:.4f} within the budget; "
+        warn(f"warning: no compressed candidate met the target {target:.4f} within the budget; "
             f"{config.output / 'model.ppz'} holds the baseline, packed losslessly")
     if not config.quiet:
         log(f"chose {chosen['pipeline'] or 'the baseline'}: val {chosen['val_accuracy']:.4f}, test "

@@ -48,6 +48,9 @@ class TrainConfig:
     progress: bool = True
     # NHWC convolutions train about 20% faster on the CPU here (bench/train_throughput.py).
     channels_last: bool = True
+    # A cross-entropy this high means logits thousands apart: training has diverged even
+    # if the loss is still finite (logsumexp keeps it so while the weights blow up).
+    divergence_loss: float = 1e3
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -131,10 +134,12 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                 break
             logits = model(x.contiguous(memory_format=memory_format))
             loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
                 model.to(memory_format=torch.contiguous_format)
-                raise DivergenceError(f"non-finite loss {loss.item()} at step {step + 1} of {total_steps} "
-                                      f"(lr {scheduler.get_last_lr()[0]:g})")
+                raise DivergenceError(f"diverged: loss {loss_value:.4g} (not finite, or above "
+                                      f"{config.divergence_loss:g}) at step {step + 1} of {total_steps}, "
+                                      f"lr {scheduler.get_last_lr()[0]:g}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for hook in after_backward:
@@ -144,7 +149,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                 hook(model)
             scheduler.step()
             step += 1
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss_value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             if config.progress:

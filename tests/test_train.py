@@ -121,3 +121,25 @@ def test_bad_config():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError):
         TrainConfig(slim_l1=-1)
+
+
+def test_divergence_raises_instead_of_training_on():
+    from pyprune.train import DivergenceError
+
+    with pytest.raises(DivergenceError, match="diverged"):
+        fine_tune(tiny_net(), tiny_data(), (0.5,) * 3, (0.25,) * 3, config(lr=1e9, epochs=2))
+
+
+def test_bn_recalibration_is_the_average_of_the_augmented_batch_statistics():
+    from pyprune.train import recalibrate_bn
+
+    data, mean, std = tiny_data(n=96), (0.5,) * 3, (0.25,) * 3
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn).eval()
+    used = recalibrate_bn(model, data, mean, std, images=64, batch_size=16, seed=3)
+    batches = [x for x, _ in BatchLoader(data.subset(slice(0, 64)), 16, Normalize(mean, std), augment=True, seed=3)]
+    expected_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in batches]).mean(0)
+    expected_var = torch.stack([x.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for x in batches]).mean(0)
+    assert used == 64 and not model.training and bn.momentum == 0.1
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, expected_var, atol=1e-5)

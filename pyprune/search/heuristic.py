@@ -7,16 +7,21 @@ is always last and free), on the model the earlier stages accepted:
    recalibration plus accuracy on a subset of val. Accuracy falls as the setting
    grows, so ``log2(n)`` screens find ``s``, the most aggressive setting that
    meets the target with no training at all.
-2. **Bound** what fine-tuning might recover: ``u``, the most aggressive setting
-   whose screened accuracy is within ``margin`` of the target (bisection again,
-   mostly cache hits). The margin starts at ``--recover-margin`` and grows to
-   1.5x the largest recovery fine-tuning has shown so far in this search.
-3. **Decide** by bisection over ``(s, u]`` with the deciding measurement:
-   fine-tuning for the step's budget, then accuracy on all of val. Only
-   candidates between the screened and the recoverable boundary are ever
-   fine-tuned. If none of them meets the target, ``s`` itself is verified the same
-   way (and, if it fails, the settings below it), because the screen ran on a
-   subset only.
+2. **Probe** the first setting past ``s`` with the deciding measurement:
+   fine-tuning for the step's budget, then accuracy on all of val. What it
+   recovers over its screen estimate calibrates the margin: ``--recover-margin``
+   at first, 1.5x the largest recovery seen in this search after that. If the
+   probe misses the target, the boundary is ``s`` (accuracy is monotone).
+3. **Bound** what fine-tuning might recover: ``u``, the most aggressive setting
+   whose screen estimate is within the margin of the target (bisection again).
+4. **Decide** by bisection over ``(probe, u]`` with the deciding measurement.
+   Only candidates between the screened and the recoverable boundary are ever
+   fine-tuned. If none past ``s`` meets the target, ``s`` itself is verified the
+   same way (and, if it fails, the settings below it), because the screen ran on
+   a subset only.
+
+Screen estimates are paired: the parent's val accuracy plus the child-minus-
+parent difference on the same screening images (:meth:`Evaluator.screen_estimate`).
 
 The accepted candidate's model (fine-tuned if it was) is the next stage's
 start. When the time budget runs out, the stage keeps its best verified setting
@@ -110,9 +115,10 @@ class HeuristicSearch:
         def measure(i: int) -> bool:
             c = self.ev.measure(parent, stage, stage.levels[i])
             result.measured += 1
-            screen = self.ev.journal.get(f"{parent.key}>{stage.spec(stage.levels[i])}@bn#screen")
-            if c.status == "ok" and c.phase == "finetune" and screen is not None and screen.status == "ok":
-                self.recoveries.append(c.accuracy - screen.accuracy)
+            if c.status == "ok" and c.phase == "finetune":
+                estimate = self.ev.screen_estimate(parent, self.ev.screen(parent, stage, stage.levels[i]))
+                if estimate is not None:
+                    self.recoveries.append(c.accuracy - estimate)
             if c.meets:
                 verified[i] = c
             return c.meets
@@ -123,11 +129,16 @@ class HeuristicSearch:
             if self.screen_only:
                 accept = screened
             else:
-                bound = screened
+                accept = screened
                 if self.ev.settings.finetune_epochs > 0 and screened < n - 1:
-                    bound = last_passing(self._meets_screen(parent, stage, result, self.margin), screened, n)
-                result.recoverable = _level(stage, bound)
-                accept = last_passing(measure, screened, bound + 1) if bound > screened else screened
+                    probe = screened + 1
+                    if measure(probe):
+                        result.margin = self.margin
+                        bound = last_passing(self._meets_screen(parent, stage, result, self.margin), probe, n)
+                        result.recoverable = _level(stage, bound)
+                        accept = last_passing(measure, probe, bound + 1)
+                    else:
+                        result.margin, result.recoverable = self.margin, _level(stage, screened)
                 if accept == screened and screened >= 0 and not measure(screened):
                     accept = last_passing(measure, -1, screened)
         except BudgetExhausted:

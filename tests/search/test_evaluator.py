@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from pyprune.search.candidates import Stage
+from pyprune.search.evaluator import BudgetExhausted
+from pyprune.search.journal import Journal, ResumeMismatch
+
+from .tiny import tiny_base, tiny_evaluator
+
+MASK = Stage("mask", (0.5, 0.8))
+
+
+def test_a_candidate_is_measured_once_then_served_from_the_cache():
+    ev, base = tiny_evaluator(), tiny_base()
+    first = ev.screen(base, MASK, 0.5)
+    again = ev.screen(base, MASK, 0.5)
+    assert ev.measured == 1 and ev.journal.hits == 1 and again == first
+    tuned = ev.measure(base, MASK, 0.5)
+    assert ev.measure(base, MASK, 0.5) == tuned and ev.measured == 2 and ev.journal.hits == 2
+    assert tuned.phase == "finetune" and tuned.n == 200 and first.n == 100 and tuned.key != first.key
+
+
+def test_measured_size_is_the_ppz_file_and_shrinks_with_sparsity():
+    ev, base = tiny_evaluator(), tiny_base()
+    sizes = [ev.screen(base, MASK, s).size_bytes for s in MASK.levels]
+    assert sizes[0] > sizes[1] > 0
+
+
+def test_the_accepted_state_is_the_measured_model(tmp_path):
+    journal = Journal(tmp_path, {"x": 1})
+    ev, base = tiny_evaluator(journal=journal), tiny_base()
+    c = ev.measure(base, MASK, 0.8)
+    state = ev.state_of(base, [MASK.spec(0.8)], c)
+    assert ev.accuracy(state.gm, ev.data.val) == c.accuracy
+    weights = [state.gm.get_submodule(n).weight for n in ("conv1", "conv2", "fc")]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.8, abs=0.005)  # the global mask held through fine-tuning
+    # after a restart the fine-tuned weights come back from the journal's folder
+    ev2 = tiny_evaluator(journal=Journal(tmp_path, {"x": 1}, resume=True))
+    again = ev2.state_of(base, [MASK.spec(0.8)], ev2.journal.get(c.key))
+    assert ev2.measured == 0
+    assert all(torch.equal(a, b) for a, b in zip(state.gm.state_dict().values(), again.gm.state_dict().values()))
+
+
+def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
+    ev, base = tiny_evaluator(lr=1e12), tiny_base()
+    before = {k: v.clone() for k, v in base.gm.state_dict().items()}
+    c = ev.measure(base, MASK, 0.5)
+    assert c.status == "failed" and not c.meets and "rolled back" in c.reason and "diverged" in c.reason
+    assert all(torch.equal(before[k], v) for k, v in base.gm.state_dict().items())
+    assert ev.journal.get(c.key).status == "failed"
+
+
+def test_budget_stops_new_measurements_but_not_cache_hits():
+    ev, base = tiny_evaluator(minutes=1e-9), tiny_base()
+    with pytest.raises(BudgetExhausted):
+        ev.screen(base, MASK, 0.5)
+    ok = tiny_evaluator()
+    c = ok.screen(base, MASK, 0.5)
+    ev.journal.put(c)
+    assert ev.screen(base, MASK, 0.5) == c
+
+
+def test_journal_persists_and_refuses_other_settings(tmp_path):
+    ev = tiny_evaluator(journal=Journal(tmp_path, {"lr": 0.05}))
+    c = ev.screen(tiny_base(), MASK, 0.5)
+    with open(tmp_path / "journal.jsonl", "a") as f:
+        f.write('{"key": "cut sho')  # a line cut short by a kill
+    resumed = Journal(tmp_path, {"lr": 0.05}, resume=True)
+    assert len(resumed) == 1 and resumed.get(c.key) == c and resumed.replayed_seconds == pytest.approx(c.seconds)
+    with pytest.raises(ResumeMismatch, match="lr"):
+        Journal(tmp_path, {"lr": 0.1}, resume=True)
+    fresh = Journal(tmp_path, {"lr": 0.05})  # not resuming: starts a new journal
+    assert len(fresh) == 0 and math.isclose(fresh.replayed_seconds, 0.0)

@@ -1,0 +1,236 @@
+"""pyprune compile end to end on the shared ResNet-20 with a few hundred images:
+outputs, reproducibility of the report from the written file, resume after a
+kill, and every error path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyprune.api import evaluate_model, load_model
+
+from .test_cli import last_json, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_args(data_root, models_dir):
+    """A compile small enough for CI: 300 val and test images, 512 training images."""
+    weights = next(models_dir.glob("resnet20-*.th"))
+    return ["--arch", "resnet20", "--weights", weights, "--data-root", data_root, "--val-from", "test",
+            "--val-limit", 300, "--screen-limit", 200, "--test-limit", 300, "--train-limit", 512,
+            "--recal-images", 256, "--finetune-epochs", 0.25, "--batch-size", 64,
+            "--slim-levels", "0.1,0.3", "--mask-levels", "0.5,0.8", "--bits-levels", "6,3", "--quiet"]
+
+
+def report_of(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsys, tiny_args, data_root, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "-o", out, "--json")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.ppz", "pareto.png", "report.json", "report.md"]
+    report, summary = report_of(out), last_json(stdout)
+    chosen = report["chosen"]
+    assert summary["pipeline"] == chosen["pipeline"] and chosen["met_target"]
+    assert chosen["val_accuracy"] >= report["target"]["accuracy"] == pytest.approx(
+        report["baseline"]["val_accuracy"] - 0.02)
+    assert chosen["file_bytes"] == (out / "model.ppz").stat().st_size
+    assert chosen["compression"] == pytest.approx(report["baseline"]["fp32_bytes"] / chosen["file_bytes"])
+    assert chosen["pipeline"] and chosen["compression"] > 1.5  # lossless packing alone gives about 0.97x
+    assert report["data"]["val_split"] == "cifar10/test-search" and report["data"]["test_split"] == "cifar10/test-report"
+
+    # the written file, loaded and evaluated independently, gives the reported accuracies
+    model = load_model(str(out / "model.ppz"))
+    val = evaluate_model(model, split="test-search", data_root=str(data_root), limit=300, progress=False)
+    test = evaluate_model(model, split="test-report", data_root=str(data_root), limit=300, progress=False)
+    assert val.accuracy == chosen["val_accuracy"] and test.accuracy == chosen["test_accuracy"]
+    assert val.accuracy == chosen["search_val_accuracy"]  # the model searched is the model written
+
+    # every candidate is reported with what it cost; the chosen one is among them
+    rows = report["candidates"]
+    assert {"pipeline", "accuracy", "size_bytes", "seconds", "finetune_epochs", "phase"} <= set(rows[0])
+    assert any(r["key"] == chosen["key"] + "#val" and r["meets"] for r in rows)
+    assert report["search"]["finetuned"] == sum(r["phase"] == "finetune" for r in rows)
+    assert len(report["layers"]) == 20 and report["layers"][0]["layer"] == "conv1"
+    md = (out / "report.md").read_text()
+    assert "## Per layer" in md and f"{chosen['compression']:.2f}x" in md and "layer3.2.conv2" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _compile_process(args, out):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pyprune", "compile", *map(str, args), "-o", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_candidates(proc, journal, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= n + 2:  # fingerprint + baseline + n
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"compile ended before {n} candidates: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no progress in the journal")
+
+
+def test_a_killed_compile_resumes_without_redoing_candidates_and_matches_a_clean_run(capsys, tiny_args, tmp_path):
+    args = [*tiny_args, "--max-drop", 0.02]
+    out = tmp_path / "killed"
+    proc = _compile_process(args, out)
+    journal = out / ".compile-state" / "journal.jsonl"
+    _wait_for_candidates(proc, journal, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (out / "report.json").exists()
+    done_before = [json.loads(line)["key"] for line in journal.read_text().splitlines()[1:] if line.endswith("}")]
+
+    code, _, err = run_cli(capsys, "compile", *args, "-o", out)
+    assert code == 2 and "--resume" in err  # a non-empty out/ is never silently reused
+    code, _, _ = run_cli(capsys, "compile", *args, "-o", out, "--resume")
+    assert code == 0 and not (out / ".compile-state").exists()
+    resumed = report_of(out)
+    keys = [c["key"] for c in resumed["candidates"]]
+    assert set(done_before) <= set(keys) and len(keys) == len(set(keys))  # nothing measured twice
+    assert resumed["search"]["cache_hits"] >= len(done_before) - 1
+
+    code, _, _ = run_cli(capsys, "compile", *args, "-o", tmp_path / "clean")
+    clean = report_of(tmp_path / "clean")
+    assert code == 0 and resumed["chosen"]["pipeline"] == clean["chosen"]["pipeline"]
+    assert resumed["chosen"]["val_accuracy"] == clean["chosen"]["val_accuracy"]
+    assert [(c["key"], c["accuracy"]) for c in resumed["candidates"]] == \
+        [(c["key"], c["accuracy"]) for c in clean["candidates"]]
+
+
+def test_ctrl_c_exits_130_and_leaves_a_resumable_state(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    proc = _compile_process([*tiny_args, "--max-drop", 0.02], out)
+    _wait_for_candidates(proc, out / ".compile-state" / "journal.jsonl", 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err
+    assert (out / ".compile-state" / "journal.jsonl").is_file() and not (out / "report.json").exists()
+
+
+def test_baseline_below_an_absolute_target_exits_2_and_writes_nothing(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compile", *tiny_args, "--target-acc", 0.99, "-o", out)
+    assert code == 2 and "0.9900" in err and "baseline model scores 0.8" in err
+    assert not out.exists()
+
+
+def test_when_nothing_meets_the_target_the_lossless_baseline_is_written(capsys, tiny_args, tmp_path, models_dir):
+    out = tmp_path / "out"
+    args = [*tiny_args, "--max-drop", 0, "--finetune-epochs", 0, "--slim-levels", 0.9, "--mask-levels", 0.98,
+            "--bits-levels", 1]
+    code, _, err = run_cli(capsys, "compile", *args, "-o", out)
+    assert code == 0 and "warning: no compressed candidate met the target" in err
+    report = report_of(out)
+    assert not report["chosen"]["met_target"] and report["chosen"]["pipeline"] == ""
+    assert report["search"]["candidates"] >= 3 and "Warning" in (out / "report.md").read_text()
+    original = load_model(arch="resnet20", weights=str(next(models_dir.glob("resnet20-*.th")))).module.state_dict()
+    written = load_model(str(out / "model.ppz")).module.state_dict()
+    assert all(torch.equal(original[k], written[k]) for k in original)  # packed losslessly
+
+
+def test_divergent_fine_tuning_is_rolled_back_marked_failed_and_the_search_goes_on(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    code, _, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "--lr", 1e12, "-o", out)
+    report = report_of(out)
+    failed = [c for c in report["candidates"] if c["status"] == "failed"]
+    assert code == 0 and failed and all("diverged" in c["reason"] for c in failed)
+    assert report["search"]["failed"] == len(failed)
+    assert any(c["phase"] == "screen" for c in report["candidates"])  # the search went on past failures
+    assert report["chosen"]["val_accuracy"] >= report["target"]["accuracy"]
+
+
+def test_a_tiny_budget_still_gives_a_valid_result(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    code, _, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "--budget-minutes", 1e-6, "-o", out)
+    report = report_of(out)
+    assert code == 0 and report["search"]["budget_exhausted"]
+    assert load_model(str(out / "model.ppz")) is not None
+    assert report["chosen"]["val_accuracy"] >= report["target"]["accuracy"]
+
+
+def test_grid_measures_every_combination_and_keeps_the_smallest_that_meets(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    args = [*tiny_args, "--search", "grid", "--slim-levels", 0.3, "--mask-levels", 0.5, "--bits-levels", 6]
+    code, _, _ = run_cli(capsys, "compile", *args, "--max-drop", 0.02, "-o", out)
+    report = report_of(out)
+    grid = [c for c in report["candidates"] if c["stage"] == "grid"]
+    assert code == 0 and len(grid) == 2 * 2 * 2 - 1 and all(c["phase"] == "finetune" for c in grid)
+    meeting = [c for c in grid if c["meets"]]
+    if meeting:
+        best = min(meeting, key=lambda c: c["size_bytes"])
+        assert report["chosen"]["pipeline"] == best["pipeline"]
+
+
+def test_order_exploration_and_sparsity_training_are_reported(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    args = [*tiny_args, "--order", "slim,mask", "--explore-order", "--slim-l1", 1e-2, "--l1-epochs", 0.25]
+    code, _, _ = run_cli(capsys, "compile", *args, "--max-drop", 0.02, "-o", out)
+    search = report_of(out)["search"]
+    assert code == 0 and sorted(tuple(o["order"]) for o in search["orders"]) == [("mask", "slim"), ("slim", "mask")]
+    best = min(search["orders"], key=lambda o: o["size_bytes"])
+    assert search["order"] == best["order"]
+    l1 = search["l1"]
+    assert l1["paid_off"] == (l1["boundary_with"] > l1["boundary_without"]) and l1["status"] == "ok"
+    assert "sparsity training" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-drop", 2], "--max-drop is a fraction"),
+    (["--max-drop", 0.01, "--bits-levels", 0], "integer bits in 1..16"),
+    (["--max-drop", 0.01, "--order", "slim,slim"], "names a stage twice"),
+    (["--max-drop", 0.01, "--order", "prune"], "unknown stage"),
+    (["--max-drop", 0.01, "--val-limit", 0], "--val-limit must be positive"),
+    (["--max-drop", 0.01, "--search", "grid", "--explore-order"], "heuristic search"),
+])
+def test_bad_flags_fail_before_any_work_and_leave_nothing(capsys, tiny_args, tmp_path, extra, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compile", *tiny_args, *extra, "-o", out)
+    assert code == 2 and message in err and not out.exists()
+
+
+def test_both_targets_or_none_is_a_usage_error(capsys, tiny_args, tmp_path):
+    for extra in (["--max-drop", 0.01, "--target-acc", 0.9], []):
+        with pytest.raises(SystemExit) as info:
+            run_cli(capsys, "compile", *tiny_args, *extra, "-o", tmp_path / "out")
+        assert info.value.code == 2 and "--target-acc" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_and_untraceable_model_leave_nothing(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(a) for a in tiny_args]
+    args[args.index("--data-root") + 1] = str(empty)
+    code, _, err = run_cli(capsys, "compile", *args, "--max-drop", 0.01, "-o", out)
+    assert code == 2 and "CIFAR-10 not found" in err and not out.exists()
+    code, _, err = run_cli(capsys, "compile", "--arch", "tests.ir.test_trace:Wrapper", "--max-drop", 0.01,
+                           "--data-root", empty, "-o", out)
+    assert code == 2 and "trac" in err.lower() and not out.exists()
+
+
+def test_a_non_empty_output_folder_needs_resume_or_force(capsys, tiny_args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.01, "-o", out)
+    assert code == 2 and "--force" in err
+    code, _, err = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.01, "-o", out, "--resume")
+    assert code == 2 and "no interrupted compile" in err
+    assert (out / "notes.txt").read_text() == "mine"
