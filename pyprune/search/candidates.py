@@ -128,6 +128,8 @@ class Candidate:
 
     def summary(self) -> str:
         acc = "failed" if self.status != "ok" else f"{self.accuracy:.4f}"
+        if "estimate" in self.extra:
+            acc += f" (val estimate {self.extra['estimate']:.4f})"
         verdict = "meets" if self.meets else "misses"
         ft = f", fine-tuned {self.finetune_epochs:g} ep" if self.phase == "finetune" else ""
         return (f"[{self.search} {self.phase:8s}] {self.pipeline or 'baseline'}: acc {acc} on {self.n} "

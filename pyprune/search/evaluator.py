@@ -120,11 +120,13 @@ class Evaluator:
 
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
                 n: int, epochs: float, start: float, status: str = "ok", reason: str = "",
-                pipeline: str | None = None) -> Candidate:
+                pipeline: str | None = None, estimate: float | None = None) -> Candidate:
         size, params = self.size(state) if state is not None else (0, 0)
-        meets = status == "ok" and accuracy is not None and accuracy >= self.target
+        judged = estimate if estimate is not None else accuracy
+        meets = status == "ok" and judged is not None and judged >= self.target
+        extra = {"estimate": estimate} if estimate is not None else {}
         c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
-                      accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason)
+                      accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason, extra)
         self.measured += 1
         self.journal.put(c)
         self.progress.done(c, cached=False)
@@ -148,21 +150,28 @@ class Evaluator:
         self.budget.check()
         start = time.perf_counter()
         child = self.apply(parent, [spec])
-        return self._record(key, child, stage.name, level, "screen", self.accuracy(child.gm, self.data.screen),
-                            len(self.data.screen), 0.0, start)
+        accuracy = self.accuracy(child.gm, self.data.screen)
+        return self._record(key, child, stage.name, level, "screen", accuracy, len(self.data.screen), 0.0, start,
+                            estimate=accuracy + self._offset(parent))
+
+    def _offset(self, parent: State) -> float:
+        if parent.key not in self._offsets:
+            if parent.val_accuracy is None:
+                raise ValueError(f"state {parent.key} has no val accuracy to estimate from")
+            self._offsets[parent.key] = parent.val_accuracy - self.accuracy(parent.gm, self.data.screen)
+        return self._offsets[parent.key]
 
     def screen_estimate(self, parent: State, candidate: Candidate) -> float | None:
         """The val accuracy a screened child is expected to have: the parent's val
         accuracy plus the child-minus-parent difference on the same screening
         images. A paired difference, so the subset's own difficulty cancels out
-        (the subset alone can sit points away from all of val)."""
+        (the subset alone can sit points away from all of val). Recorded with
+        the screen as ``extra["estimate"]``; its ``meets`` is judged on it."""
         if candidate.status != "ok":
             return None
-        if parent.key not in self._offsets:
-            if parent.val_accuracy is None:
-                raise ValueError(f"state {parent.key} has no val accuracy to estimate from")
-            self._offsets[parent.key] = parent.val_accuracy - self.accuracy(parent.gm, self.data.screen)
-        return candidate.accuracy + self._offsets[parent.key]
+        if "estimate" in candidate.extra:
+            return candidate.extra["estimate"]
+        return candidate.accuracy + self._offset(parent)
 
     def screen_meets(self, parent: State, stage: Stage, level: Any, slack: float = 0.0) -> bool:
         estimate = self.screen_estimate(parent, self.screen(parent, stage, level))

@@ -20,6 +20,9 @@ def test_a_candidate_is_measured_once_then_served_from_the_cache():
     tuned = ev.measure(base, MASK, 0.5)
     assert ev.measure(base, MASK, 0.5) == tuned and ev.measured == 2 and ev.journal.hits == 2
     assert tuned.phase == "finetune" and tuned.n == 200 and first.n == 100 and tuned.key != first.key
+    # a screen is judged on its paired estimate of val accuracy: parent's val + (child - parent) on the subset
+    parent_on_subset = ev.accuracy(tiny_base().gm, ev.data.screen)
+    assert first.extra["estimate"] == pytest.approx(0.5 + first.accuracy - parent_on_subset)
 
 
 def test_measured_size_is_the_ppz_file_and_shrinks_with_sparsity():

@@ -1,0 +1,65 @@
+"""Shared by the compile benchmarks: run ``compile_model`` with stated settings
+and print a table of what each run found and what it cost."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pyprune.api import load_model
+from pyprune.compile import CompileConfig, compile_model
+from pyprune.search.target import Target
+from pyprune.train import TrainConfig
+
+
+def add_common_args(p: argparse.ArgumentParser, finetune_epochs: float) -> None:
+    p.add_argument("--arch", default="resnet20", help="zoo model with a published checkpoint ($PYPRUNE_MODELS)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="target: val accuracy points below the baseline")
+    p.add_argument("--finetune-epochs", type=float, default=finetune_epochs)
+    p.add_argument("--val-limit", type=int, default=2000)
+    p.add_argument("--screen-limit", type=int, default=1000)
+    p.add_argument("--train-limit", type=int, help="fine-tune on the first N training images only")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-root", help="default: $PYPRUNE_DATA, else ./data")
+
+
+@dataclass
+class Run:
+    label: str
+    report: dict
+
+    def row(self) -> list[str]:
+        r, c, s = self.report, self.report["chosen"], self.report["search"]
+        return [self.label, str(s["candidates"]), str(s["finetuned"]), f"{s['seconds']:.0f}",
+                c["pipeline"] or "(baseline)", f"{c['file_bytes'] / 1024:.1f}", f"{c['compression']:.2f}x",
+                f"{c['val_accuracy']:.4f}", f"{c['test_accuracy']:.4f}"]
+
+
+HEADERS = ["search", "candidates", "fine-tuned", "seconds", "chosen pipeline", "KiB", "ratio", "val top-1",
+           "test top-1"]
+
+
+def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
+    torch.set_num_threads(args.threads)
+    model = load_model(arch=args.arch, pretrained=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = CompileConfig(Target(max_drop=args.max_drop), Path(tmp) / "out",
+                               finetune_epochs=args.finetune_epochs, val_from="test", val_limit=args.val_limit,
+                               screen_limit=args.screen_limit, train_limit=args.train_limit,
+                               train=TrainConfig(), data_root=args.data_root, quiet=True, **settings)
+        result = compile_model(model, config, log=lambda s: None)
+    print(f"  {label}: {result.report['chosen']['pipeline'] or '(baseline)'}, "
+          f"{result.report['search']['seconds']:.0f}s", flush=True)
+    return Run(label, result.report)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, so it pastes into the README as it is."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
