@@ -39,9 +39,13 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 
 install: $(STAMP)
 
+# The main job: compile the pretrained ResNet-20 to the smallest model within one
+# accuracy point of its own (about 5-10 minutes on 2 cores; --budget-minutes caps it).
+DEMO_OUT ?= out/resnet20
 demo: install
-	$(VENV)/bin/pyprune info --arch resnet56 --pretrained --download
-	$(VENV)/bin/pyprune eval --arch resnet56 --pretrained --download --split test
+	$(VENV)/bin/pyprune compile --arch resnet20 --pretrained --download --max-drop 0.01 --val-from test \
+		--finetune-epochs 0.25 --slim-l1 5e-3 --l1-epochs 0.5 --budget-minutes 10 --force -o $(DEMO_OUT)
+	@echo "see $(DEMO_OUT)/report.md and $(DEMO_OUT)/pareto.png"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -52,6 +56,8 @@ test-all: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/search_vs_grid.py
+	$(PY) bench/single_vs_combined.py
 
 # The container decoder and its fuzz tests under AddressSanitizer, built in a copy of
 # the tree so the normal extension is left alone (docs/format.md, "Fuzzing under ASan").

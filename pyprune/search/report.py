@@ -118,6 +118,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _val(candidate: dict[str, Any]) -> float:
+    """Val accuracy, or for a screen its paired estimate (what the search judged)."""
+    return candidate.get("extra", {}).get("estimate", candidate["accuracy"])
+
+
 def plot_pareto(report: dict[str, Any], path: Path) -> Path:
     """Every candidate, size against val accuracy, with the target line and the
     chosen model marked."""
@@ -128,14 +133,14 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ok = [c for c in report["candidates"] if c["status"] == "ok" and c["accuracy"] is not None and c["size_bytes"]]
-    styles = {"screen": ("o", "none", "tab:gray", "screened (val subset, no training)"),
+    styles = {"screen": ("o", "none", "tab:gray", "screened (val estimate from a subset, no training)"),
               "val": ("s", "tab:blue", "tab:blue", "validated (no training)"),
               "finetune": ("D", "tab:blue", "tab:blue", "fine-tuned"),
               }
     for phase, (marker, face, edge, label) in styles.items():
         pts = [c for c in ok if c["phase"] == phase and c["stage"] not in ("baseline",)]
         if pts:
-            ax.scatter([c["size_bytes"] / 1024 for c in pts], [c["accuracy"] for c in pts], marker=marker,
+            ax.scatter([c["size_bytes"] / 1024 for c in pts], [_val(c) for c in pts], marker=marker,
                        facecolors=face, edgecolors=edge, s=28, label=label, alpha=0.8)
     base, chosen = report["baseline"], report["chosen"]
     ax.scatter([base["ppz_bytes"] / 1024], [base["val_accuracy"]], marker="^", color="black", s=60,
@@ -148,7 +153,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("model file size (KiB, log scale)")
     ax.set_ylabel("val top-1")
     ax.set_title(f"{report['model']}: candidates of the {report['search']['kind']} search")
-    accs = [c["accuracy"] for c in ok] + [report["target"]["accuracy"]]
+    accs = [_val(c) for c in ok] + [report["target"]["accuracy"]]
     ax.set_ylim(max(0.0, min(accs) - 0.02), min(1.0, max(accs) + 0.02))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
