@@ -146,7 +146,10 @@ def _clear_outputs(out: Path) -> None:
 
 def _load_data(config: CompileConfig, model: LoadedModel) -> tuple[SearchData, ArrayDataset]:
     val_split, test_split = VAL_FROM[config.val_from]
-    get = lambda split, limit: load_dataset(config.data, split, config.data_root, config.download, limit)
+
+    def get(split: str, limit: int | None) -> ArrayDataset:
+        return load_dataset(config.data, split, config.data_root, config.download, limit)
+
     val = get(val_split, config.val_limit)
     data = SearchData(get("train", config.train_limit), val, val.subset(slice(0, config.screen_limit)),
                       model.mean, model.std, model.input_shape)
@@ -176,6 +179,8 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     progress = Progress(config.quiet)
     train = TrainConfig(**{**vars(config.train), "progress": not config.quiet})
     settings = EvalSettings(config.finetune_epochs, train, config.recal_images)
+    # The baseline is measured before out/ exists (the target may refuse it), so into a
+    # journal in memory; the evaluator moves to the real one once the target is known.
     scratch = Journal()
     ev = Evaluator(data, settings, float("-inf"), scratch, Budget(config.budget_minutes, scratch), progress, meta,
                    search=config.search)
@@ -184,7 +189,7 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
         baseline = ev.baseline(base)
         base.candidate, base.val_accuracy = baseline, baseline.accuracy
         target = config.target.resolve(baseline.accuracy, data.val.name)  # may refuse: nothing written yet
-        baseline.meets = True
+        baseline.meets = True  # by definition of a target it resolved
         progress.say(f"baseline {baseline.accuracy:.4f} on {data.val.name} ({len(data.val)} images); "
                      f"target {target:.4f} ({config.target.describe()})")
 
@@ -192,11 +197,7 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
             _clear_outputs(config.output)
         settings_used = config.fingerprint(model)
         journal = Journal(config.output / STATE_DIR, settings_used, resume=config.resume)
-        if journal.get(baseline.key) is None:
-            journal.put(baseline)
-        journal.hits = 0
-        ev.journal = ev.budget.journal = journal
-        ev.target = target
+        ev.begin(target, journal, baseline)
         outcome = _search(ev, base, config)
         report = _finish(ev, base, baseline, outcome, config, test_set, target, meta, settings_used, started)
     finally:

@@ -84,6 +84,14 @@ class Evaluator:
         self._states: dict[str, State] = {}  # fine-tuned states of this run, by key
         self._offsets: dict[str, float] = {}  # state key -> val accuracy minus screen-subset accuracy
 
+    def begin(self, target: float, journal: Journal, baseline: Candidate | None = None) -> None:
+        """Measure against ``target`` from now on, recording into ``journal`` (with
+        ``baseline``, measured before the target was known, unless it is there)."""
+        self.target = target
+        self.journal = self.budget.journal = journal
+        if baseline is not None and baseline.key not in journal:
+            journal.put(baseline)
+
     # -- primitives
 
     def _example(self):

@@ -89,6 +89,9 @@ class Journal:
                 os.fsync(f.fileno())
         return candidate
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
