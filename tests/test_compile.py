@@ -69,8 +69,11 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
 
 def _compile_process(args, out):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A background job of a non-interactive shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: restore the default, as a terminal has it.
     return subprocess.Popen([sys.executable, "-m", "pyprune", "compile", *map(str, args), "-o", str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_candidates(proc, journal, n, timeout=120):
