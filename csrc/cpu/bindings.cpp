@@ -13,6 +13,7 @@
 #include "huffman.h"
 #include "ops.h"
 #include "ppz.h"
+#include "sparse_bindings.h"
 
 namespace {
 
@@ -271,5 +272,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Decode a .ppz file: (manifest bytes, [(name bytes, dtype code, shape, encoding code, uint8 tensor)]).");
   m.def("ppz_inspect", &ppz_inspect, py::arg("data"), py::arg("threads") = -1,
         "Validate and measure a .ppz file: (manifest bytes, file bytes, [per-section dict]).");
+  pyprune::register_sparse_kernels(m);
   m.def("ppz_crc32", &ppz_crc32, py::arg("data"), py::arg("crc") = 0, "CRC-32 as zlib.crc32.");
 }

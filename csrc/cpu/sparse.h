@@ -1,0 +1,64 @@
+// Sparse inference kernels for magnitude-masked layers: convolution and linear with
+// weights in CSR (rows = output channels / features, columns = the flattened
+// (in_channel, kh, kw) / input feature), fp32 activations, optional bias and fused ReLU.
+//
+// Plain C++ on raw buffers (no torch headers); sparse_bindings.cpp checks and converts
+// tensors. Every kernel has three instruction-set paths selected at run time: AVX-512F
+// and AVX2+FMA (each compiled under `#pragma GCC target` in its own file, used when the
+// CPU has it) and a portable scalar fallback. All give the same results up to float
+// summation order.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pyprune {
+namespace sparse {
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+// kDirect: direct sparse convolution on the stride-phase wide grid (sparse.cpp);
+// kIm2col: im2col, then the CSR x dense product. Both share the vectorised row kernel.
+enum class ConvAlgo { kDirect, kIm2col };
+ConvAlgo parse_algo(const std::string& name);  // "direct" | "im2col"
+
+// The best path this CPU supports.
+Isa best_isa();
+// "scalar", "avx2", "avx512"; "auto" -> best_isa(). Throws std::invalid_argument for
+// anything else, and for a name this CPU does not support.
+Isa parse_isa(const std::string& name);
+const char* isa_name(Isa isa);
+
+// A CSR matrix with `rows` rows; colidx entries lie in [0, cols).
+struct Csr {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int32_t* rowptr = nullptr;  // rows + 1 entries, rowptr[0] = 0, non-decreasing
+  const int32_t* colidx = nullptr;  // rowptr[rows] entries
+  const float* values = nullptr;
+};
+
+// Throws std::invalid_argument naming the first inconsistency (O(rows + nnz)).
+void validate(const Csr& w, int64_t nnz);
+
+struct ConvGeometry {
+  int64_t batch, in_channels, height, width;  // input NCHW
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t out_h() const { return (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
+  int64_t out_w() const { return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
+};
+
+// out[n, oc, oh, ow] = act(bias[oc] + sum_j values[j] * x_padded[n, ic_j, oh*sh + kh_j*dh, ow*sw + kw_j*dw])
+// over the entries j of row oc, with column = (ic * kernel_h + kh) * kernel_w + kw.
+// x: batch*in_channels*height*width floats; out: batch*out_channels*out_h*out_w floats;
+// bias may be null. Parallel over (image, output channel) with `threads` OpenMP threads.
+void conv2d(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out, Isa isa,
+            int threads, ConvAlgo algo = ConvAlgo::kDirect);
+
+// out[n, o] = act(bias[o] + sum_j values[j] * x[n, colidx[j]]) over the entries j of row o.
+// x: batch*w.cols floats; out: batch*w.rows floats; bias may be null.
+void linear(const float* x, int64_t batch, const Csr& w, const float* bias, bool relu, float* out, Isa isa,
+            int threads);
+
+}  // namespace sparse
+}  // namespace pyprune

@@ -1,0 +1,133 @@
+// Tensor-level entry points of the sparse kernels: argument checks, CSR validation,
+// output allocation, and torch's intra-op thread count passed on to OpenMP.
+#include "sparse_bindings.h"
+
+#include <ATen/Parallel.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "sparse.h"
+
+namespace pyprune {
+namespace {
+
+namespace sp = pyprune::sparse;
+using Pair = std::pair<int64_t, int64_t>;
+
+void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* fn, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", what, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", what, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, fn, ": ", what, " must have ", dim, " dimension(s), got shape ", t.sizes());
+}
+
+// Checks the CSR tensors against `rows` x `cols` and returns a view of them; the tensors
+// passed in must outlive it.
+sp::Csr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
+                 const char* fn) {
+  check_tensor(rowptr, at::kInt, 1, fn, "rowptr");
+  check_tensor(colidx, at::kInt, 1, fn, "colidx");
+  check_tensor(values, at::kFloat, 1, fn, "values");
+  TORCH_CHECK(rowptr.is_contiguous() && colidx.is_contiguous() && values.is_contiguous(), fn,
+              ": rowptr, colidx and values must be contiguous");
+  TORCH_CHECK(rowptr.numel() >= 1, fn, ": rowptr needs rows + 1 >= 1 entries");
+  TORCH_CHECK(colidx.numel() == values.numel(), fn, ": colidx has ", colidx.numel(), " entries but values has ",
+              values.numel());
+  sp::Csr w;
+  w.rows = rowptr.numel() - 1;
+  w.cols = cols;
+  w.rowptr = rowptr.const_data_ptr<int32_t>();
+  w.colidx = colidx.const_data_ptr<int32_t>();
+  w.values = values.const_data_ptr<float>();
+  try {
+    sp::validate(w, values.numel());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, fn, ": ", e.what());
+  }
+  return w;
+}
+
+const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t rows, const char* fn) {
+  if (!bias) return nullptr;
+  check_tensor(*bias, at::kFloat, 1, fn, "bias");
+  TORCH_CHECK(bias->is_contiguous() && bias->numel() == rows, fn, ": bias must be contiguous with ", rows,
+              " entries, got ", bias->sizes());
+  return bias->const_data_ptr<float>();
+}
+
+template <class F>
+auto parsed(F&& parse, const std::string& name, const char* fn) {
+  try {
+    return parse(name);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, fn, ": ", e.what());
+  }
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                         Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
+                         const std::string& algo) {
+  constexpr const char* fn = "sparse_conv2d";
+  check_tensor(input, at::kFloat, 4, fn, "input");
+  const at::Tensor x = input.contiguous();
+  sp::ConvGeometry g{x.size(0),      x.size(1),       x.size(2),       x.size(3),       rowptr.numel() - 1,
+                     kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
+                     padding.second, dilation.first, dilation.second};
+  TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
+                  g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
+              fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
+  const sp::Csr w = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
+  const float* b = bias_ptr(bias, w.rows, fn);
+  const sp::Isa i = parsed(sp::parse_isa, isa, fn);
+  const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
+  TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
+              " is larger than the padded input ", x.sizes());
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, x.options());
+  const int threads = at::get_num_threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    sp::conv2d(x.const_data_ptr<float>(), w, b, relu, g, out.mutable_data_ptr<float>(), i, threads, a);
+  }
+  return out;
+}
+
+at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                         const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu,
+                         const std::string& isa) {
+  constexpr const char* fn = "sparse_linear";
+  check_tensor(input, at::kFloat, 2, fn, "input");
+  const at::Tensor x = input.contiguous();
+  const sp::Csr w = csr_view(rowptr, colidx, values, x.size(1), fn);
+  const float* b = bias_ptr(bias, w.rows, fn);
+  const sp::Isa i = parsed(sp::parse_isa, isa, fn);
+  at::Tensor out = at::empty({x.size(0), w.rows}, x.options());
+  const int threads = at::get_num_threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    sp::linear(x.const_data_ptr<float>(), x.size(0), w, b, relu, out.mutable_data_ptr<float>(), i, threads);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_sparse_kernels(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("sparse_conv2d", &sparse_conv2d, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
+        py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
+        py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
+        py::arg("isa") = "auto", py::arg("algo") = "direct",
+        "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
+        "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values. "
+        "Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: direct | im2col.");
+  m.def("sparse_linear", &sparse_linear, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
+        py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "auto",
+        "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");
+  m.def(
+      "kernel_isa", [] { return std::string(sp::isa_name(sp::best_isa())); },
+      "The instruction set isa='auto' selects on this CPU: 'avx512', 'avx2' or 'scalar'.");
+}
+
+}  // namespace pyprune

@@ -1,0 +1,175 @@
+"""The native sparse kernels (csrc/cpu/sparse*.cpp) against torch's dense conv2d / linear.
+
+Every instruction-set path this CPU has (scalar always, AVX2 and AVX-512 where present)
+and both convolution algorithms run on the same cases: strides 1 and 2, padding 0 and 1,
+odd sizes, dilation, empty rows, fully dense and fully zero weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyprune import _native
+
+C = _native.cpu()
+ALL_ISAS = ["scalar", "avx2", "avx512"]
+ALGOS = ["direct", "im2col"]
+
+
+def isa_param(name: str):
+    try:  # the kernel refuses an ISA the CPU lacks: that is the skip condition
+        C.sparse_linear(torch.zeros(1, 1), torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                        torch.zeros(0), isa=name)
+        return pytest.param(name)
+    except (RuntimeError, ValueError):
+        return pytest.param(name, marks=pytest.mark.skip(reason=f"this CPU has no {name}"))
+
+
+ISAS = [isa_param(n) for n in ALL_ISAS]
+
+
+def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows = dim 0, columns = the rest flattened in C order (the kernels' contract)."""
+    rows = weight.reshape(weight.shape[0], -1)
+    rowptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int32)
+    rowptr[1:] = (rows != 0).sum(1).cumsum(0)
+    r, c = (rows != 0).nonzero(as_tuple=True)
+    return rowptr, c.to(torch.int32), rows[r, c].contiguous()
+
+
+def sparse_weight(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(shape, generator=gen)
+    w[torch.rand(shape, generator=gen) >= density] = 0
+    if shape[0] > 2:
+        w[1] = 0  # an empty row: its output is bias (then ReLU) only
+    return w
+
+
+# (batch, in_ch, height, width, out_ch, kernel, stride, padding, dilation)
+CONV_CASES = [
+    (1, 3, 7, 9, 5, (3, 3), 1, 1, 1),
+    (2, 16, 32, 32, 16, (3, 3), 1, 1, 1),  # a ResNet stage-1 layer
+    (3, 5, 11, 6, 7, (3, 3), 2, 1, 1),  # stride 2, odd sizes
+    (2, 4, 9, 9, 3, (1, 1), 2, 0, 1),  # 1x1 stride-2 downsample
+    (1, 3, 10, 13, 4, (3, 3), 2, 0, 2),  # dilation with stride
+    (2, 8, 8, 8, 6, (5, 5), 3, 2, 1),
+    (1, 2, 5, 5, 3, (3, 3), 1, 0, 1),
+    (1, 6, 7, 5, 4, (3, 1), (2, 1), (1, 0), 1),  # non-square kernel and stride
+    (4, 64, 8, 8, 70, (3, 3), 1, 1, 1),  # rows spanning several work blocks
+]
+
+
+def pair(v):
+    return tuple(v) if isinstance(v, tuple) else (v, v)
+
+
+def run_conv(x, w, bias, stride, padding, dilation, relu, isa="auto", algo="direct"):
+    rowptr, col, val = to_csr(w)
+    return C.sparse_conv2d(x, rowptr, col, val, tuple(w.shape[2:]), bias, pair(stride), pair(padding),
+                           pair(dilation), relu, isa, algo)
+
+
+def reference_conv(x, w, bias, stride, padding, dilation, relu):
+    y = F.conv2d(x, w, bias, pair(stride), pair(padding), pair(dilation))
+    return F.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_sparse_conv2d_matches_torch(case, density, isa, algo):
+    n, c, h, w_, oc, k, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(hash((case, density)) % 2**31)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    w = sparse_weight((oc, c, *k), density, gen)
+    bias = torch.randn(oc, generator=gen)
+    for relu in (False, True):
+        out = run_conv(x, w, bias, stride, padding, dilation, relu, isa, algo)
+        expected = reference_conv(x, w, bias, stride, padding, dilation, relu)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # no bias: an all-zero weight gives exact zeros
+    out = run_conv(x, w, None, stride, padding, dilation, False, isa, algo)
+    torch.testing.assert_close(out, reference_conv(x, w, None, stride, padding, dilation, False), rtol=1e-4, atol=1e-4)
+    if density == 0.0:
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_sparse_conv2d_is_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 17, 15, generator=gen)
+    w = sparse_weight((24, 16, 3, 3), 0.2, gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_conv(x, w, None, 1, 1, 1, True)
+        torch.set_num_threads(2)
+        two = run_conv(x, w, None, 1, 1, 1, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each output is summed by one thread in a fixed order
+
+
+def test_sparse_conv2d_accepts_non_contiguous_input():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 9, 4, generator=gen).permute(0, 3, 1, 2)  # NHWC memory
+    w = sparse_weight((5, 4, 3, 3), 0.4, gen)
+    torch.testing.assert_close(run_conv(x, w, None, 1, 1, 1, False), F.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("batch", [1, 5, 16, 33])
+def test_sparse_linear_matches_torch(batch, density, isa):
+    gen = torch.Generator().manual_seed(batch * 10 + int(density * 10))
+    x = torch.randn(batch, 37, generator=gen)
+    w = sparse_weight((11, 37), density, gen)
+    bias = torch.randn(11, generator=gen)
+    rowptr, col, val = to_csr(w)
+    for relu in (False, True):
+        out = C.sparse_linear(x, rowptr, col, val, bias, relu, isa)
+        expected = F.linear(x, w, bias)
+        torch.testing.assert_close(out, F.relu(expected) if relu else expected, rtol=1e-4, atol=1e-4)
+    if density == 0.0:  # no entries at all: exact zeros without bias
+        assert torch.equal(C.sparse_linear(x, rowptr, col, val, isa=isa), torch.zeros(batch, 11))
+
+
+def test_kernel_isa_names_a_path_the_kernels_accept():
+    assert C.kernel_isa() in ALL_ISAS
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(3, 2, 3, 3)
+    auto = run_conv(x, w, None, 1, 1, 1, False)
+    named = run_conv(x, w, None, 1, 1, 1, False, isa=C.kernel_isa())
+    assert torch.equal(auto, named)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda rp, col, val: (rp, col + 100, val), "column index"),
+    (lambda rp, col, val: (rp.flip(0).contiguous(), col, val), "rowptr"),
+    (lambda rp, col, val: (rp, col[:-1].contiguous(), val), "entries"),
+    (lambda rp, col, val: (rp.long(), col, val), "Int"),
+    (lambda rp, col, val: (rp, col, val.double()), "Float"),
+])
+def test_malformed_csr_is_refused_with_a_message(mutate, message):
+    w = torch.randn(3, 2, 3, 3)
+    rowptr, col, val = mutate(*to_csr(w))
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        C.sparse_conv2d(torch.randn(1, 2, 5, 5), rowptr, col, val, (3, 3))
+
+
+def test_bad_arguments_are_refused():
+    w = torch.randn(3, 2, 3, 3)
+    rowptr, col, val = to_csr(w)
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises((RuntimeError, ValueError), match="isa"):
+        C.sparse_conv2d(x, rowptr, col, val, (3, 3), isa="sse9")
+    with pytest.raises((RuntimeError, ValueError), match="algo"):
+        C.sparse_conv2d(x, rowptr, col, val, (3, 3), algo="fft")
+    with pytest.raises((RuntimeError, ValueError), match="larger than the padded input"):
+        C.sparse_conv2d(torch.randn(1, 2, 2, 2), rowptr, col, val, (3, 3))
+    with pytest.raises((RuntimeError, ValueError), match="bias"):
+        C.sparse_conv2d(x, rowptr, col, val, (3, 3), torch.zeros(4))
+    with pytest.raises((RuntimeError, ValueError), match="input"):
+        C.sparse_conv2d(x[0], rowptr, col, val, (3, 3))
