@@ -293,31 +293,6 @@ ConvAlgo parse_algo(const std::string& name) {
   throw std::invalid_argument("algo must be 'direct' or 'im2col', got '" + name + "'");
 }
 
-void validate(const Csr& w, int64_t nnz) {
-  if (w.rows < 0 || w.cols < 0) throw std::invalid_argument("CSR: negative shape");
-  if (w.rowptr[0] != 0) throw std::invalid_argument("CSR: rowptr[0] must be 0");
-  for (int64_t r = 0; r < w.rows; ++r) {
-    if (w.rowptr[r + 1] < w.rowptr[r]) {
-      throw std::invalid_argument("CSR: rowptr decreases at row " + std::to_string(r));
-    }
-  }
-  if (w.rowptr[w.rows] != nnz) {
-    throw std::invalid_argument("CSR: rowptr ends at " + std::to_string(w.rowptr[w.rows]) + " but there are " +
-                                std::to_string(nnz) + " entries");
-  }
-  int32_t lo = 0, hi = 0;  // a vectorisable min/max first; the slow scan only to name the culprit
-  for (int64_t j = 0; j < nnz; ++j) {
-    lo = std::min(lo, w.colidx[j]);
-    hi = std::max(hi, w.colidx[j]);
-  }
-  if (lo >= 0 && (nnz == 0 || hi < w.cols)) return;
-  for (int64_t j = 0; j < nnz; ++j) {
-    if (w.colidx[j] < 0 || w.colidx[j] >= w.cols) {
-      throw std::invalid_argument("CSR: column index " + std::to_string(w.colidx[j]) + " at entry " +
-                                  std::to_string(j) + " outside [0, " + std::to_string(w.cols) + ")");
-    }
-  }
-}
 
 void conv2d(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out, Isa isa,
             int threads, ConvAlgo algo) {

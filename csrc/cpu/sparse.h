@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 namespace pyprune {
@@ -37,8 +38,33 @@ struct Csr {
   const float* values = nullptr;
 };
 
-// Throws std::invalid_argument naming the first inconsistency (O(rows + nnz)).
-void validate(const Csr& w, int64_t nnz);
+// Throws std::invalid_argument naming the first inconsistency (O(rows + nnz)). Inline
+// so that the CUDA extension checks CSR tensors with the same code.
+inline void validate(const Csr& w, int64_t nnz) {
+  if (w.rows < 0 || w.cols < 0) throw std::invalid_argument("CSR: negative shape");
+  if (w.rowptr[0] != 0) throw std::invalid_argument("CSR: rowptr[0] must be 0");
+  for (int64_t r = 0; r < w.rows; ++r) {
+    if (w.rowptr[r + 1] < w.rowptr[r]) {
+      throw std::invalid_argument("CSR: rowptr decreases at row " + std::to_string(r));
+    }
+  }
+  if (w.rowptr[w.rows] != nnz) {
+    throw std::invalid_argument("CSR: rowptr ends at " + std::to_string(w.rowptr[w.rows]) + " but there are " +
+                                std::to_string(nnz) + " entries");
+  }
+  int32_t lo = 0, hi = 0;  // a vectorisable min/max first; the slow scan only to name the culprit
+  for (int64_t j = 0; j < nnz; ++j) {
+    lo = lo < w.colidx[j] ? lo : w.colidx[j];
+    hi = hi > w.colidx[j] ? hi : w.colidx[j];
+  }
+  if (lo >= 0 && (nnz == 0 || hi < w.cols)) return;
+  for (int64_t j = 0; j < nnz; ++j) {
+    if (w.colidx[j] < 0 || w.colidx[j] >= w.cols) {
+      throw std::invalid_argument("CSR: column index " + std::to_string(w.colidx[j]) + " at entry " +
+                                  std::to_string(j) + " outside [0, " + std::to_string(w.cols) + ")");
+    }
+  }
+}
 
 struct ConvGeometry {
   int64_t batch, in_channels, height, width;  // input NCHW

@@ -6,6 +6,7 @@
 #include <torch/python.h>
 
 #include "apply_mask_kernel.h"
+#include "sparse_conv_bindings.h"
 
 namespace {
 
@@ -56,4 +57,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_mask", &apply_mask, py::arg("weight"), py::arg("mask"),
         "weight * (mask != 0) as a new contiguous float32 tensor, on the inputs' device and current stream. "
         "weight: float32 CUDA; mask: bool, uint8 or float32 on the same device, same shape.");
+  pyprune::cuda::register_sparse_conv(m);
 }

@@ -173,3 +173,50 @@ def test_bad_arguments_are_refused():
         C.sparse_conv2d(x, rowptr, col, val, (3, 3), torch.zeros(4))
     with pytest.raises((RuntimeError, ValueError), match="input"):
         C.sparse_conv2d(x[0], rowptr, col, val, (3, 3))
+
+
+# ---- CUDA --------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="module")
+def C_cuda():
+    mod = _native.cuda()
+    if mod is None:
+        pytest.skip("pyprune._C_cuda is not built")
+    return mod
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_cuda_sparse_conv2d_matches_torch_on_the_cpu(C_cuda, case, density):
+    # The reference runs on the CPU: cuDNN may use TF32, which is less precise than our kernel.
+    n, c, h, w_, oc, k, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(hash((case, density)) % 2**31)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    w = sparse_weight((oc, c, *k), density, gen)
+    bias = torch.randn(oc, generator=gen)
+    rowptr, col, val = (t.cuda() for t in to_csr(w))
+    for relu, b in ((False, None), (True, bias)):
+        out = C_cuda.sparse_conv2d(x.cuda(), rowptr, col, val, k, None if b is None else b.cuda(), pair(stride),
+                                   pair(padding), pair(dilation), relu)
+        assert out.is_cuda
+        torch.testing.assert_close(out.cpu(), reference_conv(x, w, b, stride, padding, dilation, relu),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_sparse_conv2d_refuses_bad_input(C_cuda):
+    w = torch.randn(3, 2, 3, 3)
+    rowptr, col, val = (t.cuda() for t in to_csr(w))
+    x = torch.randn(1, 2, 5, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="column index"):
+        C_cuda.sparse_conv2d(x, rowptr, col + 100, val, (3, 3))
+    with pytest.raises(RuntimeError, match="must be on"):
+        C_cuda.sparse_conv2d(x, rowptr.cpu(), col, val, (3, 3))
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        C_cuda.sparse_conv2d(x.cpu(), rowptr, col, val, (3, 3))
