@@ -56,10 +56,3 @@ def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
     print(f"  {label}: {result.report['chosen']['pipeline'] or '(baseline)'}, "
           f"{result.report['search']['seconds']:.0f}s", flush=True)
     return Run(label, result.report)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table, so it pastes into the README as it is."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from _compile_runs import HEADERS, add_common_args, compile_run, table
+from _compile_runs import HEADERS, add_common_args, compile_run
+from _measure import table
 
 
 def floats(text: str) -> tuple[float, ...]:
