@@ -63,7 +63,7 @@ float* workspace(size_t floats) {
 }
 
 // dst[i] = act(src[i] + b); two branch-free loops so the compiler vectorises them.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue(const float* src, int64_t n, float b, bool relu, float* dst) {
+inline void epilogue(const float* src, int64_t n, float b, bool relu, float* dst) {
   if (relu) {
     for (int64_t i = 0; i < n; ++i) dst[i] = std::max(src[i] + b, 0.0f);
   } else {
@@ -101,27 +101,31 @@ struct PhaseLayout {
 
   void fill(const float* x, const ConvGeometry& g, int64_t c, float* dst) const {
     const float* src = x + c * g.height * g.width;
+    // One padded input row, then split into its sw column phases. Reading the row once,
+    // contiguously, beat gathering every sw-th float per phase by ~3x at stride 2 (measured).
+    thread_local std::vector<float> padded;
+    padded.resize(static_cast<size_t>(sw * ws));
     for (int64_t a = 0; a < sh; ++a) {
-      for (int64_t b = 0; b < sw; ++b) {
-        // Columns j with 0 <= j*sw + b - pad_w < width hold input; the rest is padding.
-        const int64_t j_lo = std::min(ws, std::max<int64_t>(0, ceil_div(g.pad_w - b, sw)));
-        const int64_t j_hi = std::max(j_lo, std::min(ws, ceil_div(g.width + g.pad_w - b, sw)));
-        float* pl = dst + (a * sw + b) * plane;
-        for (int64_t i = 0; i < hs; ++i) {
-          const int64_t y = i * sh + a - g.pad_h;
-          float* row = pl + i * ws;
-          if (y < 0 || y >= g.height) {
-            std::fill(row, row + ws, 0.0f);
-            continue;
+      for (int64_t i = 0; i < hs; ++i) {
+        const int64_t y = i * sh + a - g.pad_h;
+        float* row0 = dst + a * sw * plane + i * ws;  // phase (a, b) row i is at row0 + b * plane
+        const bool inside = y >= 0 && y < g.height;
+        float* p = sw == 1 ? row0 : padded.data();
+        std::fill(p, p + (inside ? g.pad_w : sw * ws), 0.0f);
+        if (inside) {
+          std::memcpy(p + g.pad_w, src + y * g.width, sizeof(float) * static_cast<size_t>(g.width));
+          std::fill(p + g.pad_w + g.width, p + sw * ws, 0.0f);
+        }
+        if (sw == 2) {
+          float* row1 = row0 + plane;
+          for (int64_t j = 0; j < ws; ++j) {
+            row0[j] = p[2 * j];
+            row1[j] = p[2 * j + 1];
           }
-          std::fill(row, row + j_lo, 0.0f);
-          const float* in = src + y * g.width + b - g.pad_w;
-          if (sw == 1) {
-            std::memcpy(row + j_lo, in + j_lo, sizeof(float) * static_cast<size_t>(j_hi - j_lo));
-          } else {
-            for (int64_t j = j_lo; j < j_hi; ++j) row[j] = in[j * sw];
+        } else if (sw > 2) {
+          for (int64_t b = 0; b < sw; ++b) {
+            for (int64_t j = 0; j < ws; ++j) row0[b * plane + j] = p[j * sw + b];
           }
-          std::fill(row + j_hi, row + ws, 0.0f);
         }
       }
     }
