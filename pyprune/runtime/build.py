@@ -33,6 +33,14 @@ class RuntimeModel(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
+        self.eval()
+
+    def train(self, mode: bool = True) -> "RuntimeModel":
+        # Folded BatchNorms have no batch statistics to train with, and the sparse
+        # layers no gradients: a runtime model stays in eval mode.
+        if mode:
+            raise RuntimeError("a RuntimeModel is for inference only; train the model it was built from")
+        return super().train(False)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.graph_module(*args)
