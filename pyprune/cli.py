@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .runtime.plan import RUNTIMES
+from .text import format_table as _format_table
 
 EPILOG = """\
 Naming a model (the same for every subcommand):
@@ -142,7 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, "test")
     _add_run_args(p)
     p.add_argument("--json", action="store_true",
-                   help="end the output with one JSON line holding accuracy and n")
+                   help="end the output with one JSON line holding accuracy and n (and the runtime plan)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="write the top-1 class of every image to FILE, one per line, in dataset order")
+    g = p.add_argument_group("inference runtime (saved .ppz or graph files only)")
+    g.add_argument("--runtime", choices=RUNTIMES,
+                   help="run the saved model through the inference runtime: BatchNorm folded into the conv "
+                        "before it, ReLUs fused, and each Conv2d/Linear layer on the dense (torch) or sparse "
+                        "(CSR) kernel. dense: every layer dense; sparse: every layer the sparse kernel supports "
+                        "(groups 1); auto: per layer the faster of the two, timed at load on the layer's real "
+                        "input shape and cached (by file sha256, batch, threads, CPU) in $PYPRUNE_CACHE, else "
+                        "~/.cache/pyprune/runtime. All three give the same predictions. Default: no runtime, "
+                        "the model as loaded")
+    g.add_argument("--runtime-batch", type=int, default=1, metavar="N",
+                   help="batch size at which --runtime auto times the layers (1: latency; use --batch-size for "
+                        "throughput)")
+    g.add_argument("--verbose", action="store_true",
+                   help="with --runtime, print the per-layer plan: choice, sparsity, BN/ReLU fusion, timings")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", formatter_class=_Formatter, epilog=EPILOG,
@@ -288,15 +306,6 @@ def _load(args: argparse.Namespace):
                       seed=args.seed, num_classes=args.num_classes)
 
 
-def _format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 or i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from .api import model_info
 
@@ -315,18 +324,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_runtime(args: argparse.Namespace):
+    from .runtime import load_runtime
+
+    if not args.model or args.arch or args.weights or args.pretrained or args.trust_pickle:
+        raise ValueError("--runtime runs a saved pyprune model: give a .ppz or graph file written by "
+                         "`pyprune opt -o` or `pyprune compile`, without --arch, --weights, --pretrained "
+                         "or --trust-pickle")
+    return load_runtime(args.model, runtime=args.runtime, batch_size=args.runtime_batch)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .api import evaluate_model, set_threads
 
     set_threads(args.threads)
-    model = _load(args)
+    model = _load_runtime(args) if args.runtime else _load(args)
+    plan = model.module.plan if args.runtime else None
+    if plan is not None and args.verbose:
+        print(plan.table())
     result = evaluate_model(model, args.data, args.split, args.data_root, args.download, args.limit,
                             args.batch_size, progress=not args.no_progress)
-    print(f"{model.name} on {args.data}/{args.split}: top-1 {result.accuracy:.4f} "
+    runtime = f" (runtime {args.runtime})" if args.runtime else ""
+    print(f"{model.name}{runtime} on {args.data}/{args.split}: top-1 {result.accuracy:.4f} "
           f"({round(result.accuracy * result.n)}/{result.n}), loss {result.loss:.4f}, {result.seconds:.1f}s")
+    if args.predictions:
+        Path(args.predictions).write_text("".join(f"{c}\n" for c in result.predictions.tolist()))
     if args.json:
-        print(json.dumps({"model": model.name, "data": args.data, "split": args.split,
-                          "accuracy": result.accuracy, "n": result.n, "loss": result.loss}))
+        summary = {"model": model.name, "data": args.data, "split": args.split,
+                   "accuracy": result.accuracy, "n": result.n, "loss": result.loss}
+        if plan is not None:
+            summary["runtime"] = plan.to_dict()
+        print(json.dumps(summary))
     return 0
 
 

@@ -87,6 +87,7 @@ class EvalResult:
     loss: float
     n: int
     seconds: float
+    predictions: torch.Tensor | None = None  # int64 [n]: the top-1 class of every image, in dataset order
 
 
 def bn_gamma_l1(strength: float) -> Hook:
@@ -206,13 +207,16 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
     model.eval()
     loader = BatchLoader(dataset, batch_size, Normalize(mean, std))
     loss_sum = correct = 0.0
+    predictions = []
     start = time.perf_counter()
     try:
         for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress):
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            predictions.append(logits.argmax(1))
+            correct += (predictions[-1] == y).sum().item()
     finally:
         model.train(was_training)
     n = len(dataset)
-    return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start)
+    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start, predicted)

@@ -1,0 +1,138 @@
+"""Build an inference model from a graph: fold BatchNorm, fuse ReLUs, then give each
+Conv2d/Linear layer the dense or the sparse kernel.
+
+``runtime="dense"`` keeps every layer a torch module, ``"sparse"`` runs every layer
+the sparse kernels can run on them, and ``"auto"`` times both on the layer's real
+input shape (from shape propagation at ``batch_size``) and keeps the faster. All
+three compute the same function as the input graph in eval mode, up to float
+rounding of the folded BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.experimental.optimization import replace_node_module
+
+from ..ir import example_input, output_shape, propagate_shapes
+from .fusion import call_counts, fold_batchnorm, fuse_relu
+from .kernels import backend
+from .measure import time_modules
+from .modules import sparse_layer, sparse_supported, unfused
+from .plan import RUNTIMES, Choice, LayerPlan, RuntimePlan
+
+
+class RuntimeModel(nn.Module):
+    """An inference-only model: ``graph_module`` runs it, ``plan`` says per layer
+    which kernel it uses and why."""
+
+    def __init__(self, graph_module: fx.GraphModule, plan: RuntimePlan) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.eval()
+
+    def train(self, mode: bool = True) -> "RuntimeModel":
+        # Folded BatchNorms have no batch statistics to train with, and the sparse
+        # layers no gradients: a runtime model stays in eval mode.
+        if mode:
+            raise RuntimeError("a RuntimeModel is for inference only; train the model it was built from")
+        return super().train(False)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(*args)
+
+    def table(self) -> str:
+        return self.plan.table()
+
+
+def prepare_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list[str]]:
+    """The dense inference graph of ``gm`` (a copy; ``gm`` is untouched): BatchNorm
+    folded, ReLUs fused. Also the layers that took a BatchNorm and those that took a ReLU."""
+    folded, bn_layers = fold_batchnorm(gm)
+    relu_layers = fuse_relu(folded)
+    return folded, bn_layers, relu_layers
+
+
+def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(unfused(gm.get_submodule(n.target))[0], (nn.modules.conv._ConvNd, nn.Linear))]
+
+
+def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
+    arg = node.args[0] if node.args else None
+    return output_shape(arg) if isinstance(arg, fx.Node) else None
+
+
+def _usable_cache(cached: Mapping[str, Any] | None, measurable: list[str]) -> bool:
+    return cached is not None and all(name in cached for name in measurable)
+
+
+def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str = "auto",
+                  batch_size: int = 1, repeats: int = 5,
+                  cached: Mapping[str, Mapping[str, Any]] | None = None) -> RuntimeModel:
+    """The runtime model of ``gm`` for one-sample input ``input_shape``.
+
+    ``cached`` (``{layer: {"choice", "dense_ms", "sparse_ms"}}``, as :mod:`.cache`
+    stores) replaces the measurement of ``runtime="auto"`` when it covers every layer
+    that has a choice; otherwise every such layer is measured ``repeats`` times."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    graph, bn_layers, relu_layers = prepare_graph(gm)
+    propagate_shapes(graph, example_input(tuple(input_shape), batch_size))
+    counts = call_counts(graph)
+    nodes = _layer_nodes(graph)
+
+    shapes = {n.target: _input_shape(n) for n in nodes}
+    reasons: dict[str, str | None] = {}
+    for node in nodes:
+        if counts[node.target] > 1:
+            reasons[node.target] = f"called at {counts[node.target]} places"
+        elif shapes[node.target] is None:
+            reasons[node.target] = "no input shape"
+        else:
+            reasons[node.target] = sparse_supported(graph.get_submodule(node.target), shapes[node.target])
+    measurable = [n.target for n in nodes if reasons[n.target] is None]
+    from_cache = runtime == "auto" and _usable_cache(cached, measurable)
+    source = "forced" if runtime != "auto" else "cache" if from_cache else "measured"
+
+    modules = dict(graph.named_modules())
+    layers = []
+    for node in nodes:
+        name, dense = node.target, modules[node.target]
+        layer, relu = unfused(dense)
+        shape = shapes[name]
+        choice: Choice = "dense"
+        dense_ms = sparse_ms = None
+        sparse = None
+        if reasons[name] is None and runtime != "dense":
+            sparse = sparse_layer(layer, relu)
+            if runtime == "sparse":
+                choice = "sparse"
+            elif from_cache:
+                entry = cached[name]
+                choice, dense_ms, sparse_ms = entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms")
+            else:
+                dense_ms, sparse_ms = time_modules([dense, sparse], torch.randn(shape), repeats=repeats)
+                choice = "sparse" if sparse_ms < dense_ms else "dense"
+        if choice == "sparse":
+            replace_node_module(node, modules, sparse)
+        layers.append(LayerPlan(name, "linear" if isinstance(layer, nn.Linear) else "conv", shape,
+                                tuple(layer.weight.shape), (layer.weight == 0).float().mean().item(),
+                                name in bn_layers, name in relu_layers, choice, reasons[name] or "",
+                                dense_ms, sparse_ms))
+    graph.recompile()
+    graph.eval().requires_grad_(False)
+    plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers)
+    return RuntimeModel(graph, plan)
+
+
+def plan_cache_entry(plan: RuntimePlan) -> dict[str, dict[str, Any]]:
+    """What :mod:`.cache` stores of a measured plan: the layers that had a choice."""
+    return {p.name: {"choice": p.choice, "dense_ms": p.dense_ms, "sparse_ms": p.sparse_ms}
+            for p in plan.layers if not p.reason}

@@ -1,0 +1,82 @@
+"""Inference-time graph rewrites: fold BatchNorm into the layer before it, fuse a
+ReLU into the layer before it.
+
+Both keep the function of the graph in eval mode (up to float rounding of the
+folded weights) and leave a graph of plain torch modules: a layer with a fused ReLU
+becomes torch's ``ConvReLU2d`` / ``LinearReLU`` container, which the runtime then
+runs densely or swaps for a sparse module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse, replace_node_module
+
+from .modules import dense_layer
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of ``gm`` in eval mode with every BatchNorm whose input is a Conv or
+    Linear output used by nothing else folded into that layer (torch's
+    ``fx.experimental.optimization.fuse``); also the names of the layers folded into."""
+    gm = copy.deepcopy(gm).eval()
+    before = dict(gm.named_modules())
+    folded = fuse(gm, inplace=True, no_trace=True)
+    # fuse() puts a new module in place of each layer it folds into.
+    names = [name for name, m in folded.named_modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and before.get(name) is not m]
+    folded.delete_all_unused_submodules()
+    return folded.eval(), names
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many ``call_module`` nodes call each module."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def fuse_relu(gm: fx.GraphModule) -> list[str]:
+    """In place: where a Conv2d or Linear called once has a ReLU as the only user of
+    its output, make the layer torch's layer+ReLU container and drop the ReLU node.
+    Returns the names of the layers that took a ReLU."""
+    modules = dict(gm.named_modules())
+    counts = call_counts(gm)
+    fused = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) not in (nn.Conv2d, nn.Linear):
+            continue
+        # A shared layer would take the ReLU at every call site; leave it alone.
+        if counts[node.target] != 1 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if not _is_relu(gm, user) or user.args[:1] != (node,):
+            continue
+        replace_node_module(node, modules, dense_layer(modules[node.target], relu=True))
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        fused.append(node.target)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return fused
+
+
+__all__ = ["call_counts", "fold_batchnorm", "fuse_relu"]

@@ -1,0 +1,152 @@
+"""Sparse kernels for inference: the CSR weight format and thin wrappers over the
+native kernels of ``pyprune._C``.
+
+A weight of shape ``(OC, *rest)`` is stored as a CSR matrix with one row per output
+channel and ``prod(rest)`` columns: for a convolution the column of weight
+``[oc, ic, kh, kw]`` is ``(ic * KH + kh) * KW + kw``, the row-major flattening. Only
+non-zero values are stored (a ``-0.0`` counts as zero and comes back as ``+0.0``).
+
+The wrappers call ``pyprune._C.sparse_conv2d`` / ``sparse_linear`` when the built
+extension has them, else :func:`reference_conv2d` / :func:`reference_linear`, which
+rebuild the dense weight and call ``F.conv2d`` / ``F.linear``. The references stay
+as the independent expectation the native kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from .. import _native
+
+Pair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CSR:
+    """A weight ``(OC, *rest)`` as CSR: ``rowptr`` int32 ``[OC+1]``, ``colidx`` int32
+    ``[nnz]`` (ascending within a row), ``values`` float32 ``[nnz]``; ``shape`` is the
+    dense weight's shape, so ``kernel_size`` is ``shape[2:]`` for a convolution."""
+
+    rowptr: torch.Tensor
+    colidx: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
+        if self.rowptr.dtype != torch.int32 or self.colidx.dtype != torch.int32:
+            raise ValueError("CSR rowptr and colidx must be int32")
+        if self.values.dtype != torch.float32:
+            raise ValueError(f"CSR values must be float32, got {self.values.dtype}")
+        if self.rowptr.shape != (rows + 1,) or self.colidx.shape != self.values.shape or self.values.dim() != 1:
+            raise ValueError(f"inconsistent CSR for shape {self.shape}: rowptr {tuple(self.rowptr.shape)}, "
+                             f"colidx {tuple(self.colidx.shape)}, values {tuple(self.values.shape)}")
+        if int(self.rowptr[-1]) != self.values.numel() or (self.colidx.numel() and int(self.colidx.max()) >= cols):
+            raise ValueError(f"CSR indices out of range for shape {self.shape}")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> "CSR":
+        """Exact CSR of a float32 weight of at least 2 dimensions (``to_dense`` gives it
+        back bit for bit, but for the sign of zeros)."""
+        if weight.dim() < 2:
+            raise ValueError(f"CSR needs a weight with at least 2 dimensions, got shape {tuple(weight.shape)}")
+        if weight.dtype != torch.float32:
+            raise ValueError(f"CSR stores float32 weights, got {weight.dtype}")
+        matrix = weight.detach().cpu().reshape(weight.shape[0], -1)
+        if matrix.numel() >= 2**31:
+            raise ValueError(f"weight of {matrix.numel()} elements does not fit int32 CSR indices")
+        nonzero = matrix != 0
+        rowptr = torch.zeros(matrix.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(nonzero.sum(1), 0, out=rowptr[1:])
+        # nonzero() lists indices in row-major order, which is the CSR order.
+        colidx = nonzero.nonzero()[:, 1]
+        return cls(rowptr.to(torch.int32), colidx.to(torch.int32).contiguous(),
+                   matrix[nonzero].contiguous(), tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        rows = self.shape[0]
+        counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
+        row_of = torch.repeat_interleave(torch.arange(rows), counts)
+        matrix = torch.zeros(rows, math.prod(self.shape[1:]), dtype=torch.float32)
+        matrix[row_of, self.colidx.long()] = self.values
+        return matrix.reshape(self.shape)
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(math.prod(self.shape), 1)
+
+
+def native_module() -> ModuleType | None:
+    """``pyprune._C`` if it has both sparse kernels, else None (the reference is used)."""
+    try:
+        module = _native.cpu()
+    except ImportError:
+        return None
+    return module if hasattr(module, "sparse_conv2d") and hasattr(module, "sparse_linear") else None
+
+
+def backend() -> str:
+    """``"native"`` or ``"reference"``: which implementation the wrappers call."""
+    return "native" if native_module() is not None else "reference"
+
+
+def _finish(out: torch.Tensor, relu: bool) -> torch.Tensor:
+    return out.relu_() if relu else out
+
+
+def reference_conv2d(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
+                     dilation: Pair, relu: bool) -> torch.Tensor:
+    """The native kernel's contract, in plain torch: rebuild the weight, convolve."""
+    return _finish(F.conv2d(x, csr.to_dense(), bias, stride, padding, dilation), relu)
+
+
+def reference_linear(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    return _finish(F.linear(x, csr.to_dense(), bias), relu)
+
+
+def _check_input(x: torch.Tensor, dims: int, what: str) -> torch.Tensor:
+    if x.dim() != dims or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{what} takes a float32 CPU tensor of {dims} dimensions, "
+                         f"got {x.dtype} {x.device.type} of shape {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def sparse_conv2d(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
+                  dilation: Pair, relu: bool, isa: str = "auto") -> torch.Tensor:
+    """``conv2d(x, csr.to_dense(), bias, stride, padding, dilation)`` (groups 1), then ReLU
+    if ``relu``. ``x`` is ``[N, C, H, W]`` float32 on the CPU; ``isa`` picks the native
+    kernel's instruction set (ignored by the reference)."""
+    x = _check_input(x, 4, "sparse_conv2d")
+    if len(csr.shape) != 4:
+        raise ValueError(f"sparse_conv2d needs a 4-D weight's CSR, got shape {csr.shape}")
+    native = native_module()
+    if native is None:
+        return reference_conv2d(x, csr, bias, stride, padding, dilation, relu)
+    kh, kw = csr.kernel_size
+    return native.sparse_conv2d(x, csr.rowptr, csr.colidx, csr.values, (kh, kw), bias, tuple(stride),
+                                tuple(padding), tuple(dilation), relu, isa)
+
+
+def sparse_linear(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, relu: bool,
+                  isa: str = "auto") -> torch.Tensor:
+    """``linear(x, csr.to_dense(), bias)``, then ReLU if ``relu``; ``x`` is ``[N, IN]``."""
+    x = _check_input(x, 2, "sparse_linear")
+    if len(csr.shape) != 2:
+        raise ValueError(f"sparse_linear needs a 2-D weight's CSR, got shape {csr.shape}")
+    native = native_module()
+    if native is None:
+        return reference_linear(x, csr, bias, relu)
+    return native.sparse_linear(x, csr.rowptr, csr.colidx, csr.values, bias, relu, isa)

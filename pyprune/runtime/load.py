@@ -1,0 +1,46 @@
+"""Load a saved model for inference with the runtime, using the on-disk cache of
+measured choices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..api import LoadedModel, load_model
+from ..encode import is_graph_file
+from ..encode.ppz import is_ppz
+from .build import build_runtime, plan_cache_entry
+from .cache import CacheKey, cpu_model, default_cache_dir, file_sha256, read_entry, write_entry
+from .kernels import backend
+
+
+def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int = 1, repeats: int = 5,
+                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> LoadedModel:
+    """Load a saved pyprune model (``.ppz`` or graph file) as a runtime model.
+
+    The returned model's ``module`` is a :class:`~pyprune.runtime.build.RuntimeModel`
+    (its ``plan`` lists the per-layer choices). With ``runtime="auto"`` the choices
+    are read from the cache folder (``cache_dir``, else ``$PYPRUNE_CACHE``, else
+    ``~/.cache/pyprune/runtime``) when an entry exists for this file's sha256, batch
+    size, thread count, CPU model and kernel backend; otherwise they are measured and
+    stored there. ``use_cache=False`` always measures and stores nothing.
+
+    Raises ``ValueError`` for a file that is not a saved pyprune model."""
+    if not (Path(path).is_file() and (is_ppz(path) or is_graph_file(path))):
+        raise ValueError(f"{path} is not a saved pyprune model: the runtime loads a .ppz container or a graph "
+                         "file written by `pyprune opt -o` or `pyprune compile`")
+    model = load_model(str(path))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cached = None
+    if runtime == "auto" and use_cache:
+        key = CacheKey(file_sha256(path), batch_size, torch.get_num_threads(), cpu_model(), backend())
+        cached = read_entry(cache, key)
+    module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached)
+    if key is not None:
+        written = cache / key.filename() if module.plan.source == "cache" else \
+            write_entry(cache, key, plan_cache_entry(module.plan))
+        module.plan.cache_file = str(written) if written else None
+    model.module = module
+    return model

@@ -1,0 +1,109 @@
+"""Inference modules the runtime puts in place of a Conv2d or Linear layer.
+
+Both paths compute ``relu?(layer(x))`` with the bias fused in: the dense path is
+torch's own module (``nn.Conv2d`` / ``nn.Linear``, or torch's fused
+``ConvReLU2d`` / ``LinearReLU`` container when a ReLU was fused into the layer);
+the sparse path is :class:`SparseConv2d` / :class:`SparseLinear` over a CSR weight.
+All are inference only: no parameter requires a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao.nn.intrinsic import ConvReLU2d, LinearReLU
+
+from .kernels import CSR, sparse_conv2d, sparse_linear
+
+Layer = nn.Conv2d | nn.Linear
+
+
+def unfused(module: nn.Module) -> tuple[nn.Module, bool]:
+    """``(layer, relu)`` of a layer or of torch's fused layer+ReLU container."""
+    if isinstance(module, (ConvReLU2d, LinearReLU)):
+        return module[0], True
+    return module, False
+
+
+def sparse_supported(module: nn.Module, input_shape: tuple[int, ...] | None) -> str | None:
+    """Why the sparse kernels cannot run this layer, or None if they can."""
+    layer, _ = unfused(module)
+    if type(layer) is nn.Conv2d:
+        if layer.groups != 1:
+            return f"groups={layer.groups} (the sparse kernel needs 1)"
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return f"padding {layer.padding!r} mode {layer.padding_mode}"
+        if input_shape is not None and len(input_shape) != 4:
+            return f"input of shape {input_shape}"
+    elif type(layer) is nn.Linear:
+        if input_shape is not None and len(input_shape) != 2:
+            return f"input of shape {input_shape} (the sparse kernel takes [N, IN])"
+    else:
+        return f"{type(layer).__name__} has no sparse kernel"
+    if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
+        return f"weight is {layer.weight.dtype} on {layer.weight.device}"
+    return None
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def dense_layer(layer: Layer, relu: bool) -> nn.Module:
+    """The dense path: ``layer`` itself, or torch's fused container with a ReLU after it."""
+    if not relu:
+        return _frozen(layer)
+    fused = ConvReLU2d(layer, nn.ReLU()) if isinstance(layer, nn.Conv2d) else LinearReLU(layer, nn.ReLU())
+    return _frozen(fused)
+
+
+class _SparseLayer(nn.Module):
+    """Holds the CSR weight (also as buffers, so ``state_dict`` shows it) and the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> None:
+        super().__init__()
+        self.csr = CSR.from_dense(weight)
+        self.register_buffer("rowptr", self.csr.rowptr)
+        self.register_buffer("colidx", self.csr.colidx)
+        self.register_buffer("values", self.csr.values)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.relu = relu
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.csr.density
+
+    def extra_repr(self) -> str:
+        return f"shape={self.csr.shape}, nnz={self.csr.nnz}, bias={self.bias is not None}, relu={self.relu}"
+
+
+class SparseConv2d(_SparseLayer):
+    """``relu?(conv2d(x, W, b))`` of a groups-1 ``nn.Conv2d`` with zero padding, on its CSR."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
+        reason = sparse_supported(conv, None)
+        if reason:
+            raise ValueError(f"SparseConv2d cannot run this convolution: {reason}")
+        super().__init__(conv.weight, conv.bias, relu)
+        self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self.csr, self.bias, self.stride, self.padding, self.dilation, self.relu)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+
+
+class SparseLinear(_SparseLayer):
+    """``relu?(linear(x, W, b))`` of an ``nn.Linear`` on a ``[N, IN]`` input, on its CSR."""
+
+    def __init__(self, linear: nn.Linear, relu: bool = False) -> None:
+        super().__init__(linear.weight, linear.bias, relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.csr, self.bias, self.relu)
+
+
+def sparse_layer(layer: Layer, relu: bool) -> nn.Module:
+    """The sparse path for ``layer`` (check :func:`sparse_supported` first)."""
+    return SparseConv2d(layer, relu) if isinstance(layer, nn.Conv2d) else SparseLinear(layer, relu)

@@ -1,0 +1,76 @@
+"""The runtime's record of what it decided per layer, and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..text import format_table
+
+Choice = Literal["dense", "sparse"]
+RUNTIMES = ("dense", "sparse", "auto")
+
+
+@dataclass
+class LayerPlan:
+    """One Conv2d/Linear layer of the runtime graph.
+
+    ``choice`` is the kernel it runs; ``reason`` says why when the choice was not
+    measured (forced, or the sparse kernels cannot run the layer). ``dense_ms`` and
+    ``sparse_ms`` are median times of one call at the plan's batch size, None where
+    nothing was measured."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    input_shape: tuple[int, ...] | None
+    weight_shape: tuple[int, ...]
+    sparsity: float  # share of exact zeros in the weight
+    bn_folded: bool
+    relu_fused: bool
+    choice: Choice
+    reason: str = ""
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RuntimePlan:
+    """The per-layer plan of a runtime model. ``source`` is ``"forced"`` (dense or
+    sparse asked for), ``"measured"`` (auto, timed at load) or ``"cache"`` (auto,
+    choices and their timings read back from the cache, nothing re-measured)."""
+
+    runtime: str
+    batch_size: int
+    threads: int
+    backend: str  # "native" or "reference": which sparse kernels ran
+    source: str
+    layers: list[LayerPlan] = field(default_factory=list)
+    cache_file: str | None = None
+
+    def choices(self) -> dict[str, Choice]:
+        return {layer.name: layer.choice for layer in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [layer.to_dict() for layer in self.layers]
+        return d
+
+    def table(self) -> str:
+        """A fixed-width table of the layers, then a one-line summary."""
+        def ms(v: float | None) -> str:
+            return f"{v:.3f}" if v is not None else "-"
+
+        headers = ("layer", "kind", "input", "sparsity", "bn", "relu", "dense ms", "sparse ms", "choice")
+        rows = [(p.name, p.kind, "x".join(map(str, p.input_shape)) if p.input_shape else "-",
+                 f"{p.sparsity:.3f}", "folded" if p.bn_folded else "-", "fused" if p.relu_fused else "-",
+                 ms(p.dense_ms), ms(p.sparse_ms), p.choice + (f" ({p.reason})" if p.reason else ""))
+                for p in self.layers]
+        lines = [format_table(headers, rows)]
+        n_sparse = sum(p.choice == "sparse" for p in self.layers)
+        lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse; batch {self.batch_size}, "
+                     f"{self.threads} threads, {self.backend} sparse kernels, choices {self.source}"
+                     + (f" ({self.cache_file})" if self.cache_file else ""))
+        return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The sparse and dense inference modules against the torch layers they replace."""
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.intrinsic import ConvReLU2d, LinearReLU
+
+from pyprune.runtime import SparseConv2d, SparseLinear
+from pyprune.runtime.modules import dense_layer, sparse_layer, sparse_supported, unfused
+
+
+def pruned(layer, density=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(layer.weight.shape, generator=g) < density)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_conv_module_matches_conv(relu, bias):
+    conv = pruned(nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1, bias=bias))
+    x = torch.randn(3, 6, 15, 15)
+    with torch.no_grad():
+        want = conv(x).relu() if relu else conv(x)
+        sparse, dense = SparseConv2d(conv, relu), dense_layer(conv, relu)
+        assert torch.allclose(sparse(x), want, atol=1e-5) and torch.equal(dense(x), want)
+    assert isinstance(dense, ConvReLU2d if relu else nn.Conv2d)
+    assert sparse.sparsity == pytest.approx((conv.weight == 0).float().mean().item())
+    assert not any(p.requires_grad for p in dense.parameters()) and "nnz=" in repr(sparse)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_sparse_linear_module_matches_linear(relu):
+    linear = pruned(nn.Linear(20, 7))
+    x = torch.randn(5, 20)
+    with torch.no_grad():
+        want = linear(x).relu() if relu else linear(x)
+        sparse, dense = sparse_layer(linear, relu), dense_layer(linear, relu)
+        assert isinstance(sparse, SparseLinear) and isinstance(dense, LinearReLU if relu else nn.Linear)
+        assert torch.allclose(sparse(x), want, atol=1e-5) and torch.equal(dense(x), want)
+    assert unfused(dense) == (linear, relu)
+
+
+def test_what_the_sparse_kernels_refuse():
+    assert sparse_supported(nn.Conv2d(4, 4, 3), (1, 4, 8, 8)) is None
+    assert "groups" in sparse_supported(nn.Conv2d(4, 4, 3, groups=2), (1, 4, 8, 8))
+    assert "padding" in sparse_supported(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (1, 4, 8, 8))
+    assert "Conv1d" in sparse_supported(nn.Conv1d(4, 4, 3), (1, 4, 8))
+    assert "input of shape" in sparse_supported(nn.Linear(4, 2), (1, 3, 4))
+    with pytest.raises(ValueError, match="groups"):
+        SparseConv2d(nn.Conv2d(4, 4, 3, groups=4))
