@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from _measure import interleaved_medians, table
 from pyprune import _native
 from pyprune.models import build_model
+from pyprune.runtime.kernels import CSR
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,13 @@ def pruned_weight(shape: ConvShape, sparsity: float, gen: torch.Generator) -> to
     return w
 
 
-def to_csr(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = w.reshape(w.shape[0], -1)
-    rowptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int32)
-    rowptr[1:] = (rows != 0).sum(1).cumsum(0)
-    r, c = (rows != 0).nonzero(as_tuple=True)
-    return rowptr, c.to(torch.int32), rows[r, c].contiguous()
-
-
 def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, variants: dict[str, dict]) -> list[float]:
     """Median seconds of dense conv2d, then of each sparse variant (kwargs of sparse_conv2d)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=gen)
     w = pruned_weight(shape, sparsity, gen)
-    rowptr, col, val = to_csr(w)
+    csr = CSR.from_dense(w)
+    rowptr, col, val = csr.rowptr, csr.colidx, csr.values
     s = (shape.stride, shape.stride)
     dense = lambda: F.conv2d(x, w, None, s, (1, 1))  # noqa: E731
     sparse = [lambda kw=kw: C.sparse_conv2d(x, rowptr, col, val, (3, 3), None, s, (1, 1), (1, 1), False, **kw)

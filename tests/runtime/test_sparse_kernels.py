@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pyprune import _native
+from pyprune.runtime.kernels import CSR
 
 C = _native.cpu()
 ALL_ISAS = ["scalar", "avx2", "avx512"]
@@ -30,12 +31,8 @@ ISAS = [isa_param(n) for n in ALL_ISAS]
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows = dim 0, columns = the rest flattened in C order (the kernels' contract)."""
-    rows = weight.reshape(weight.shape[0], -1)
-    rowptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int32)
-    rowptr[1:] = (rows != 0).sum(1).cumsum(0)
-    r, c = (rows != 0).nonzero(as_tuple=True)
-    return rowptr, c.to(torch.int32), rows[r, c].contiguous()
+    csr = CSR.from_dense(weight)  # its exactness is tested in test_kernels.py
+    return csr.rowptr, csr.colidx, csr.values
 
 
 def sparse_weight(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
