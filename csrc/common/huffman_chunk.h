@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define PYPRUNE_HD __host__ __device__ __forceinline__
@@ -34,18 +35,20 @@ constexpr int kMaxCodeLength = 24;  // as huff::kMaxCodeLength (huffman.h), whic
 // Outcome of decoding one chunk; the order of the non-ok values is irrelevant.
 enum Status : int32_t { kOk = 0, kBadCode = 1, kOverrun = 2, kUnderrun = 3 };
 
-// What a chunk with the given non-ok status holds, for CorruptError messages.
-inline const char* status_text(int32_t status) {
-  switch (status) {
-    case kBadCode:
-      return "a bit pattern that is no code";
-    case kOverrun:
-      return "a code running past the chunk's end";
-    case kUnderrun:
-      return "bits left over after its last symbol";
-    default:
-      return "an unknown decoding error";
-  }
+// The CorruptError message for a stream (`what` names it) whose lowest failing chunk is
+// `chunk`, with a non-ok status. Host only; every decoder reports through this.
+inline std::string chunk_error_message(const std::string& what, uint64_t chunk, int32_t status) {
+  const char* holds = status == kBadCode    ? "a bit pattern that is no code"
+                      : status == kOverrun  ? "a code running past the chunk's end"
+                      : status == kUnderrun ? "bits left over after its last symbol"
+                                            : "an unknown decoding error";
+  return what + ": chunk " + std::to_string(chunk) + " holds " + holds;
+}
+
+// The CorruptError message for a stream whose chunks decoded but whose payload padding
+// bits are not all zero (checked after the chunks, so a bad chunk is reported first).
+inline std::string padding_error_message(const std::string& what) {
+  return what + ": nonzero padding after the payload";
 }
 
 // Canonical decode tables: a plain struct (no pointers) so it can be copied to the device

@@ -434,10 +434,8 @@ void for_each_chunk(const StreamView& s, int threads, F&& decode) {
       }
     }
   }
-  if (bad != chunk::kOk) {
-    throw CorruptError(s.what + ": chunk " + u(static_cast<uint64_t>(bad_chunk)) + " holds " + chunk::status_text(bad));
-  }
-  if (!padding_is_zero(s)) throw CorruptError(s.what + ": nonzero padding after the payload");
+  if (bad != chunk::kOk) throw CorruptError(chunk::chunk_error_message(s.what, static_cast<uint64_t>(bad_chunk), bad));
+  if (!padding_is_zero(s)) throw CorruptError(chunk::padding_error_message(s.what));
 }
 
 template <typename OutT>
