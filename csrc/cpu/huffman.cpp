@@ -291,13 +291,14 @@ struct Multi {
   // Where the entry's layout is the output's (uint8, uint16), one 8-byte store writes all
   // the symbols (and garbage after them, which the next symbols overwrite).
   static constexpr bool kWordStore = sizeof(OutT) * 8 == kSymBits;
-  // Elements past out[i] a store may touch: the fast loop keeps them inside the chunk, as
-  // other threads write the next one.
+  // Elements from o[i] on that one store writes: the fast loop keeps them inside the
+  // chunk, as another thread may be writing the next one.
   static constexpr uint64_t kSlack = kWordStore ? 8 / sizeof(OutT) : kSlots;
 
   static void store(OutT* o, uint64_t syms) {
     if constexpr (kWordStore) {
-      std::memcpy(o, &syms, 8);  // little-endian: the first symbol lands in o[0]
+      static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the first symbol must land in o[0]");
+      std::memcpy(o, &syms, 8);
     } else {
       for (int k = 0; k < kSlots; ++k) o[k] = static_cast<OutT>((syms >> (k * kSymBits)) & ((1u << kSymBits) - 1));
     }
@@ -400,7 +401,7 @@ int32_t decode_chunk_fast(const DecodeTable<OutT>& t, const StreamView& s, uint6
   BitReader r(s.payload, s.payload_bytes, start);
   uint64_t used = 0, i = 0;
   while (t.has_multi && i + M::kSlack <= count) {
-    // 56 buffered bits cover two lookups of <= 11 bits or one long code between refills.
+    // The longest code needs 24 bits; a refill leaves >= 56, two or more lookups' worth.
     if (r.available() < kMaxCodeLength) r.refill();
     const uint64_t w = r.bits();
     const uint64_t e = t.multi[w >> (64 - kLutBits)];
