@@ -115,7 +115,7 @@ def main() -> None:
     import pyprune
 
     print(f"pyprune from {Path(pyprune.__file__).parent}; torch {torch.__version__}, 1 torch thread; "
-          f"OpenMP max {C.omp_max_threads()} threads")
+          "decoder threads passed to each call (OpenMP num_threads)")
 
     if args.ppz:
         data, source = args.ppz.read_bytes(), str(args.ppz)

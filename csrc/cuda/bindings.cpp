@@ -87,7 +87,8 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& chunk_off
   const c10::cuda::CUDAGuard guard(payload.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto on_device = payload.options();
-  at::Tensor out = at::empty({static_cast<int64_t>(n_symbols)}, on_device.dtype(dtype == "int32" ? at::kInt : at::kUInt16));
+  const auto out_dtype = dtype == "int32" ? at::kInt : at::kUInt16;
+  at::Tensor out = at::empty({static_cast<int64_t>(n_symbols)}, on_device.dtype(out_dtype));
   if (n_symbols == 0) return out;
 
   // Tables built on the host, then copied as bytes (the Table has no pointers).
@@ -98,10 +99,12 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& chunk_off
     TORCH_CHECK(len[s] <= chunk::kMaxCodeLength, "huffman_decode (CUDA): code length above 24");
     if (len[s]) kraft += uint64_t{1} << (chunk::kMaxCodeLength - len[s]);
   }
-  TORCH_CHECK(kraft <= (uint64_t{1} << chunk::kMaxCodeLength), "huffman_decode (CUDA): code lengths violate Kraft's inequality");
+  TORCH_CHECK(kraft <= (uint64_t{1} << chunk::kMaxCodeLength),
+              "huffman_decode (CUDA): code lengths violate Kraft's inequality");
   at::Tensor table = at::empty({static_cast<int64_t>(sizeof(chunk::Table))}, at::kByte);
   at::Tensor sorted = at::empty({lengths.numel()}, at::kShort);
-  chunk::build_table(len, static_cast<uint32_t>(lengths.numel()), *reinterpret_cast<chunk::Table*>(table.mutable_data_ptr()),
+  chunk::build_table(len, static_cast<uint32_t>(lengths.numel()),
+                     *reinterpret_cast<chunk::Table*>(table.mutable_data_ptr()),
                      reinterpret_cast<uint16_t*>(sorted.mutable_data_ptr<int16_t>()));
   const at::Tensor table_d = table.to(payload.device());
   const at::Tensor sorted_d = sorted.to(payload.device());

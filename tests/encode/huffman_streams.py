@@ -27,7 +27,8 @@ def _pack_bits(bits: str) -> bytes:
 def record(n: int, chunk: int, lengths: Sequence[int], chunk_bits: Sequence[int], payload: bytes) -> bytes:
     """A stream record from its raw fields (which need not be consistent)."""
     table = _pack_bits("".join(format(l, "05b") for l in lengths))
-    return struct.pack("<QII", n, chunk, len(lengths)) + table + struct.pack(f"<{len(chunk_bits)}I", *chunk_bits) + payload
+    head = struct.pack("<QII", n, chunk, len(lengths))
+    return head + table + struct.pack(f"<{len(chunk_bits)}I", *chunk_bits) + payload
 
 
 def encode_with_lengths(symbols: Sequence[int], lengths: Sequence[int], chunk: int) -> bytes:
@@ -96,7 +97,8 @@ def stream_cases() -> list[tuple[str, bytes, int, np.ndarray]]:
         lengths = spread(EVERY_LENGTH, alphabet)
         for skew in ("uniform", "mostly-short"):
             s = sample(lengths, 6000, rng, skew)
-            cases.append((f"every-length-{alphabet}-{skew}", encode_with_lengths(s.tolist(), lengths, 700), alphabet, s))
+            data = encode_with_lengths(s.tolist(), lengths, 700)
+            cases.append((f"every-length-{alphabet}-{skew}", data, alphabet, s))
     return cases
 
 

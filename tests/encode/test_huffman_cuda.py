@@ -16,7 +16,8 @@ from pyprune.encode.ppz import CorruptFileError
 from .huffman_streams import EVERY_LENGTH, encode_with_lengths, model_streams, mutants, sample, spread, stream_cases
 
 C = _native.cpu()
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="no CUDA device (torch.cuda.is_available() is False)")
 
 
 @pytest.fixture(scope="module")

@@ -117,12 +117,15 @@ def _check_corruptions(data: bytes, alphabet: int, count: int, against_reference
     assert corrupt > count // 2
 
 
-@pytest.mark.parametrize("name,data,alphabet", _streams_to_corrupt(SHORT), ids=[s[0] for s in _streams_to_corrupt(SHORT)])
+SHORT_STREAMS, LONG_STREAMS = _streams_to_corrupt(SHORT), _streams_to_corrupt(LONG)
+
+
+@pytest.mark.parametrize("name,data,alphabet", SHORT_STREAMS, ids=[s[0] for s in SHORT_STREAMS])
 def test_corruptions_give_the_same_outcome_everywhere(name, data, alphabet):
     _check_corruptions(data, alphabet, 300, against_reference=True)
 
 
-@pytest.mark.parametrize("name,data,alphabet", _streams_to_corrupt(LONG), ids=[s[0] for s in _streams_to_corrupt(LONG)])
+@pytest.mark.parametrize("name,data,alphabet", LONG_STREAMS, ids=[s[0] for s in LONG_STREAMS])
 def test_corruptions_of_long_streams_give_the_same_outcome_everywhere(name, data, alphabet):
     # The multi-symbol path against the one-code-at-a-time ones (the reference is slow
     # here: it checks only what the decoders accept).
