@@ -81,19 +81,65 @@ py::bytes huffman_encode(const at::Tensor& symbols, uint32_t alphabet, uint32_t 
   return to_bytes(out);
 }
 
-py::tuple huffman_decode(const py::object& data, uint32_t alphabet, int threads) {
+// Symbols decode straight into the returned tensor: no staging buffer, no widening copy.
+py::tuple huffman_decode(const py::object& data, uint32_t alphabet, int threads, const std::string& dtype) {
   ByteView buf(data);
   pyprune::Reader r(buf.data(), buf.size(), "stream");
   const huff::StreamView s = huff::parse_stream(r, alphabet, "huffman stream");
-  std::vector<uint16_t> sym(s.n_symbols);
+  const int64_t n = static_cast<int64_t>(s.n_symbols);
+  const int nt = resolve_threads(threads);
+  at::Tensor out;
+  if (dtype == "int32") {
+    out = at::empty({n}, at::kInt);
+    py::gil_scoped_release nogil;
+    huff::decode_stream(s, out.mutable_data_ptr<int32_t>(), nt);
+  } else if (dtype == "uint16") {
+    out = at::empty({n}, at::kUInt16);
+    py::gil_scoped_release nogil;
+    huff::decode_stream(s, out.mutable_data_ptr<uint16_t>(), nt);
+  } else if (dtype == "uint8") {
+    out = at::empty({n}, at::kByte);
+    py::gil_scoped_release nogil;
+    huff::decode_stream(s, out.mutable_data_ptr<uint8_t>(), nt);
+  } else {
+    throw std::invalid_argument("huffman_decode: dtype must be 'int32', 'uint16' or 'uint8', not '" + dtype + "'");
+  }
+  return py::make_tuple(out, static_cast<uint64_t>(r.pos()));
+}
+
+py::tuple huffman_decode_portable(const py::object& data, uint32_t alphabet) {
+  ByteView buf(data);
+  pyprune::Reader r(buf.data(), buf.size(), "stream");
+  const huff::StreamView s = huff::parse_stream(r, alphabet, "huffman stream");
+  at::Tensor out = at::empty({static_cast<int64_t>(s.n_symbols)}, at::kUInt16);
   {
     py::gil_scoped_release nogil;
-    huff::decode_stream(s, sym.data(), resolve_threads(threads));
+    huff::decode_stream_portable(s, out.mutable_data_ptr<uint16_t>());
   }
-  at::Tensor out = at::empty({static_cast<int64_t>(sym.size())}, at::kInt);
-  int32_t* o = out.mutable_data_ptr<int32_t>();
-  for (size_t i = 0; i < sym.size(); ++i) o[i] = sym[i];
   return py::make_tuple(out, static_cast<uint64_t>(r.pos()));
+}
+
+// The validated parts of a stream record, for decoders outside this module (the CUDA one).
+py::dict huffman_parse(const py::object& data, uint32_t alphabet) {
+  ByteView buf(data);
+  pyprune::Reader r(buf.data(), buf.size(), "stream");
+  const huff::StreamView s = huff::parse_stream(r, alphabet, "huffman stream");
+  at::Tensor lengths = at::empty({static_cast<int64_t>(s.lengths.size())}, at::kByte);
+  std::memcpy(lengths.mutable_data_ptr<uint8_t>(), s.lengths.data(), s.lengths.size());
+  at::Tensor offsets = at::empty({static_cast<int64_t>(s.chunk_offsets.size())}, at::kLong);
+  std::memcpy(offsets.mutable_data_ptr<int64_t>(), s.chunk_offsets.data(), 8 * s.chunk_offsets.size());
+  at::Tensor payload = at::empty({static_cast<int64_t>(s.payload_bytes)}, at::kByte);
+  if (s.payload_bytes) std::memcpy(payload.mutable_data_ptr<uint8_t>(), s.payload, s.payload_bytes);
+  py::dict d;
+  d["n_symbols"] = s.n_symbols;
+  d["chunk_symbols"] = s.chunk_symbols;
+  d["lengths"] = lengths;
+  d["chunk_offsets"] = offsets;
+  d["payload"] = payload;
+  d["padding_ok"] = huff::padding_is_zero(s);
+  d["record_bytes"] = s.record_bytes;
+  d["what"] = s.what;
+  return d;
 }
 
 py::tuple ppz_encode_section(const std::string& name, int dtype, const std::vector<uint64_t>& shape,
@@ -192,6 +238,7 @@ py::dict stream_dict(const ppz::StreamStats& st) {
   d["payload_bytes"] = st.payload_bytes;
   d["payload_bits"] = st.payload_bits;
   d["bytes"] = st.record_bytes;
+  d["offset"] = st.record_offset;
   d["entropy_bits"] = st.entropy_bits;
   return d;
 }
@@ -261,7 +308,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("huffman_encode", &huffman_encode, py::arg("symbols"), py::arg("alphabet"),
         py::arg("chunk_symbols") = huff::kDefaultChunkSymbols, "One .ppz Huffman stream record as bytes.");
   m.def("huffman_decode", &huffman_decode, py::arg("data"), py::arg("alphabet"), py::arg("threads") = -1,
-        "Decode one stream record at the start of data: (int32 symbols, record bytes). Raises CorruptFileError.");
+        py::arg("dtype") = "int32",
+        "Decode one stream record at the start of data: (symbols, record bytes). dtype: 'int32', 'uint16' "
+        "or 'uint8' (alphabet <= 256). Raises CorruptFileError.");
+  m.def("huffman_decode_portable", &huffman_decode_portable, py::arg("data"), py::arg("alphabet"),
+        "Test hook: huffman_decode(dtype='uint16', threads=1) by the per-chunk code of the CUDA decoder.");
+  m.def("huffman_parse", &huffman_parse, py::arg("data"), py::arg("alphabet"),
+        "Validate one stream record: {n_symbols, chunk_symbols, lengths (uint8), chunk_offsets (int64 bit "
+        "offsets, n_chunks + 1), payload (uint8 copy), padding_ok, record_bytes, what}. Raises CorruptFileError.");
   m.def("ppz_encode_section", &ppz_encode_section, py::arg("name"), py::arg("dtype"), py::arg("shape"),
         py::arg("data"), py::arg("codebook"), py::arg("gap_bits"), py::arg("encoding") = -1,
         py::arg("chunk_symbols") = huff::kDefaultChunkSymbols,

@@ -6,13 +6,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
+
+#include "../common/huffman_chunk.h"
 
 namespace pyprune {
 namespace huff {
 namespace {
 
-constexpr int kLutBits = 11;  // first-level table: codes up to 11 bits decode in one lookup
+using chunk::kLutBits;
+static_assert(chunk::kMaxCodeLength == kMaxCodeLength, "huffman_chunk.h and huffman.h disagree");
 // Below this many symbols, starting (and, on a busy machine, waiting for) a thread team
 // costs more than decoding serially.
 constexpr uint64_t kParallelSymbols = 1 << 16;
@@ -208,6 +212,7 @@ StreamView parse_stream(Reader& r, uint32_t alphabet, const std::string& what) {
   s.what = what;
   s.alphabet = alphabet;
   const size_t start = r.pos();
+  s.record_pos = start;
   auto fail = [&](const std::string& msg) { r.fail(what + ": " + msg); };
   if (alphabet < 1 || alphabet > kMaxAlphabet) fail("alphabet size " + u(alphabet) + " outside [1, 65536]");
   s.n_symbols = r.u64("symbol count");
@@ -275,47 +280,69 @@ StreamView parse_stream(Reader& r, uint32_t alphabet, const std::string& what) {
 
 namespace {
 
-struct DecodeTable {
-  uint32_t lut[1u << kLutBits];  // (symbol << 8) | length, 0 = not a code of <= kLutBits bits
-  uint32_t first_code[kMaxCodeLength + 2] = {0};
-  uint32_t count[kMaxCodeLength + 2] = {0};
-  uint32_t first_index[kMaxCodeLength + 2] = {0};
-  std::vector<uint16_t> sorted;  // symbols by (length, symbol)
-  int max_len = 0;
+// Multi-symbol lookups: an entry decodes every code that lies wholly inside the next
+// kLutBits bits (up to kSlots of them), so short codes cost a fraction of a lookup each.
+// Entry layout (uint64): bits [0, 8) bits consumed, [8, 16) symbols, [16, 64) the symbols,
+// kSymBits each, first symbol lowest. 0 = the first code is longer than kLutBits (or no code).
+template <typename OutT>
+struct Multi {
+  static constexpr int kSymBits = sizeof(OutT) == 1 ? 8 : 16;
+  static constexpr int kSlots = 48 / kSymBits;
+  // Where the entry's layout is the output's (uint8, uint16), one 8-byte store writes all
+  // the symbols (and garbage after them, which the next symbols overwrite).
+  static constexpr bool kWordStore = sizeof(OutT) * 8 == kSymBits;
+  // Elements from o[i] on that one store writes: the fast loop keeps them inside the
+  // chunk, as another thread may be writing the next one.
+  static constexpr uint64_t kSlack = kWordStore ? 8 / sizeof(OutT) : kSlots;
 
-  explicit DecodeTable(const std::vector<uint8_t>& lengths) {
-    std::fill(std::begin(lut), std::end(lut), 0u);
-    for (uint8_t l : lengths) {
-      if (l) {
-        ++count[l];
-        max_len = std::max<int>(max_len, l);
-      }
+  static void store(OutT* o, uint64_t syms) {
+    if constexpr (kWordStore) {
+      static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the first symbol must land in o[0]");
+      std::memcpy(o, &syms, 8);
+    } else {
+      for (int k = 0; k < kSlots; ++k) o[k] = static_cast<OutT>((syms >> (k * kSymBits)) & ((1u << kSymBits) - 1));
     }
-    uint32_t code = 0, index = 0;
-    for (int len = 1; len <= kMaxCodeLength; ++len) {
-      code = (code + count[len - 1]) << 1;
-      first_code[len] = code;
-      first_index[len] = index;
-      index += count[len];
-    }
-    sorted.resize(index);
-    uint32_t fill[kMaxCodeLength + 2];
-    std::copy(std::begin(first_index), std::end(first_index), std::begin(fill));
-    std::vector<uint32_t> codes = canonical_codes(lengths);
-    for (size_t s = 0; s < lengths.size(); ++s) {
-      const int l = lengths[s];
-      if (!l) continue;
-      sorted[fill[l]++] = static_cast<uint16_t>(s);
-      if (l <= kLutBits) {
-        const uint32_t lo = codes[s] << (kLutBits - l), n = 1u << (kLutBits - l);
-        for (uint32_t k = 0; k < n; ++k) lut[lo + k] = (static_cast<uint32_t>(s) << 8) | static_cast<uint32_t>(l);
+  }
+};
+
+// Building the multi-symbol table takes one to kSlots + 1 single lookups for each of its
+// 2^kLutBits entries, so a short stream decodes faster one code at a time. Measured on
+// the 94 streams of a pruned, quantized ResNet-56 (bench/huffman.py): 2 * 2^kLutBits
+// beat 1x and 4x.
+constexpr uint64_t kMultiMinSymbols = uint64_t{2} << kLutBits;
+
+template <typename OutT>
+struct DecodeTable {
+  chunk::Table single;
+  std::vector<uint16_t> sorted;
+  bool has_multi;
+  uint64_t multi[1u << kLutBits];
+
+  DecodeTable(const std::vector<uint8_t>& lengths, bool want_multi)
+      : sorted(lengths.size()), has_multi(want_multi) {
+    chunk::build_table(lengths.data(), static_cast<uint32_t>(lengths.size()), single, sorted.data());
+    if (!has_multi) return;
+    constexpr uint32_t mask = (1u << kLutBits) - 1;
+    for (uint32_t idx = 0; idx <= mask; ++idx) {
+      uint64_t syms = 0;
+      uint32_t bits = 0;
+      int k = 0;
+      for (; k < Multi<OutT>::kSlots; ++k) {
+        // The single table at the remaining bits padded with zeros: its code is real only
+        // if it ends within the kLutBits - bits bits that are actually there.
+        const uint32_t e = single.lut[(idx << bits) & mask];
+        if (!e || bits + (e & 0xffu) > kLutBits) break;
+        syms |= uint64_t{e >> 8} << (k * Multi<OutT>::kSymBits);
+        bits += e & 0xffu;
       }
+      multi[idx] = k ? (syms << 16) | (uint64_t(k) << 8) | bits : 0;
     }
   }
 };
 
 // MSB-first bit reader over [p, p + nbytes), starting at any bit; bits past the end read
-// as 0 (never loaded). After refill() at least 56 bits are buffered, MSB-aligned.
+// as 0 (never loaded). After refill() at least 56 bits are buffered, MSB-aligned. The
+// 8-byte loads make it faster than chunk::BitWindow, which the GPU uses.
 class BitReader {
  public:
   BitReader(const uint8_t* p, uint64_t nbytes, uint64_t bitpos) : p_(p), nb_(nbytes), next_(bitpos >> 3) {
@@ -357,58 +384,59 @@ class BitReader {
   int n_ = 0;
 };
 
-enum ChunkError { kOk = 0, kBadCode, kOverrun, kUnderrun };
-
-ChunkError decode_chunk(const DecodeTable& t, const StreamView& s, uint64_t c, uint16_t* out) {
-  const uint64_t start = s.chunk_offsets[c];
-  const uint64_t chunk_bits = s.chunk_offsets[c + 1] - start;
-  const uint64_t lo = c * s.chunk_symbols;
-  const uint64_t count = std::min<uint64_t>(s.chunk_symbols, s.n_symbols - lo);
-  BitReader r(s.payload, s.payload_bytes, start);
-  uint64_t used = 0;
-  // Loops run `count` times whatever the bits say; a chunk whose codes run past its end
-  // only reads later bits of the payload (or zeros past it) and fails the check below.
-  for (uint64_t i = 0; i < count; ++i) {
-    if (r.available() < kMaxCodeLength) r.refill();
-    const uint64_t w = r.bits();
-    const uint32_t e = t.lut[w >> (64 - kLutBits)];
-    uint32_t len, sym;
-    if (e) {
-      len = e & 0xffu;
-      sym = e >> 8;
-    } else {
-      len = 0;
-      sym = 0;
-      for (int l = kLutBits + 1; l <= t.max_len; ++l) {
-        const uint32_t v = static_cast<uint32_t>(w >> (64 - l));
-        if (v >= t.first_code[l] && v - t.first_code[l] < t.count[l]) {
-          len = static_cast<uint32_t>(l);
-          sym = t.sorted[t.first_index[l] + (v - t.first_code[l])];
-          break;
-        }
-      }
-      if (!len) return kBadCode;
-    }
-    r.consume(static_cast<int>(len));
-    used += len;
-    out[lo + i] = static_cast<uint16_t>(sym);
-  }
-  return used == chunk_bits ? kOk : used > chunk_bits ? kOverrun : kUnderrun;
+uint64_t chunk_count(const StreamView& s, uint64_t c) {
+  return std::min<uint64_t>(s.chunk_symbols, s.n_symbols - c * s.chunk_symbols);
 }
 
-}  // namespace
+// Decodes chunk c into out[c * chunk_symbols, ...): the same symbols, and the same status,
+// as chunk::decode_chunk, because a multi-symbol entry holds exactly the codes the single
+// lookups would decode in turn.
+template <typename OutT>
+int32_t decode_chunk_fast(const DecodeTable<OutT>& t, const StreamView& s, uint64_t c, OutT* out) {
+  using M = Multi<OutT>;
+  const uint64_t start = s.chunk_offsets[c];
+  const uint64_t chunk_bits = s.chunk_offsets[c + 1] - start;
+  const uint64_t count = chunk_count(s, c);
+  OutT* o = out + c * s.chunk_symbols;
+  BitReader r(s.payload, s.payload_bytes, start);
+  uint64_t used = 0, i = 0;
+  while (t.has_multi && i + M::kSlack <= count) {
+    // The longest code needs 24 bits; a refill leaves >= 56, two or more lookups' worth.
+    if (r.available() < kMaxCodeLength) r.refill();
+    const uint64_t w = r.bits();
+    const uint64_t e = t.multi[w >> (64 - kLutBits)];
+    if (e) {
+      M::store(o + i, e >> 16);
+      const int bits = static_cast<int>(e & 0xffu);
+      i += (e >> 8) & 0xffu;
+      r.consume(bits);
+      used += static_cast<uint64_t>(bits);
+    } else {
+      uint32_t sym = 0;
+      const uint32_t len = chunk::decode_symbol(t.single, t.sorted.data(), w, sym);
+      if (!len) return chunk::kBadCode;
+      o[i++] = static_cast<OutT>(sym);
+      r.consume(static_cast<int>(len));
+      used += len;
+    }
+  }
+  if (!chunk::decode_symbols(t.single, t.sorted.data(), r, count - i, o + i, used)) return chunk::kBadCode;
+  return chunk::chunk_status(used, chunk_bits);
+}
 
-void decode_stream(const StreamView& s, uint16_t* out, int threads) {
-  if (s.n_symbols == 0) return;
-  const DecodeTable table(s.lengths);
+// Runs decode(c) -> chunk::Status over all chunks (OpenMP when threads > 1 and the stream
+// is long enough), then throws CorruptError for the lowest failing chunk, else for nonzero
+// padding. Every decoder reports errors through here, so the messages are the same.
+template <typename F>
+void for_each_chunk(const StreamView& s, int threads, F&& decode) {
   const int64_t n_chunks = static_cast<int64_t>(s.chunk_offsets.size()) - 1;
   int64_t bad_chunk = -1;
-  ChunkError bad = kOk;
+  int32_t bad = chunk::kOk;
   const int nt = std::max(1, threads);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nt) if (nt > 1 && s.n_symbols >= kParallelSymbols)
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const ChunkError e = decode_chunk(table, s, static_cast<uint64_t>(c), out);
-    if (e != kOk) {
+    const int32_t e = decode(static_cast<uint64_t>(c));
+    if (e != chunk::kOk) {
 #pragma omp critical(pyprune_huff_error)
       if (bad_chunk < 0 || c < bad_chunk) {
         bad_chunk = c;
@@ -416,16 +444,47 @@ void decode_stream(const StreamView& s, uint16_t* out, int threads) {
       }
     }
   }
-  if (bad != kOk) {
-    const char* why = bad == kBadCode  ? "a bit pattern that is no code"
-                      : bad == kOverrun ? "a code running past the chunk's end"
-                                        : "bits left over after its last symbol";
-    throw CorruptError(s.what + ": chunk " + u(static_cast<uint64_t>(bad_chunk)) + " holds " + why);
-  }
+  if (bad != chunk::kOk) throw CorruptError(chunk::chunk_error_message(s.what, static_cast<uint64_t>(bad_chunk), bad));
+  if (!padding_is_zero(s)) throw CorruptError(chunk::padding_error_message(s.what));
+}
+
+template <typename OutT>
+void decode_fast(const StreamView& s, OutT* out, int threads) {
+  if (s.n_symbols == 0) return;
+  // ~24 KB: on the heap, as OpenMP threads may have small stacks (they only read it).
+  const auto table = std::make_unique<const DecodeTable<OutT>>(s.lengths, s.n_symbols >= kMultiMinSymbols);
+  for_each_chunk(s, threads, [&](uint64_t c) { return decode_chunk_fast(*table, s, c, out); });
+}
+
+}  // namespace
+
+bool padding_is_zero(const StreamView& s) {
   const int pad = static_cast<int>(s.payload_bytes * 8 - s.payload_bits);
-  if (pad > 0 && (s.payload[s.payload_bytes - 1] & ((1u << pad) - 1)) != 0) {
-    throw CorruptError(s.what + ": nonzero padding after the payload");
+  return pad == 0 || (s.payload[s.payload_bytes - 1] & ((1u << pad) - 1)) == 0;
+}
+
+void decode_stream(const StreamView& s, uint16_t* out, int threads) { decode_fast(s, out, threads); }
+
+void decode_stream(const StreamView& s, int32_t* out, int threads) { decode_fast(s, out, threads); }
+
+void decode_stream(const StreamView& s, uint8_t* out, int threads) {
+  if (s.alphabet > 256) {
+    throw std::invalid_argument("huffman: uint8 output needs an alphabet of at most 256 symbols, not " +
+                                u(s.alphabet));
   }
+  decode_fast(s, out, threads);
+}
+
+void decode_stream_portable(const StreamView& s, uint16_t* out) {
+  if (s.n_symbols == 0) return;
+  auto table = std::make_unique<chunk::Table>();
+  std::vector<uint16_t> sorted(s.lengths.size());
+  chunk::build_table(s.lengths.data(), static_cast<uint32_t>(s.lengths.size()), *table, sorted.data());
+  for_each_chunk(s, 1, [&](uint64_t c) {
+    return chunk::decode_chunk(*table, sorted.data(), s.payload, s.payload_bytes, s.chunk_offsets[c],
+                               s.chunk_offsets[c + 1] - s.chunk_offsets[c], chunk_count(s, c),
+                               out + c * s.chunk_symbols);
+  });
 }
 
 double entropy_bits(const uint64_t* hist, size_t alphabet) {

@@ -13,7 +13,8 @@
 // * encode_stream / parse_stream / decode_stream: the stream record (symbol count, chunk
 //   size, 5-bit code lengths, per-chunk bit lengths, MSB-first payload). Chunks decode
 //   independently (OpenMP over chunks); every count, length and offset is validated
-//   against the buffer before anything is allocated or read.
+//   against the buffer before anything is allocated or read. The per-chunk decoding
+//   shared with the CUDA decoder lives in csrc/common/huffman_chunk.h.
 #pragma once
 
 #include <cstddef>
@@ -106,6 +107,7 @@ struct StreamView {
   const uint8_t* payload = nullptr;
   uint64_t payload_bytes = 0;
   uint64_t payload_bits = 0;
+  uint64_t record_pos = 0;               // where the record starts, as the reader's position
   uint64_t record_bytes = 0;             // the whole record: header, tables, payload
   uint64_t table_bytes = 0;              // code-length table
   uint64_t chunk_table_bytes = 0;
@@ -119,8 +121,20 @@ StreamView parse_stream(Reader& r, uint32_t alphabet, const std::string& what);
 
 // Decodes all symbols of a parsed stream into out[0, n_symbols). Each chunk must decode
 // to exactly its bit length; padding bits must be zero. threads <= 1 decodes serially.
-// Throws CorruptError naming the stream and chunk.
+// Throws CorruptError naming the stream and chunk. Table-driven: one lookup decodes every
+// code that fits in the next 11 bits (up to 3 symbols, 6 for uint8 output); longer codes
+// take a canonical search. The uint8 form needs s.alphabet <= 256 (else
+// std::invalid_argument); all forms give the same symbols and the same errors.
 void decode_stream(const StreamView& s, uint16_t* out, int threads);
+void decode_stream(const StreamView& s, uint8_t* out, int threads);
+void decode_stream(const StreamView& s, int32_t* out, int threads);
+
+// decode_stream's contract, decoded serially one code at a time by the per-chunk code the
+// CUDA decoder runs (csrc/common/huffman_chunk.h): a test hook for that code on the CPU.
+void decode_stream_portable(const StreamView& s, uint16_t* out);
+
+// Whether the bits after the payload's last one, up to the byte boundary, are all zero.
+bool padding_is_zero(const StreamView& s);
 
 // Shannon entropy in bits of a symbol histogram: sum over c of -c * log2(c / n).
 double entropy_bits(const uint64_t* hist, size_t alphabet);

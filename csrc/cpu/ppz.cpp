@@ -624,9 +624,10 @@ void decode_impl(const Section& s, uint8_t* out, int threads, Histograms* hist) 
   }
 }
 
-StreamStats stream_stats(const huff::StreamView& v, const std::vector<uint64_t>& hist) {
+StreamStats stream_stats(const Section& s, const huff::StreamView& v, const std::vector<uint64_t>& hist) {
   StreamStats st;
   st.present = true;
+  st.record_offset = s.offset + v.record_pos;  // the section's reader starts at the section
   st.symbols = v.n_symbols;
   st.alphabet = v.alphabet;
   for (uint64_t c : hist) st.used_symbols += c != 0;
@@ -658,13 +659,13 @@ SectionStats inspect_section(const Section& s, int threads) {
   }
   st.codebook_bytes = s.codebook ? 4 + 4 * uint64_t{s.codebook_size} : 0;
   if (s.encoding == kRaw) st.raw_bytes = s.out_bytes;
-  if (s.encoding == kDenseQ) st.codes = stream_stats(s.codes, h.codes);
+  if (s.encoding == kDenseQ) st.codes = stream_stats(s, s.codes, h.codes);
   if (s.encoding == kCsrQ || s.encoding == kCsrF32) {
     st.entries = s.n_entries;
     st.rowcount_bytes = s.rowcount_bytes;
-    st.gaps = stream_stats(s.gaps, h.gaps);
+    st.gaps = stream_stats(s, s.gaps, h.gaps);
     if (s.encoding == kCsrQ) {
-      st.codes = stream_stats(s.codes, h.codes);
+      st.codes = stream_stats(s, s.codes, h.codes);
       st.fillers = h.codes.empty() ? 0 : h.codes[0];
     } else {
       st.values_bytes = 4 * s.n_entries;

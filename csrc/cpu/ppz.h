@@ -123,6 +123,7 @@ struct StreamStats {
   bool present = false;
   uint64_t symbols = 0, alphabet = 0, used_symbols = 0, max_code_length = 0, chunks = 0;
   uint64_t table_bytes = 0, chunk_table_bytes = 0, payload_bytes = 0, payload_bits = 0, record_bytes = 0;
+  uint64_t record_offset = 0;  // where the stream record starts in the file (to decode it alone)
   double entropy_bits = 0.0;  // Shannon entropy of the decoded symbols, in bits (all of them)
 };
 

@@ -314,7 +314,8 @@ def inspect(path: PathLike, *, threads: int | None = None) -> dict[str, Any]:
     each part (``header_bytes, codebook_bytes, rowcount_bytes, gap_bytes, code_bytes,
     values_bytes, raw_bytes``) and, per Huffman stream (``gaps``, ``codes``: the dense code
     or CSR index stream), ``symbols, alphabet, used_symbols, max_code_length, chunks,
-    payload_bits, entropy_bits, bits_per_symbol, entropy_per_symbol`` and byte counts.
+    payload_bits, entropy_bits, bits_per_symbol, entropy_per_symbol``, byte counts and
+    ``offset`` (where the stream record starts in the file, to decode it on its own).
     ``total`` sums them and adds ``file_bytes, manifest_bytes, overhead_bytes`` and
     ``compression`` (fp32 bytes / file bytes).
 

@@ -14,6 +14,8 @@ from pyprune import _native
 from pyprune.encode import huffman_ref as ref
 from pyprune.encode.ppz import CorruptFileError
 
+from .huffman_streams import record as _stream
+
 try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -198,15 +200,6 @@ def test_encode_rejects_symbols_outside_the_alphabet(C):
         C.huffman_encode(torch.tensor([-1]), 4)
     with pytest.raises(ValueError):
         C.huffman_encode(torch.tensor([0]), 1 << 17)
-
-
-def _stream(n: int, chunk: int, lengths: list[int], chunk_bits: list[int], payload: bytes) -> bytes:
-    import struct
-
-    bits = "".join(format(l, "05b") for l in lengths)
-    bits += "0" * (-len(bits) % 8)
-    table = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
-    return struct.pack("<QII", n, chunk, len(lengths)) + table + struct.pack(f"<{len(chunk_bits)}I", *chunk_bits) + payload
 
 
 @pytest.mark.parametrize("bad,match", [
