@@ -154,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CSR) kernel. dense: every layer dense; sparse: every layer the sparse kernel supports "
                         "(groups 1); auto: per layer the faster of the two, timed at load on the layer's real "
                         "input shape and cached (by file sha256, batch, threads, CPU) in $PYPRUNE_CACHE, else "
-                        "~/.cache/pyprune/runtime. All three give the same predictions. Default: no runtime, "
-                        "the model as loaded")
+                        "~/.cache/pyprune/runtime. All three give the same predictions. Without --runtime the "
+                        "model runs as loaded")
     g.add_argument("--runtime-batch", type=int, default=1, metavar="N",
-                   help="batch size at which --runtime auto times the layers (1: latency; use --batch-size for "
-                        "throughput)")
+                   help="batch size at which --runtime auto times the layers: 1 tunes for latency; the value of "
+                        "--batch-size tunes for this evaluation's throughput")
     g.add_argument("--verbose", action="store_true",
                    help="with --runtime, print the per-layer plan: choice, sparsity, BN/ReLU fusion, timings")
     p.set_defaults(func=cmd_eval)

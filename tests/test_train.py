@@ -114,6 +114,7 @@ def test_evaluate_matches_direct_computation():
     assert result.n == 70
     assert result.accuracy == pytest.approx((logits.argmax(1) == data.labels).float().mean().item())
     assert result.loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-5)
+    assert torch.equal(result.predictions, logits.argmax(1))  # per image, in dataset order, across batches
 
 
 def test_bad_config():

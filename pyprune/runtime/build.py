@@ -58,8 +58,13 @@ def prepare_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list[s
 
 
 def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(unfused(gm.get_submodule(n.target))[0], (nn.modules.conv._ConvNd, nn.Linear))]
+    """The first call of every Conv/Linear layer, in graph order."""
+    first: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target not in first and \
+                isinstance(unfused(gm.get_submodule(n.target))[0], (nn.modules.conv._ConvNd, nn.Linear)):
+            first[n.target] = n
+    return list(first.values())
 
 
 def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -108,20 +113,19 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
         layer, relu = unfused(dense)
         shape = shapes[name]
         choice: Choice = "dense"
-        dense_ms = sparse_ms = None
-        sparse = None
-        if reasons[name] is None and runtime != "dense":
+        dense_ms = sparse_ms = sparse = None
+        if reasons[name] is None and runtime == "sparse":
+            choice = "sparse"
+        elif reasons[name] is None and runtime == "auto" and from_cache:
+            entry = cached[name]
+            choice, dense_ms, sparse_ms = entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms")
+        elif reasons[name] is None and runtime == "auto":
             sparse = sparse_layer(layer, relu)
-            if runtime == "sparse":
-                choice = "sparse"
-            elif from_cache:
-                entry = cached[name]
-                choice, dense_ms, sparse_ms = entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms")
-            else:
-                dense_ms, sparse_ms = time_modules([dense, sparse], torch.randn(shape), repeats=repeats)
-                choice = "sparse" if sparse_ms < dense_ms else "dense"
+            dense_ms, sparse_ms = time_modules([dense, sparse], torch.randn(shape), repeats=repeats)
+            choice = "sparse" if sparse_ms < dense_ms else "dense"
         if choice == "sparse":
-            replace_node_module(node, modules, sparse)
+            # Only layers called once get here, so swapping the module changes one call.
+            replace_node_module(node, modules, sparse or sparse_layer(layer, relu))
         layers.append(LayerPlan(name, "linear" if isinstance(layer, nn.Linear) else "conv", shape,
                                 tuple(layer.weight.shape), (layer.weight == 0).float().mean().item(),
                                 name in bn_layers, name in relu_layers, choice, reasons[name] or "",

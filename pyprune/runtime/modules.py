@@ -53,7 +53,10 @@ def dense_layer(layer: Layer, relu: bool) -> nn.Module:
     """The dense path: ``layer`` itself, or torch's fused container with a ReLU after it."""
     if not relu:
         return _frozen(layer)
-    fused = ConvReLU2d(layer, nn.ReLU()) if isinstance(layer, nn.Conv2d) else LinearReLU(layer, nn.ReLU())
+    # In place is safe (the layer's output is a fresh tensor) and saves allocating
+    # and writing a second activation of the same size.
+    fused = ConvReLU2d(layer, nn.ReLU(inplace=True)) if isinstance(layer, nn.Conv2d) else \
+        LinearReLU(layer, nn.ReLU(inplace=True))
     return _frozen(fused)
 
 

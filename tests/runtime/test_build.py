@@ -118,3 +118,21 @@ def test_runtime_model_stays_in_eval_mode(compressed_ppz, images):
     assert not rt.graph_module.training
     with pytest.raises(RuntimeError, match="inference only"):
         rt.train()
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_a_layer_called_twice_is_listed_once_and_stays_dense():
+    model = Shared().eval()
+    rt = build_runtime(fx.symbolic_trace(model), (3, 8, 8), "sparse")
+    assert [(p.name, p.choice, p.reason) for p in rt.plan.layers] == [("conv", "dense", "called at 2 places")]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(rt(x), model(x), atol=1e-5)
