@@ -84,7 +84,7 @@ def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, v
     for f in sparse:  # a benchmark of a wrong kernel is worthless
         torch.testing.assert_close(f(), expected, rtol=1e-3, atol=1e-3)
     with torch.no_grad():
-        return interleaved_medians([dense, *sparse], repeats=repeats, min_seconds=0.002)
+        return interleaved_medians([dense, *sparse], repeats=repeats, warmup=2, min_seconds=0.002)
 
 
 def speedup_table(C, args) -> list[tuple[ConvShape, float, int, float]]:
