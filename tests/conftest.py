@@ -41,3 +41,22 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return _or_skip(shared_models_dir(), "shared checkpoints ($PYPRUNE_MODELS or ../shared/models)")
+
+
+# ---- CUDA: one skip condition and one extension fixture for every GPU test ----------
+
+import torch  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="no CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="session")
+def C_cuda():
+    """pyprune._C_cuda, or a skip where it is not built."""
+    from pyprune import _native
+
+    mod = _native.cuda()
+    if mod is None:
+        pytest.skip("pyprune._C_cuda is not built")
+    return mod

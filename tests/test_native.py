@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyprune import _native
+from tests.conftest import needs_gpu
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (64, 3, 3, 3), (2, 0, 4), (100_003,)]  # last: above the OpenMP grain
 MASK_DTYPES = [torch.bool, torch.uint8, torch.float32]
@@ -146,15 +147,6 @@ def test_cuda_rejects_cpu_tensors():
         mod.apply_mask(torch.zeros(4), torch.ones(4, dtype=torch.bool))
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
-
-
-@pytest.fixture(scope="module")
-def C_cuda():
-    mod = _native.cuda()
-    if mod is None:
-        pytest.skip("pyprune._C_cuda is not built")
-    return mod
 
 
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)

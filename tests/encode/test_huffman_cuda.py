@@ -10,22 +10,18 @@ import pytest
 import torch
 
 from pyprune import _native
+from tests.conftest import needs_gpu
 from pyprune.encode.huffman_cuda import decode_stream_cuda
 from pyprune.encode.ppz import CorruptFileError
 
 from .huffman_streams import EVERY_LENGTH, encode_with_lengths, model_streams, mutants, sample, spread, stream_cases
 
 C = _native.cpu()
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                               reason="no CUDA device (torch.cuda.is_available() is False)")
 
 
 @pytest.fixture(scope="module")
-def G():
-    mod = _native.cuda()
-    if mod is None:
-        pytest.skip("pyprune._C_cuda is not built")
-    return mod
+def G(C_cuda):
+    return C_cuda
 
 
 def cpu_outcome(data: bytes, alphabet: int) -> tuple[str, object]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pyprune import _native
+from tests.conftest import needs_gpu
 from pyprune.runtime.kernels import CSR
 
 C = _native.cpu()
@@ -174,15 +175,6 @@ def test_bad_arguments_are_refused():
 
 # ---- CUDA --------------------------------------------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
-
-
-@pytest.fixture(scope="module")
-def C_cuda():
-    mod = _native.cuda()
-    if mod is None:
-        pytest.skip("pyprune._C_cuda is not built")
-    return mod
 
 
 @pytest.mark.gpu
