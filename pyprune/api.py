@@ -15,6 +15,7 @@ from .encode import is_graph_file, load_graph_module, save_graph_module
 from .encode.files import atomic_write
 from .encode.model_ppz import load_ppz, save_ppz
 from .encode.ppz import is_ppz
+from .export import DEFAULT_ATOL, DEFAULT_OPSET, OnnxReport, verification_inputs, write_onnx
 from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
 from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
 from .models.registry import DEFAULT_MEAN, DEFAULT_STD
@@ -128,10 +129,31 @@ def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None =
     return save_graph_module(gm, path, meta, force=force)
 
 
+def export_model_onnx(model: LoadedModel, output: str | Path, form: str = "compact", verify: int = 256,
+                      data: str = "cifar10", split: str = "val", data_root: str | None = None,
+                      download: bool = False, atol: float = DEFAULT_ATOL, opset: int = DEFAULT_OPSET,
+                      sparse_initializers: bool = False, force: bool = False) -> OnnxReport:
+    """Export to ONNX (see :mod:`pyprune.export`) and verify on the first ``verify``
+    images of ``split`` (0: no verification). The data is loaded before anything is
+    exported, so a missing dataset costs nothing."""
+    if verify < 0:
+        raise ValueError(f"--verify must be >= 0, got {verify}")
+    if Path(output).exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    inputs = description = None
+    if verify:
+        dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify)
+        inputs, description = verification_inputs(dataset, verify, model.mean, model.std)
+    meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
+            "input_shape": list(model.input_shape)}
+    return write_onnx(model.module, output, form, model.input_shape, inputs=inputs, data=description, atol=atol,
+                      opset=opset, meta=meta, sparse_initializers=sparse_initializers, force=force)
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
 
 
-__all__: Sequence[str] = ["LoadedModel", "ModelInfo", "evaluate_model", "load_model", "model_info",
+__all__: Sequence[str] = ["LoadedModel", "ModelInfo", "evaluate_model", "export_model_onnx", "load_model", "model_info",
                           "save_model", "save_weights", "set_threads", "trace_model", "train_model"]

@@ -1,4 +1,4 @@
-"""Command line: ``pyprune info | eval | train | opt | compile | inspect | models``.
+"""Command line: ``pyprune info | eval | train | opt | compile | export-onnx | inspect | models``.
 A thin layer over :mod:`pyprune.api` and :mod:`pyprune.compile`."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .export import DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, VerificationError
 from .runtime.plan import RUNTIMES
 from .text import format_table as _format_table
 
@@ -67,6 +68,33 @@ Examples:
 Exit codes: 0 done (also when nothing beat the baseline: a warning says so, and
 model.ppz holds the baseline packed losslessly); 2 bad input, or the baseline is
 already below --target-acc (nothing is written); 130 interrupted (resume with --resume).
+"""
+
+
+EXIT_UNVERIFIED = 3  # the ONNX file does not reproduce the model
+
+EXPORT_EPILOG = """
+Forms:
+  dense     every weight float32; BatchNorm folded into the conv before it. Runs anywhere ONNX runs.
+  compact   each Conv/Gemm weight that is smaller so (the quantized ones) is stored as uint8 codes
+            (uint16 past 256 values) plus a float32 codebook and rebuilt in the graph by Cast + Gather;
+            BatchNorm stays a node after those convs. onnxruntime folds both back into constants when
+            it opens the session, so it runs as fast as the dense form.
+Both: opset 18 by default (17 at least), input "input" (N, C, H, W) float32 normalised with the
+mean and std stored in the file's metadata (pyprune.mean, pyprune.std), output "logits", batch
+axis dynamic, constant folding, onnx.checker on the result.
+
+Verification runs onnxruntime (CPU) and PyTorch on the first N images of --split and requires
+every logit within --atol and the same top-1 class on every image.
+
+Examples:
+  pyprune export-onnx out/model.ppz -o model.onnx                       compact, verified on 256 val images
+  pyprune export-onnx out/model.ppz -o model-dense.onnx --form dense --verify 1000
+  pyprune export-onnx --arch resnet56 --pretrained -o resnet56.onnx --form dense
+
+Exit codes: 0 written and verified; 2 bad input or a model the exporter cannot take (the message
+names the operator with no ONNX mapping); 3 verification failed (the figures are printed, and the
+file is kept as NAME.unverified.onnx, not at -o).
 """
 
 
@@ -282,6 +310,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("export-onnx", formatter_class=_Formatter, epilog=EPILOG + EXPORT_EPILOG,
+                       help="export to ONNX (dense or compact form), verified in onnxruntime",
+                       description="Export a model (a .ppz or anything eval takes) to ONNX, check it with "
+                                   "onnx.checker, and verify it in onnxruntime against PyTorch on N images "
+                                   "before writing it.")
+    _add_model_args(p)
+    g = p.add_argument_group("export")
+    g.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the ONNX file")
+    g.add_argument("--form", choices=FORMS, default="compact",
+                   help="compact: quantized weights as codes + codebook; dense: float32 weights (see below)")
+    g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    g.add_argument("--sparse-initializers", action="store_true",
+                   help="compact form: store a codes tensor as an ONNX sparse initializer where that is smaller "
+                        "(below ~11%% density). onnxruntime accepts them; onnx.checker's full check does not "
+                        "(ONNX types them as sparse tensors), so only its structural check runs")
+    g.add_argument("--force", action="store_true", help="overwrite FILE.onnx if it exists")
+    g.add_argument("--json", action="store_true", help="end the output with one JSON line of the result")
+    g = p.add_argument_group("verification")
+    g.add_argument("--verify", type=int, default=DEFAULT_IMAGES, metavar="N",
+                   help="images to compare onnxruntime with PyTorch on (0: write without verifying)")
+    g.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest allowed |logit difference|")
+    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
+    g.add_argument("--split", default="val", choices=["train", "val", "test", "test-search", "test-report"],
+                   help="split whose first N images are compared")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=cmd_export_onnx)
+
     p = sub.add_parser("inspect", formatter_class=_Formatter,
                        help="how a .ppz file stores each tensor: encoding, density, bits, stream bytes",
                        description="Decode and validate a .ppz container and print, per tensor: shape, encoding, "
@@ -454,6 +510,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .api import export_model_onnx, set_threads
+
+    set_threads(args.threads)
+    model = _load(args)
+    report = export_model_onnx(model, args.output, args.form, args.verify, args.data, args.split, args.data_root,
+                               args.download, args.atol, args.opset, args.sparse_initializers, args.force)
+    print(report.summary())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .encode.ppz import inspect
 
@@ -500,10 +569,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 # Errors that are the user's to fix: print one clear message, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DatasetNotFoundError
+    from .export import OnnxExportError
     from .ir import TraceError
     from .models import ModelLoadError
 
-    return (ModelLoadError, DatasetNotFoundError, TraceError, FileNotFoundError, FileExistsError, ValueError)
+    return (ModelLoadError, DatasetNotFoundError, TraceError, OnnxExportError, FileNotFoundError, FileExistsError,
+            ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -513,6 +584,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"pyprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except VerificationError as exc:
+        print(f"pyprune {args.command}: error: ONNX verification failed: {exc}", file=sys.stderr)
+        return EXIT_UNVERIFIED
     except KeyboardInterrupt:
         hint = " (resume with the same command plus --resume)" if args.command == "compile" else ""
         print(f"interrupted{hint}", file=sys.stderr)

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], force: bool = False) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then move it into place."""
     path = Path(path)
@@ -20,6 +26,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        # mkstemp creates the file 0600; give it the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,107 @@
+"""Check an exported ONNX model against the PyTorch model it came from, in
+onnxruntime on the CPU: the same images through both, logits compared."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .onnx_export import INPUT_NAME
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_IMAGES = 256
+_SHOWN = 10  # mismatching images named in a message
+
+
+@dataclass
+class Verification:
+    """What the comparison found. ``passed`` needs both: every logit within
+    ``atol`` of PyTorch's, and the same top-1 class on every image."""
+
+    n: int
+    atol: float
+    max_abs_diff: float
+    top1_mismatches: int
+    over_atol_images: int
+    mismatched_images: list[int] = field(default_factory=list)  # first few, by index in the batch given
+    provider: str = "CPUExecutionProvider"
+    onnxruntime: str = ort.__version__
+    seconds: float = 0.0
+    data: str | None = None  # which images, e.g. "cifar10/val[:256]"
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.top1_mismatches == 0
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        where = f" on {self.data}" if self.data else f" on {self.n} images"
+        text = (f"onnxruntime {self.onnxruntime} ({self.provider}) vs PyTorch{where}: {verdict}; max |logit diff| "
+                f"{self.max_abs_diff:.3g} (limit {self.atol:g}), top-1 differs on {self.top1_mismatches}/{self.n} "
+                f"images")
+        if not self.passed:
+            text += (f", {self.over_atol_images} images have a logit off by more than {self.atol:g}"
+                     f"; first mismatching images: {self.mismatched_images}")
+        return text
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+class VerificationError(RuntimeError):
+    """The ONNX model does not reproduce the PyTorch model; ``verification`` has the figures."""
+
+    def __init__(self, verification: Verification, kept: str | None = None) -> None:
+        self.verification = verification
+        self.kept = kept
+        where = f"; the unverified file was kept as {kept}" if kept else ""
+        super().__init__(verification.summary() + where)
+
+
+def session(model: bytes | str, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with the default (full) graph optimizations."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@torch.inference_mode()
+def verify_onnx(model: bytes | str, module: nn.Module, inputs: torch.Tensor, atol: float = DEFAULT_ATOL,
+                batch_size: int = 64, data: str | None = None) -> Verification:
+    """Run ``inputs`` (float32, already normalised, batch first) through the ONNX
+    ``model`` (serialized bytes or a path) and through ``module`` in eval mode, and
+    compare. Batches of ``batch_size`` exercise the dynamic batch axis."""
+    if inputs.shape[0] == 0:
+        raise ValueError("verification needs at least one image")
+    if not atol >= 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
+    start = time.perf_counter()
+    sess = session(model)
+    was_training = module.training
+    module.eval()
+    ours, theirs = [], []
+    try:
+        for i in range(0, inputs.shape[0], batch_size):
+            x = inputs[i:i + batch_size].contiguous()
+            theirs.append(module(x).float().numpy())
+            ours.append(sess.run(None, {INPUT_NAME: x.numpy()})[0])
+    finally:
+        module.train(was_training)
+    onnx_logits, torch_logits = np.concatenate(ours), np.concatenate(theirs)
+    if onnx_logits.shape != torch_logits.shape:
+        raise ValueError(f"onnxruntime gave logits of shape {onnx_logits.shape}, PyTorch {torch_logits.shape}")
+    diff = np.abs(onnx_logits.astype(np.float64) - torch_logits.astype(np.float64))
+    diff = diff.reshape(diff.shape[0], -1)
+    # NaN anywhere counts as an infinite difference, not as "no difference"
+    per_image = np.where(np.isnan(diff), np.inf, diff).max(axis=1)
+    top1 = onnx_logits.reshape(len(per_image), -1).argmax(1) != torch_logits.reshape(len(per_image), -1).argmax(1)
+    bad = np.flatnonzero(top1 | (per_image > atol))
+    return Verification(n=len(per_image), atol=float(atol), max_abs_diff=float(per_image.max()),
+                        top1_mismatches=int(top1.sum()), over_atol_images=int((per_image > atol).sum()),
+                        mismatched_images=bad[:_SHOWN].tolist(), seconds=time.perf_counter() - start, data=data)
