@@ -67,7 +67,9 @@ Examples:
 
 Exit codes: 0 done (also when nothing beat the baseline: a warning says so, and
 model.ppz holds the baseline packed losslessly); 2 bad input, or the baseline is
-already below --target-acc (nothing is written); 130 interrupted (resume with --resume).
+already below --target-acc (nothing is written); 3 model.onnx could not be exported
+or failed verification (everything else is written; report.json says why);
+130 interrupted (resume with --resume).
 """
 
 
@@ -251,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search how far to push channel slimming, magnitude pruning and codebook "
                                    "quantization (and in which order) so that the model still meets the target "
                                    "accuracy on the validation split, then store it with CSR + Huffman coding. "
-                                   "Writes OUT/model.ppz, report.json, report.md and pareto.png; the final model is "
+                                   "Writes OUT/model.ppz, model.onnx (compact ONNX, verified in onnxruntime), report.json, "
+                                   "report.md and pareto.png; the final model is "
                                    "evaluated once on the test split, which the search never sees.")
     _add_model_args(p)
     g = p.add_argument_group("target (one of)")
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted compile in OUT without redoing finished candidates")
     g.add_argument("--force", action="store_true", help="start over in a non-empty OUT")
+    g.add_argument("--onnx-verify", type=int, default=DEFAULT_IMAGES, metavar="N",
+                   help="validation images on which OUT/model.onnx (compact ONNX form) is checked against PyTorch "
+                        "in onnxruntime (0: written unverified)")
     g.add_argument("--quiet", action="store_true", help="no progress bars and no per-candidate lines")
     g.add_argument("--json", action="store_true", help="end the output with one JSON line summarising the result")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
@@ -496,7 +502,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         screen_limit=args.screen_limit, test_limit=args.test_limit, train_limit=args.train_limit,
         recal_images=args.recal_images, margin=args.recover_margin,
         train=TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed), data=args.data,
-        data_root=args.data_root, download=args.download, resume=args.resume, force=args.force, quiet=args.quiet)
+        data_root=args.data_root, download=args.download, resume=args.resume, force=args.force, quiet=args.quiet,
+        onnx_verify=args.onnx_verify)
     set_threads(args.threads)
     model = _load(args)
     result = compile_model(model, config)
@@ -506,7 +513,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           "met_target": chosen["met_target"], "val_accuracy": chosen["val_accuracy"],
                           "test_accuracy": chosen["test_accuracy"], "file_bytes": chosen["file_bytes"],
                           "compression": chosen["compression"], "candidates": search["candidates"],
-                          "finetuned": search["finetuned"], "seconds": search["seconds"]}))
+                          "finetuned": search["finetuned"], "seconds": search["seconds"],
+                          "onnx_bytes": result.report["onnx"].get("bytes"),
+                          "onnx_verified": result.report["onnx"]["verified"]}))
     return result.exit_code
 
 

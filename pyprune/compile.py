@@ -6,7 +6,11 @@ measure the baseline and resolve the target (refusing a baseline below an
 absolute target), and only then create ``out/``. The search keeps its journal
 and fine-tuned weights in ``out/.compile-state/`` (what ``--resume`` reads);
 the outputs are written at the end, each atomically, ``report.json`` last, and
-the state folder is removed once they are all in place.
+the state folder is removed once they are all in place. ``model.onnx`` (the
+compact ONNX form, verified in onnxruntime on the first ``onnx_verify`` validation
+images) is written from the decoded ``model.ppz``; when it cannot be exported or
+does not verify, every other output is still written, the report says why, and
+the exit code is 3.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .api import LoadedModel
 from .data import ArrayDataset, load_dataset
 from .encode import graph_state_dict, inspect, load_ppz, save_ppz
 from .encode.files import atomic_write
+from .export import OnnxExportError, VerificationError, verification_inputs, write_onnx
 from .ir import example_input, propagate_shapes, trace
 from .passes.quant import codebooks
 from .search.candidates import DEFAULT_ORDER, Candidate, State, make_stages
@@ -41,7 +46,8 @@ from .search.target import Target
 from .train import TrainConfig, evaluate
 
 STATE_DIR = ".compile-state"
-OUTPUTS = ("model.ppz", "report.json", "report.md", "pareto.png")
+OUTPUTS = ("model.ppz", "model.onnx", "model.unverified.onnx", "report.json", "report.md", "pareto.png")
+EXIT_ONNX_FAILED = 3
 VAL_FROM = {"train": ("val", "test"), "test": ("test-search", "test-report")}
 
 
@@ -71,6 +77,7 @@ class CompileConfig:
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    onnx_verify: int = 256
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -87,6 +94,8 @@ class CompileConfig:
                             ("--recal-images", self.recal_images)):
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
+        if self.onnx_verify < 0:
+            raise ValueError(f"--onnx-verify must be >= 0, got {self.onnx_verify}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         if self.slim_l1 > 0 and self.l1_epochs <= 0:
@@ -204,6 +213,9 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
         progress.close()
     shutil.rmtree(config.output / STATE_DIR, ignore_errors=True)
     chosen = report["chosen"]
+    onnx = report["onnx"]
+    if onnx.get("error"):
+        warn(f"error: {config.output / 'model.onnx'} was not written: {onnx['error']}")
     if not chosen["met_target"]:
         warn(f"warning: no compressed candidate met the target {target:.4f} within the budget; "
             f"{config.output / 'model.ppz'} holds the baseline, packed losslessly")
@@ -212,7 +224,22 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
             f"{chosen['test_accuracy']:.4f}, {chosen['file_bytes']:,} bytes ({chosen['compression']:.2f}x "
             f"smaller than fp32); {report['search']['candidates']} candidates in {report['search']['seconds']:.0f}s; "
             f"wrote {config.output}/")
-    return CompileResult(report, config.output)
+    return CompileResult(report, config.output, EXIT_ONNX_FAILED if onnx.get("error") else 0)
+
+
+def _write_onnx(gm: torch.nn.Module, out: Path, val: ArrayDataset, meta: dict[str, Any],
+                n: int) -> dict[str, Any]:
+    """The compact ONNX file of the decoded model, verified on ``n`` validation
+    images; a failure is reported, not raised, so the search's result is kept."""
+    inputs, described = verification_inputs(val, n, meta["mean"], meta["std"]) if n else (None, None)
+    try:
+        return write_onnx(gm, out / "model.onnx", "compact", meta["input_shape"], inputs=inputs, data=described,
+                          meta=meta, force=True).to_dict()
+    except VerificationError as exc:
+        return {"path": None, "kept": exc.kept, "verified": False, "verification": exc.verification.to_dict(),
+                "error": f"ONNX verification failed: {exc}"}
+    except OnnxExportError as exc:
+        return {"path": None, "verified": False, "verification": None, "error": f"ONNX export failed: {exc}"}
 
 
 def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
@@ -269,6 +296,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
     test_acc = evaluate(decoded, test_set, mean, std, progress=False).accuracy
     base_test = evaluate(base.gm, test_set, mean, std, progress=False).accuracy
     file_bytes = model_path.stat().st_size
+    onnx = _write_onnx(decoded, out, ev.data.val, meta, config.onnx_verify)
     original = fp32_bytes(base.gm)
     inspection = inspect(model_path)
     candidates = [c.to_dict() for c in ev.journal]
@@ -298,6 +326,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             "budget_minutes": config.budget_minutes, "budget_exhausted": outcome.budget_exhausted,
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
         },
+        "onnx": onnx,
         "layers": layer_table(base.gm, final.gm, inspection, set(final.quantized_layers())),
         "candidates": candidates,
     }

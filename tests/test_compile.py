@@ -38,7 +38,8 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "-o", out, "--json")
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.ppz", "pareto.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.ppz", "pareto.png", "report.json",
+                                                     "report.md"]
     report, summary = report_of(out), last_json(stdout)
     chosen = report["chosen"]
     assert summary["pipeline"] == chosen["pipeline"] and chosen["met_target"]
@@ -65,6 +66,30 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
     md = (out / "report.md").read_text()
     assert "## Per layer" in md and f"{chosen['compression']:.2f}x" in md and "layer3.2.conv2" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # model.onnx is the compact form of the written model, verified on the first 256 val images
+    onnx = report["onnx"]
+    assert onnx["verified"] and onnx["form"] == "compact" and summary["onnx_verified"]
+    assert onnx["bytes"] == (out / "model.onnx").stat().st_size == summary["onnx_bytes"]
+    assert onnx["verification"]["n"] == 256 and onnx["verification"]["data"] == "cifar10/test-search[:256]"
+    import onnx as onnx_lib
+
+    from pyprune.data import Normalize, load_dataset
+    from pyprune.export import session
+
+    stored = {t.name: onnx_lib.numpy_helper.to_array(t) for t in onnx_lib.load(str(out / "model.onnx")).graph.initializer}
+    quantized = [r["layer"] for r in report["layers"] if r["codes"] is not None]
+    assert all(stored[f"{q}.weight.codes"].dtype == "uint8" and f"{q}.weight" not in stored for q in quantized)
+    weights = model.module.state_dict()
+    coded = [name[:-len(".codes")] for name in stored if name.endswith(".codes")]
+    assert len(coded) == onnx["codebook_tensors"] > 0
+    for name in coded:  # the codebook rebuilds the .ppz weight bit for bit
+        rebuilt = stored[f"{name}.codebook"][stored[f"{name}.codes"].astype("int64")]
+        assert rebuilt.tobytes() == weights[name].numpy().tobytes(), name
+    images = load_dataset("cifar10", "test-search", data_root, limit=300)
+    x = Normalize(model.mean, model.std)(images.images)
+    logits = session(str(out / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    assert (logits.argmax(1) == images.labels.numpy()).mean() == pytest.approx(val.accuracy, abs=1 / 300)
 
 
 def _compile_process(args, out):

@@ -65,6 +65,18 @@ def _kib(n: float) -> str:
     return f"{n / 1024:,.1f} KiB"
 
 
+def _onnx_line(onnx: dict[str, Any] | None) -> str:
+    if not onnx:
+        return "ONNX: not exported."
+    if onnx.get("error"):
+        return f"ONNX: **not written** ({onnx['error']})."
+    v = onnx.get("verification")
+    check = (f"verified in onnxruntime {v['onnxruntime']} on {v['data']}: max logit difference "
+             f"{v['max_abs_diff']:.2g}, same top-1 on all {v['n']} images" if v else "not verified")
+    return (f"ONNX: `model.onnx`, compact form (codes + codebook for {onnx['codebook_tensors']} weights), "
+            f"{_kib(onnx['bytes'])}; {check}.")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     chosen, base, search = report["chosen"], report["baseline"], report["search"]
     target = report["target"]
@@ -83,6 +95,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| size | {_kib(base['fp32_bytes'])} fp32 ({_kib(base['ppz_bytes'])} as lossless .ppz) | "
         f"{_kib(chosen['file_bytes'])} (`model.ppz`) |",
         f"| compression (fp32 bytes / file bytes) | 1.00x | **{chosen['compression']:.2f}x** |",
+        "",
+        _onnx_line(report.get("onnx")),
         "",
         f"Target: {target['accuracy']:.4f} val top-1 ({'baseline minus ' + str(target['value']) if target['kind'] == 'max_drop' else 'absolute'}). "
         f"Validation data: {report['data']['val_from']} (`--val-from {report['data']['val_from']}`); the search never "
