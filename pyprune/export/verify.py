@@ -63,11 +63,17 @@ class VerificationError(RuntimeError):
         super().__init__(verification.summary() + where)
 
 
-def session(model: bytes | str, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session with the default (full) graph optimizations."""
+def session(model: bytes | str, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session with the default (full) graph optimizations.
+
+    ``spinning=False`` stops the session's idle threads from busy-waiting after
+    each run: a benchmark that alternates between sessions (or with PyTorch) needs
+    it, or each contender runs against the previous one's spinning threads."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
