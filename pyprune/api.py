@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .data import load_dataset
+from .data import DatasetNotFoundError, load_dataset
 from .encode import is_graph_file, load_graph_module, save_graph_module
 from .encode.files import atomic_write
 from .encode.model_ppz import load_ppz, save_ppz
 from .encode.ppz import is_ppz
-from .export import DEFAULT_ATOL, DEFAULT_OPSET, OnnxReport, verification_inputs, write_onnx
+from .export import DEFAULT_ATOL, DEFAULT_OPSET, OnnxReport, check_export_settings, verification_inputs, write_onnx
 from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
 from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
 from .models.registry import DEFAULT_MEAN, DEFAULT_STD
@@ -138,11 +138,16 @@ def export_model_onnx(model: LoadedModel, output: str | Path, form: str = "compa
     exported, so a missing dataset costs nothing."""
     if verify < 0:
         raise ValueError(f"--verify must be >= 0, got {verify}")
+    check_export_settings(form, opset)
     if Path(output).exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
     inputs = description = None
     if verify:
-        dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify)
+        try:
+            dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify)
+        except DatasetNotFoundError as exc:
+            raise DatasetNotFoundError(f"{exc}\nThe ONNX file is verified on that data; --verify 0 writes it "
+                                       "unverified.") from None
         inputs, description = verification_inputs(dataset, verify, model.mean, model.std)
     meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
             "input_shape": list(model.input_shape)}

@@ -111,6 +111,14 @@ def _export_program(module: nn.Module, input_shape: Sequence[int], opset: int) -
     return program.model
 
 
+def check_export_settings(form: str, opset: int) -> None:
+    """Raise ``ValueError`` for a form or opset :func:`export_onnx` would refuse."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+
+
 def _strip_debug_info(proto: onnx.ModelProto) -> None:
     """Drop what a deployment never reads: the exporter's per-node provenance (FX
     node, stack trace, module path: a quarter of a compact ResNet-56's bytes) and
@@ -139,10 +147,7 @@ def export_onnx_forms(module: nn.Module, input_shape: Sequence[int], forms: Sequ
     """:func:`export_onnx` for several forms at the cost of one ``torch.export``
     (which is most of the time: 4 of 4.5 s for ResNet-56)."""
     for form in forms:
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+        check_export_settings(form, opset)
     exported = _export_program(module, input_shape, opset)
     serialized = ir.serde.serialize_model(exported) if len(forms) > 1 else None
     results = {}
