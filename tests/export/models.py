@@ -53,3 +53,29 @@ def wobbly() -> nn.Module:
 def diverging() -> nn.Module:
     torch.manual_seed(0)
     return Diverging(10)
+
+
+class Probe(nn.Module):
+    """Small, quick to export, and its top-1 class varies from image to image on
+    random inputs (a random-init TinyNet's does not: its bias decides)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32, 10)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # BatchNorm as if trained, so folding it is not a no-op
+            self.bn.weight.copy_(torch.rand(8, generator=g) + 0.5)
+            self.bn.bias.copy_(0.1 * torch.randn(8, generator=g))
+            self.bn.running_mean.copy_(0.1 * torch.randn(8, generator=g))
+            self.bn.running_var.copy_(torch.rand(8, generator=g) * 0.1 + 0.05)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+def probe() -> nn.Module:
+    torch.manual_seed(0)
+    return Probe()
