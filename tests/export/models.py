@@ -40,6 +40,13 @@ class Diverging(TinyNet):
         return y
 
 
+def images(n: int, seed: int = 0, shape=(3, 32, 32)) -> torch.Tensor:
+    """Normalised-looking random images whose channel means differ per image (so a
+    small model's top-1 class differs between them)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, shape[0], 1, 1, generator=g) * 1.5 + torch.randn(n, *shape, generator=g)
+
+
 def tiny(num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return TinyNet(num_classes)

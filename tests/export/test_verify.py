@@ -10,16 +10,9 @@ from torch import nn
 
 from pyprune.export import Verification, VerificationError, export_onnx, session, verify_onnx
 
-from .models import probe
+from .models import images, probe
 
 N = 16
-
-
-def images(n, seed=0, shape=(3, 32, 32)):
-    """Normalised-looking random images whose channel means differ per image (so a
-    small model's top-1 class differs between them)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, shape[0], 1, 1, generator=g) * 1.5 + torch.randn(n, *shape, generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +75,12 @@ def test_a_changed_bias_is_caught_with_the_right_figures(exported):
     text = v.summary()
     assert "FAILED" in text and f"top-1 differs on {flips}/{N} images" in text and f"{delta:.3g}" in text
     assert f"{N} images have a logit off by more than 0.0001" in text
+
+    # Within a looser atol every logit is close enough, but a different top-1 still fails.
+    v = verify_onnx(blob, changed, x, atol=delta + 0.1)
+    flipped = np.flatnonzero(shifted.argmax(1) != logits.argmax(1))
+    assert not v.passed and v.over_atol_images == 0 and v.top1_mismatches == flips
+    assert v.mismatched_images == flipped[:10].tolist()
 
 
 def test_some_images_over_atol_are_counted_and_listed(exported):
