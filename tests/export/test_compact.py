@@ -133,7 +133,7 @@ def encode(model: onnx.ModelProto):
     return ir.serde.serialize_model(ir_model), tensors
 
 
-def rebuild(name, dtype=None):
+def rebuild(name):
     """The nodes the compact form puts in front of a coded weight ``name``."""
     return [helper.make_node("Cast", [f"{name}.codes"], [f"{name}.indices"], to=TensorProto.INT32),
             helper.make_node("Gather", [f"{name}.codebook", f"{name}.indices"], [name], axis=0)]
