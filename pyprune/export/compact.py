@@ -94,10 +94,13 @@ def encode_codebooks(model: ir.Model) -> list[CompactTensor]:
         gather = ir.node("Gather", [codebook_value, cast.outputs[0]], {"axis": 0}, name=f"{name}.gather")
         rebuilt = gather.outputs[0]
         rebuilt.type, rebuilt.shape = weight.type, weight.shape
+        # Rebuild in front of the weight's first reader in graph order, which need not be this node.
+        readers = {id(use.node) for use in weight.uses()}
+        first = next(n for n in graph if id(n) in readers)
         weight.replace_all_uses_with(rebuilt)
         graph.initializers.pop(name)
         rebuilt.name = name  # the rebuilt weight keeps the weight's name in the graph
-        graph.insert_before(node, [cast, gather])
+        graph.insert_before(first, [cast, gather])
         done.append(CompactTensor(name, tuple(array.shape), int(codebook.size), str(codes.dtype),
                                   array.size * 4, codes.nbytes + codebook.nbytes))
     return done

@@ -9,22 +9,10 @@ from pyprune.api import load_model, save_model
 from pyprune.encode import GraphFormatError
 from pyprune.encode import ppz
 from pyprune.encode.model_ppz import load_ppz
-from pyprune.ir import example_input, propagate_shapes, trace
-from pyprune.passes import build_pipeline
-from pyprune.passes.quant import codebooks
+from pyprune.ir import example_input
 
+from ..passes_helpers import compressed
 from ..test_cli import last_json, run_cli
-
-
-def compressed(model, pipeline="slim(ratio=0.3),mask(sparsity=0.8),quant(bits=5)"):
-    gm = propagate_shapes(trace(model.module), example_input(model.input_shape))
-    books = {}
-    for p in build_pipeline(pipeline):
-        result = p(gm)
-        gm = propagate_shapes(result.graph_module, example_input(model.input_shape))
-        if p.name == "quant":
-            books = codebooks(gm, result.record)
-    return gm, books
 
 
 @pytest.fixture
