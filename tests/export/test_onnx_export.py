@@ -224,6 +224,15 @@ def test_opset_17_and_metadata_and_training_mode():
     assert verify_onnx(exported.serialized(), module, images(4)).passed
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_the_same_model_exports_to_the_same_bytes(form):
+    model = LoadedModel(tiny(), "tiny")
+    gm, _ = compressed(model, "mask(sparsity=0.5),quant(bits=4)")
+    first = export_onnx(gm, (3, 32, 32), form).serialized()
+    again = export_onnx_forms(gm, (3, 32, 32))[form].serialized()  # one export for both forms: same file
+    assert first == again
+
+
 def test_sparse_initializers_option():
     model = LoadedModel(tiny(), "tiny")
     gm, _ = compressed(model, "mask(sparsity=0.95),quant(bits=4)")

@@ -14,7 +14,7 @@ from pyprune.api import LoadedModel, load_model, save_model
 from pyprune.data import ArrayDataset, load_dataset
 
 from ..conftest import shared_data_root
-from ..encode.test_model_ppz import compressed
+from ..passes_helpers import compressed
 
 # mask per layer, so that no layer (a classifier, say) ends up entirely zero.
 PIPELINE = "slim(ratio=0.3),mask(sparsity=0.8,scope=layer),quant(bits=5)"
