@@ -149,12 +149,12 @@ def export_onnx_forms(module: nn.Module, input_shape: Sequence[int], forms: Sequ
     for form in forms:
         check_export_settings(form, opset)
     exported = _export_program(module, input_shape, opset)
-    serialized = ir.serde.serialize_model(exported) if len(forms) > 1 else None
-    results = {}
-    for form in forms:
-        model = ir.serde.deserialize_model(serialized) if serialized is not None else exported
-        results[form] = _finish(model, form, opset, meta, sparse_initializers)
-    return results
+    # Every form starts from a fresh copy of the same serialized export, so a form's
+    # file is the same bytes whichever call produced it (node names come from a
+    # counter that deserialization restarts).
+    serialized = ir.serde.serialize_model(exported)
+    return {form: _finish(ir.serde.deserialize_model(serialized), form, opset, meta, sparse_initializers)
+            for form in forms}
 
 
 def _finish(model: ir.Model, form: str, opset: int, meta: Mapping[str, Any] | None,
