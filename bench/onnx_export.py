@@ -12,11 +12,13 @@ whole test split (top-1 accuracy and identical predictions).
 
 Latency: onnxruntime sessions (default graph optimizations, ``--threads`` intra-op
 threads) of both forms and PyTorch eager on the compiled and the original model,
-at batch 1 and 64 on one random input; the contenders take turns within each
-repeat (interleaved medians), so load from other processes hits them alike; the
-sessions run with thread spinning off, since otherwise each contender runs against
-the busy-waiting threads of the one before (dense ONNX then looked 2.8x faster than
-compact at batch 1, with identical optimized graphs). The
+at batch 1 and 64 on one random input. The two sessions take turns within each
+repeat (interleaved medians), so load from other processes hits them alike, and so
+do the two PyTorch models; the groups are timed one after the other. Sessions run
+with thread spinning off and apart from PyTorch, because otherwise each contender
+runs against the busy-waiting threads of the one before (the compact form then
+looked 2.8x slower than the dense one at batch 1, with identical optimized graphs).
+The
 time to open each session (where the compact form's Gather nodes are folded) is
 reported too.
 
@@ -119,15 +121,19 @@ def main() -> None:
     for batch in (1, 64):
         x = torch.randn(batch, *compiled.input_shape)
         feed = {"input": x.numpy()}
-        contenders = {"PyTorch eager, original ResNet-56": lambda: original.module.eval()(x),
-                      "PyTorch eager, compiled (as loaded)": lambda: module(x),
-                      "onnxruntime, dense ONNX": lambda: sessions["dense"].run(None, feed),
-                      "onnxruntime, compact ONNX": lambda: sessions["compact"].run(None, feed)}
+        # Two groups, timed one after the other: PyTorch's OpenMP threads busy-wait after
+        # each call too, and would slow whichever session ran next.
+        groups = [{"PyTorch eager, original ResNet-56": lambda: original.module.eval()(x),
+                   "PyTorch eager, compiled (as loaded)": lambda: module(x)},
+                  {"onnxruntime, dense ONNX": lambda: sessions["dense"].run(None, feed),
+                   "onnxruntime, compact ONNX": lambda: sessions["compact"].run(None, feed)}]
         repeats = args.repeats or (50 if batch == 1 else 10)
+        timed = {}
         with torch.inference_mode():
-            seconds = interleaved_medians(list(contenders.values()), repeats=repeats, warmup=3)
-        reference = seconds[2]
-        for (name, _), s in zip(contenders.items(), seconds):
+            for group in groups:
+                timed.update(zip(group, interleaved_medians(list(group.values()), repeats=repeats, warmup=3)))
+        reference = timed["onnxruntime, dense ONNX"]
+        for name, s in timed.items():
             rows.append((name, str(batch), f"{s * 1e3:.2f}", f"{batch / s:,.0f}", f"{reference / s:.2f}x"))
     print("\n" + table(("runs", "batch", "ms/batch (median)", "images/s", "speed vs dense ONNX"), rows))
 
