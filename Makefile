@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/sparse_conv.py
 	$(PY) bench/huffman.py
 	$(PY) bench/end_to_end.py
+	$(PY) bench/onnx_export.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/search_vs_grid.py
 	$(PY) bench/single_vs_combined.py
