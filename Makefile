@@ -45,7 +45,7 @@ DEMO_OUT ?= out/resnet20
 demo: install
 	$(VENV)/bin/pyprune compile --arch resnet20 --pretrained --download --max-drop 0.01 --val-from test \
 		--finetune-epochs 0.25 --slim-l1 5e-3 --l1-epochs 0.5 --budget-minutes 10 --force -o $(DEMO_OUT)
-	@echo "see $(DEMO_OUT)/report.md and $(DEMO_OUT)/pareto.png"
+	@echo "see $(DEMO_OUT)/report.md and $(DEMO_OUT)/pareto.png; the model is $(DEMO_OUT)/model.ppz, and $(DEMO_OUT)/model.onnx for onnxruntime"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
