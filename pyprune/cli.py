@@ -9,7 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, distributed
+from .distributed import is_main
 from .export import DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, VerificationError
 from .runtime.plan import RUNTIMES
 from .text import format_table as _format_table
@@ -147,6 +148,14 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_nproc(p)
+
+
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run as N processes under torchrun (DistributedDataParallel; gloo on CPUs, NCCL on GPUs): "
+                        "a shortcut for `torchrun --standalone --nproc-per-node N -m pyprune ...`; see README, "
+                        "Scaling out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars and no per-candidate lines")
     g.add_argument("--json", action="store_true", help="end the output with one JSON line summarising the result")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    _add_nproc(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("export-onnx", formatter_class=_Formatter, epilog=EPILOG + EXPORT_EPILOG,
@@ -411,7 +421,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     runtime = f" (runtime {args.runtime})" if args.runtime else ""
     print(f"{model.name}{runtime} on {args.data}/{args.split}: top-1 {result.accuracy:.4f} "
           f"({round(result.accuracy * result.n)}/{result.n}), loss {result.loss:.4f}, {result.seconds:.1f}s")
-    if args.predictions:
+    if args.predictions and is_main():
         Path(args.predictions).write_text("".join(f"{c}\n" for c in result.predictions.tolist()))
     if args.json:
         summary = {"model": model.name, "data": args.data, "split": args.split,
@@ -439,7 +449,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for log in logs:
         print(f"epoch {log.epoch}: loss {log.loss:.4f}, train acc {log.accuracy:.4f}, "
               f"{log.images_per_s:.0f} images/s, {log.seconds:.1f}s")
-    path = save_weights(model, args.output, force=args.force)
+    path = save_weights(model, args.output, force=args.force) if is_main() else Path(args.output)
     print(f"saved {path}")
     summary = {"model": model.name, "output": str(path), "epochs": [vars(log) for log in logs]}
     if args.eval_split != "none":
@@ -475,8 +485,10 @@ def cmd_opt(args: argparse.Namespace) -> int:
             print(f"slim removed channels in {len(step.record['layers'])} layers "
                   f"({step.record['achieved_ratio']:.1%} of prunable channel groups)")
     codebooks = result.codebooks() if Path(args.output).suffix == ".ppz" else None
-    path = save_model(model, args.output, gm=result.graph_module, provenance=result.provenance(),
-                      codebooks=codebooks, force=args.force)
+    path = Path(args.output)
+    if is_main():
+        save_model(model, path, gm=result.graph_module, provenance=result.provenance(), codebooks=codebooks,
+                   force=args.force)
     first, last = result.steps[0], result.steps[-1]
     print(f"saved {path}: {first.params:,} -> {last.params:,} parameters ({first.params / last.params:.2f}x), "
           f"{first.macs / 1e6:.1f}M -> {last.macs / 1e6:.1f}M MACs")
@@ -586,8 +598,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ValueError)
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) < 1:
+        print(f"pyprune {args.command}: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch(args.nproc, _without_nproc(argv))
+    distributed.init_from_env()
+    if not is_main():
+        # every process runs the same program; only rank 0 speaks (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except _user_errors() as exc:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .api import LoadedModel
 from .data import ArrayDataset, load_dataset
 from .encode import graph_state_dict, inspect, load_ppz, save_ppz
@@ -185,8 +185,9 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     data, test_set = _load_data(config, model)
     meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
             "input_shape": list(model.input_shape)}
-    progress = Progress(config.quiet)
-    train = TrainConfig(**{**vars(config.train), "progress": not config.quiet})
+    main = distributed.is_main()  # under torchrun, only rank 0 writes and talks
+    progress = Progress(config.quiet or not main)
+    train = TrainConfig(**{**vars(config.train), "progress": not config.quiet and main})
     settings = EvalSettings(config.finetune_epochs, train, config.recal_images)
     # The baseline is measured before out/ exists (the target may refuse it), so into a
     # journal in memory; the evaluator moves to the real one once the target is known.
@@ -202,18 +203,22 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
         progress.say(f"baseline {baseline.accuracy:.4f} on {data.val.name} ({len(data.val)} images); "
                      f"target {target:.4f} ({config.target.describe()})")
 
-        if config.force and config.output.exists():
+        if config.force and config.output.exists() and main:
             _clear_outputs(config.output)
+        distributed.barrier()
         settings_used = config.fingerprint(model)
         journal = Journal(config.output / STATE_DIR, settings_used, resume=config.resume)
+        distributed.barrier()  # every process has read the journal before rank 0 appends to it
         ev.begin(target, journal, baseline)
         outcome = _search(ev, base, config)
         report = _finish(ev, base, baseline, outcome, config, test_set, target, meta, settings_used, started)
     finally:
         progress.close()
-    shutil.rmtree(config.output / STATE_DIR, ignore_errors=True)
     chosen = report["chosen"]
     onnx = report["onnx"]
+    if not main:
+        return CompileResult(report, config.output, EXIT_ONNX_FAILED if onnx.get("error") else 0)
+    shutil.rmtree(config.output / STATE_DIR, ignore_errors=True)
     if onnx.get("error"):
         warn(f"error: {config.output / 'model.onnx'} was not written: {onnx['error']}")
     if not chosen["met_target"]:
@@ -289,14 +294,18 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
         final = base
     books = codebooks(final.gm, final.quantized_layers())
     file_meta = {**meta, "provenance": [{"compile": final.pipeline, "target": target}]}
-    model_path = save_ppz(final.gm, out / "model.ppz", file_meta, books, force=True)
+    model_path = out / "model.ppz"
+    if distributed.is_main():
+        save_ppz(final.gm, model_path, file_meta, books, force=True)
+    distributed.barrier()
     decoded, _ = load_ppz(model_path)  # measure what was written, not what is in memory
     mean, std = ev.data.mean, ev.data.std
     val_acc = evaluate(decoded, ev.data.val, mean, std, progress=False).accuracy
     test_acc = evaluate(decoded, test_set, mean, std, progress=False).accuracy
     base_test = evaluate(base.gm, test_set, mean, std, progress=False).accuracy
     file_bytes = model_path.stat().st_size
-    onnx = _write_onnx(decoded, out, ev.data.val, meta, config.onnx_verify)
+    onnx = _write_onnx(decoded, out, ev.data.val, meta, config.onnx_verify) if distributed.is_main() else None
+    onnx = distributed.broadcast_object(onnx)
     original = fp32_bytes(base.gm)
     inspection = inspect(model_path)
     candidates = [c.to_dict() for c in ev.journal]
@@ -331,6 +340,9 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
         "candidates": candidates,
     }
     report["total_seconds"] = time.perf_counter() - started + ev.journal.replayed_seconds
+    report["processes"] = distributed.current().world
+    if not distributed.is_main():
+        return report
     text = render_markdown(report)
     atomic_write(out / "report.md", lambda f: f.write(text.encode()), force=True)
     plot_pareto(report, out / "pareto.png")

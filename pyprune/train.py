@@ -7,6 +7,17 @@ L1 subgradient on BatchNorm gammas or zeroing masked gradients) and
 ``after_step`` (restore invariants on the weights, for example re-applying masks
 or tying shared weights). Runs are seeded, so the same seed replays the same
 batches, augmentations and initialisations.
+
+Under ``torchrun`` (see :mod:`pyprune.distributed`) the same functions run in
+every process: :func:`fine_tune` wraps the model in ``DistributedDataParallel``
+and each process takes its part of every global batch (``batch_size`` stays the
+global batch, so the learning-rate schedule and the gradient of each step are
+those of one process, up to the order of floating-point sums); :func:`evaluate`
+gives each process a contiguous part of the images and all-reduces the counts, so
+every process returns the same result. The hooks run in every process on the
+averaged gradients and identical weights, so masks and tied weights stay equal
+everywhere. BatchNorm statistics in training mode come from each process's part
+of the batch (SyncBatchNorm needs GPUs; with NCCL the model is converted to it).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import ArrayDataset, BatchLoader, Normalize
 
 Hook = Callable[[nn.Module], None]
@@ -106,17 +118,43 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
                 disable=not enabled, dynamic_ncols=True)
 
 
+def _training_device(shard: distributed.Shard) -> torch.device:
+    if shard.distributed and torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _wrap(model: nn.Module, shard: distributed.Shard, device: torch.device) -> nn.Module:
+    """The module to call in training: ``model`` itself, or a DDP wrapper around it
+    (which broadcasts rank 0's weights first, so every process starts equal)."""
+    if not shard.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
+    return DistributedDataParallel(model)
+
+
 def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], std: Sequence[float],
               config: TrainConfig, hooks: TrainHooks | None = None) -> list[EpochLog]:
-    """Train ``model`` in place on ``train_set``; return one log entry per epoch."""
+    """Train ``model`` in place on ``train_set``; return one log entry per epoch
+    (loss, accuracy and images/s over all processes)."""
     hooks = hooks or TrainHooks()
     after_backward = list(hooks.after_backward)
     if config.slim_l1 > 0:
         after_backward.append(bn_gamma_l1(config.slim_l1))
+    shard = distributed.current()
+    if config.batch_size % shard.world:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the {shard.world} processes: "
+                         "it is the global batch, split evenly between them")
     seed_everything(config.seed)
     loader = BatchLoader(train_set, config.batch_size, Normalize(mean, std), shuffle=True,
-                         augment=config.augment, seed=config.seed, drop_last=len(train_set) >= config.batch_size)
+                         augment=config.augment, seed=config.seed, drop_last=len(train_set) >= config.batch_size,
+                         shard=shard)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    device = _training_device(shard)
+    model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -125,41 +163,54 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     model.train()
-    for epoch in range(math.ceil(config.epochs)):
-        steps = min(len(loader), total_steps - step)
-        loss_sum = correct = seen = 0
-        start = time.perf_counter()
-        bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", config.progress)
-        for i, (x, y) in enumerate(bar):
-            if i == steps:
-                break
-            logits = model(x.contiguous(memory_format=memory_format))
-            loss = F.cross_entropy(logits, y)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
-                model.to(memory_format=torch.contiguous_format)
-                raise DivergenceError(f"diverged: loss {loss_value:.4g} (not finite, or above "
-                                      f"{config.divergence_loss:g}) at step {step + 1} of {total_steps}, "
-                                      f"lr {scheduler.get_last_lr()[0]:g}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for hook in after_backward:
-                hook(model)
-            optimizer.step()
-            for hook in hooks.after_step:
-                hook(model)
-            scheduler.step()
-            step += 1
-            loss_sum += loss_value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            if config.progress:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-        seconds = time.perf_counter() - start
-        logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
-                             seen / max(seconds, 1e-9), seconds))
-    model.to(memory_format=torch.contiguous_format)  # later passes slice weights as plain NCHW
+    trained = _wrap(model, shard, device)
+    show = config.progress and shard.rank == 0
+    try:
+        for epoch in range(math.ceil(config.epochs)):
+            steps = min(len(loader), total_steps - step)
+            loss_sum = correct = seen = 0
+            start = time.perf_counter()
+            bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", show)
+            for i, (x, y) in enumerate(bar):
+                if i == steps:
+                    break
+                x, y = x.to(device), y.to(device)
+                logits = trained(x.contiguous(memory_format=memory_format))
+                loss = F.cross_entropy(logits, y)
+                # every process must take the same decision, or the others wait forever
+                loss_value = distributed.all_reduce_max(loss.item()) if shard.distributed else loss.item()
+                if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
+                    raise DivergenceError(f"diverged: loss {loss_value:.4g} (not finite, or above "
+                                          f"{config.divergence_loss:g}) at step {step + 1} of {total_steps}, "
+                                          f"lr {scheduler.get_last_lr()[0]:g}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # DDP has averaged the gradients over the processes when this returns
+                for hook in after_backward:
+                    hook(model)
+                optimizer.step()
+                for hook in hooks.after_step:
+                    hook(model)
+                scheduler.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                if show:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                    img_s=f"{seen * shard.world / (time.perf_counter() - start):.0f}",
+                                    refresh=False)
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
+            seconds = time.perf_counter() - start
+            logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
+                                 seen / max(seconds, 1e-9), seconds))
+    finally:
+        # later passes slice weights as plain NCHW tensors on the CPU
+        model.to(device="cpu", memory_format=torch.contiguous_format)
+    if shard.distributed:
+        # DDP hands rank 0's buffers to all at the start of each forward, so the last
+        # forward's BatchNorm statistics are still per process: make them rank 0's
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
     return logs
 
 
@@ -202,21 +253,31 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std: Sequence[float],
              batch_size: int = 500, progress: bool = True) -> EvalResult:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``, in eval mode."""
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``, in eval
+    mode. Under torchrun each process evaluates a contiguous part of the images and
+    every process returns the result over all of them."""
+    shard = distributed.current()
+    n = len(dataset)
+    part = dataset
+    if shard.distributed:
+        bounds = torch.linspace(0, n, shard.world + 1).round().long().tolist()
+        part = dataset.subset(slice(bounds[shard.rank], bounds[shard.rank + 1]))
     was_training = model.training
     model.eval()
-    loader = BatchLoader(dataset, batch_size, Normalize(mean, std))
+    loader = BatchLoader(part, batch_size, Normalize(mean, std))
     loss_sum = correct = 0.0
     predictions = []
     start = time.perf_counter()
     try:
-        for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress):
+        for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             predictions.append(logits.argmax(1))
             correct += (predictions[-1] == y).sum().item()
     finally:
         model.train(was_training)
-    n = len(dataset)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    if shard.distributed:
+        loss_sum, correct = distributed.all_reduce_sum([loss_sum, correct])
+        predicted = torch.cat(distributed.all_gather_objects(predicted))
     return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start, predicted)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..distributed import Shard
 from .dataset import ArrayDataset
 
 
@@ -52,11 +53,15 @@ class BatchLoader:
 
     ``shuffle`` and ``augment`` are for training; evaluation keeps the order. Each
     ``iter()`` is one epoch; epoch ``e`` draws from a generator seeded with
-    ``seed + e``, so restarting with the same seed replays the same batches."""
+    ``seed + e``, so restarting with the same seed replays the same batches.
+
+    With ``shard`` (rank r of w processes) every process draws the same global
+    batches and the same augmentation, and yields its own contiguous r-th part of
+    each: together the processes see exactly the batches one process would."""
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, normalize: Normalize,
                  shuffle: bool = False, augment: bool = False, seed: int = 0,
-                 drop_last: bool = False, pad: int = 4) -> None:
+                 drop_last: bool = False, pad: int = 4, shard: Shard = Shard()) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.dataset = dataset
@@ -67,6 +72,7 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.pad = pad
+        self.shard = shard
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -87,4 +93,7 @@ class BatchLoader:
                 images, labels = self.dataset.images[index], self.dataset.labels[index]
             if self.augment:
                 images = random_crop_flip(images, self.pad, generator)
+            if self.shard.distributed:
+                images = images.tensor_split(self.shard.world)[self.shard.rank]
+                labels = labels.tensor_split(self.shard.world)[self.shard.rank]
             yield self.normalize(images), labels

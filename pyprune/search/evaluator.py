@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import fx
 
+from .. import distributed
 from ..data import ArrayDataset
 from ..encode import ppz_bytes
 from ..ir import PassManager, example_input
@@ -43,7 +44,8 @@ class Budget:
 
     @property
     def exhausted(self) -> bool:
-        return self.seconds is not None and self.spent() >= self.seconds
+        # rank 0's clock decides for every process, which must all stop at the same candidate
+        return bool(distributed.broadcast_object(self.seconds is not None and self.spent() >= self.seconds))
 
     def check(self) -> None:
         if self.exhausted:

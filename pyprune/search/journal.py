@@ -8,6 +8,9 @@ settings that decide the results (model, data, target, levels, budgets that
 change training); resuming with other settings is refused rather than mixed.
 Fine-tuned weights are saved beside it (pickle-free graph files), because a
 later stage may start from them.
+
+Under torchrun only rank 0 writes (``writer``); every process reads, and saving
+weights ends at a barrier, so a later read finds the file in every process.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from torch import fx
 
+from .. import distributed
 from ..encode import load_graph_module, save_graph_module
 from .candidates import Candidate
 
@@ -33,8 +37,9 @@ class Journal:
     """Cache of candidates by key; persistent when given a folder."""
 
     def __init__(self, folder: Path | None = None, fingerprint: dict[str, Any] | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, writer: bool | None = None) -> None:
         self.folder = folder
+        self.writer = distributed.is_main() if writer is None else writer
         self.fingerprint = json.loads(json.dumps(fingerprint or {}))  # normalise tuples to lists
         self._entries: dict[str, Candidate] = {}
         self._from_disk: set[str] = set()
@@ -45,7 +50,7 @@ class Journal:
         path = self.path
         if resume and path.is_file():
             self._load(path)
-        else:
+        elif self.writer:
             folder.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:
                 f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
@@ -82,7 +87,7 @@ class Journal:
 
     def put(self, candidate: Candidate) -> Candidate:
         self._entries[candidate.key] = candidate
-        if self.folder is not None:
+        if self.folder is not None and self.writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps(candidate.to_dict()) + "\n")
                 f.flush()
@@ -108,7 +113,9 @@ class Journal:
     def save_weights(self, key: str, gm: fx.GraphModule) -> None:
         path = self._weights_path(key)
         if path is not None:
-            save_graph_module(gm, path, {"key": key}, force=True)
+            if self.writer:
+                save_graph_module(gm, path, {"key": key}, force=True)
+            distributed.barrier()
 
     def load_weights(self, key: str) -> fx.GraphModule | None:
         path = self._weights_path(key)

@@ -1,0 +1,108 @@
+"""pyprune.distributed: fine-tuning and compile under torchrun with 2 gloo
+processes on the CPU, against one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyprune.api import evaluate_model, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "distributed_worker.py"
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fine_tuned(tmp_path, kind):
+    """(one process's state, [each of two processes' states]) after the worker's fine-tune."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, WORKER, one, kind], cwd=REPO, check=True, timeout=120)
+    run = torchrun(WORKER, two, kind)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = torch.load(one / "rank0.pt")
+    ranks = [torch.load(two / f"rank{r}.pt") for r in range(2)]
+    assert single["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    return single, ranks
+
+
+def quantized_weights(state):
+    return {k: v for k, v in state.items() if k.endswith("weight") and v.dim() > 1}
+
+
+@pytest.mark.parametrize("kind", ["nobn", "bn"])
+def test_two_processes_keep_masks_and_codebooks_like_one(tmp_path, kind):
+    single, (rank0, rank1) = fine_tuned(tmp_path, kind)
+    # every process ends with the same model, buffers included
+    assert rank0["state"].keys() == rank1["state"].keys()
+    assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])
+    weights = quantized_weights(single["state"])
+    assert len(weights) == 3
+    for name, w in weights.items():
+        w2 = rank0["state"][name]
+        assert not torch.equal(w, single["before"][name])  # the fine-tune did move the weights
+        assert torch.equal(w == 0, w2 == 0), name  # the same mask
+        assert torch.equal(w == 0, single["before"][name] == 0), name  # ... which is the mask before training
+        values, values2 = w[w != 0].unique(), w2[w2 != 0].unique()
+        assert len(values) == len(values2) <= 2 ** 3, name  # the same number of shared values
+        if kind == "nobn":
+            # no BatchNorm: the split batch has exactly the whole batch's gradient, so the
+            # codebooks agree up to the order of floating-point sums
+            torch.testing.assert_close(values2, values, rtol=0, atol=1e-6)
+    if kind == "nobn":
+        assert rank0["loss"] == pytest.approx(single["loss"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_compile_args(data_root, models_dir):
+    weights = next(models_dir.glob("resnet20-*.th"))
+    return ["--arch", "resnet20", "--weights", weights, "--data-root", data_root, "--val-from", "test",
+            "--val-limit", 200, "--screen-limit", 100, "--test-limit", 200, "--train-limit", 256,
+            "--recal-images", 128, "--finetune-epochs", 0.5, "--batch-size", 64, "--slim-levels", "0.3",
+            "--mask-levels", "0.5", "--bits-levels", "6", "--onnx-verify", 64, "--quiet", "--max-drop", 0.05]
+
+
+def test_compile_under_torchrun_writes_a_valid_ppz(tmp_path, tiny_compile_args, data_root):
+    out = tmp_path / "out"
+    run = torchrun("-m", "pyprune", "compile", *tiny_compile_args, "-o", out, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["onnx"]["verified"]
+    assert not (out / ".compile-state").exists()
+    model = load_model(str(out / "model.ppz"))
+    val = evaluate_model(model, split="test-search", data_root=str(data_root), limit=200, progress=False)
+    assert val.accuracy == report["chosen"]["val_accuracy"]  # the file written is the model measured
+    assert run.stdout.count("chose ") <= 1  # only rank 0 talks
+
+
+def test_nproc_launches_torchrun(tmp_path, data_root, models_dir):
+    weights = next(models_dir.glob("resnet20-*.th"))
+    out = tmp_path / "w.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--weights", str(weights),
+                          "--data-root", str(data_root), "--limit", "128", "--batch-size", "64", "--epochs", "1",
+                          "--eval-split", "none", "--no-progress", "--nproc", "2", "--json", "-o", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 1 printed nothing
+    assert torch.load(out, weights_only=True)["arch"] == "resnet20"
+
+
+def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models_dir):
+    weights = next(models_dir.glob("resnet20-*.th"))
+    run = torchrun("-m", "pyprune", "train", "--arch", "resnet20", "--weights", weights, "--data-root", data_root,
+                   "--limit", 128, "--batch-size", 63, "--eval-split", "none", "--no-progress", "-o",
+                   tmp_path / "w.pt")
+    assert run.returncode != 0
+    assert "--batch-size 63 must be a multiple of the 2 processes" in run.stderr
