@@ -17,7 +17,8 @@ gives each process a contiguous part of the images and all-reduces the counts, s
 every process returns the same result. The hooks run in every process on the
 averaged gradients and identical weights, so masks and tied weights stay equal
 everywhere. BatchNorm statistics in training mode come from each process's part
-of the batch (SyncBatchNorm needs GPUs; with NCCL the model is converted to it).
+of the batch (``SyncBatchNorm`` would pool them, but it runs on GPUs only, and it
+replaces the BatchNorm modules that the passes and the file format know).
 """
 
 from __future__ import annotations
@@ -131,9 +132,7 @@ def _wrap(model: nn.Module, shard: distributed.Shard, device: torch.device) -> n
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    if device.type == "cuda":
-        return DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], std: Sequence[float],
