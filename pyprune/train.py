@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import ArrayDataset, BatchLoader, Normalize
+from .data import ArrayDataset
 
 Hook = Callable[[nn.Module], None]
 
@@ -148,9 +148,8 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the {shard.world} processes: "
                          "it is the global batch, split evenly between them")
     seed_everything(config.seed)
-    loader = BatchLoader(train_set, config.batch_size, Normalize(mean, std), shuffle=True,
-                         augment=config.augment, seed=config.seed, drop_last=len(train_set) >= config.batch_size,
-                         shard=shard)
+    loader = train_set.batches(config.batch_size, mean, std, shuffle=True, augment=config.augment, seed=config.seed,
+                               drop_last=len(train_set) >= config.batch_size, shard=shard)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     device = _training_device(shard)
     model.to(device)
@@ -240,7 +239,7 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
         m.momentum = None
     model.train()
     try:
-        for x, _ in BatchLoader(subset, batch_size, Normalize(mean, std), augment=True, seed=seed):
+        for x, _ in subset.batches(batch_size, mean, std, augment=True, seed=seed):
             model(x)
     finally:
         for m, momentum in saved:
@@ -263,7 +262,7 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
         part = dataset.subset(slice(bounds[shard.rank], bounds[shard.rank + 1]))
     was_training = model.training
     model.eval()
-    loader = BatchLoader(part, batch_size, Normalize(mean, std))
+    loader = part.batches(batch_size, mean, std)
     loss_sum = correct = 0.0
     predictions = []
     start = time.perf_counter()

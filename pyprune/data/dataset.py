@@ -3,9 +3,12 @@ uint8 tensors and are converted a whole batch at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from ..distributed import Shard
 
 
 @dataclass
@@ -30,3 +33,17 @@ class ArrayDataset:
 
     def subset(self, index: torch.Tensor | slice) -> "ArrayDataset":
         return ArrayDataset(self.images[index], self.labels[index], self.name, self.classes)
+
+    def batches(self, batch_size: int, mean: Sequence[float], std: Sequence[float], *, shuffle: bool = False,
+                augment: bool = False, seed: int = 0, drop_last: bool = False, shard: Shard = Shard()) -> Iterable:
+        """Normalised ``(inputs, labels)`` batches; each ``iter()`` is one epoch.
+
+        The interface every dataset gives the training engine (an image folder
+        streams through DataLoader workers instead): ``shuffle`` and ``augment``
+        for training, seeded by ``seed`` and the epoch; ``shard`` is this process's
+        part under torchrun. Here the images are in memory and augmented a whole
+        batch at a time (:class:`~pyprune.data.loader.BatchLoader`)."""
+        from .loader import BatchLoader, Normalize
+
+        return BatchLoader(self, batch_size, Normalize(mean, std), shuffle=shuffle, augment=augment, seed=seed,
+                           drop_last=drop_last, shard=shard)

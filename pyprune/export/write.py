@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import ArrayDataset, Normalize
+from ..data import ArrayDataset
 from ..encode.files import atomic_write
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .verify import DEFAULT_ATOL, Verification, VerificationError, verify_onnx
@@ -46,7 +46,8 @@ def verification_inputs(dataset: ArrayDataset, n: int, mean: Sequence[float],
     """The first ``n`` images of ``dataset``, normalised as the model expects, and a
     description of them for the report."""
     n = min(n, len(dataset))
-    return Normalize(mean, std)(dataset.images[:n]), f"{dataset.name}[:{n}]"
+    inputs, _ = next(iter(dataset.subset(slice(0, n)).batches(n, mean, std)))
+    return inputs, f"{dataset.name}[:{n}]"
 
 
 def unverified_path(path: Path) -> Path:
