@@ -154,8 +154,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _add_nproc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="run as N processes under torchrun (DistributedDataParallel; gloo on CPUs, NCCL on GPUs): "
-                        "a shortcut for `torchrun --standalone --nproc-per-node N -m pyprune ...`; see README, "
-                        "Scaling out")
+                        "a shortcut for `torchrun --standalone --nproc-per-node N -m pyprune ...`; only rank 0 "
+                        "writes and prints; a failure in any process exits 1 (torchrun's code) with the message on "
+                        "stderr. See README, Scaling out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -617,6 +618,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyprune {args.command}: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
         return 2
     if getattr(args, "nproc", 1) > 1 and not distributed.launched_by_torchrun():
+        batch = getattr(args, "batch_size", None)
+        if args.command != "eval" and batch and batch % args.nproc:
+            print(f"pyprune {args.command}: error: --batch-size {batch} must be a multiple of --nproc {args.nproc}: "
+                  "it is the global batch, split evenly between the processes", file=sys.stderr)
+            return 2
         return distributed.launch(args.nproc, _without_nproc(argv))
     distributed.init_from_env()
     if not is_main():

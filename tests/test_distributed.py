@@ -106,3 +106,9 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models
                    tmp_path / "w.pt")
     assert run.returncode != 0
     assert "--batch-size 63 must be a multiple of the 2 processes" in run.stderr
+    # --nproc checks it before launching anything: a plain usage error
+    shortcut = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--batch-size", "63",
+                               "--nproc", "2", "-o", str(tmp_path / "w.pt")], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    assert shortcut.returncode == 2 and "must be a multiple of --nproc 2" in shortcut.stderr
+    assert not (tmp_path / "w.pt").exists()
