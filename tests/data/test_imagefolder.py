@@ -103,16 +103,16 @@ def test_labels_match_folders_and_pixels(tree):
 
 
 def test_eval_batches_match_pil_torchvision_reference(tree):
-    ds = load_imagefolder(tree, "test", input_shape=(3, 28, 28), num_workers=2)
+    ds = load_imagefolder(tree, "test", input_shape=(3, 32, 32), num_workers=2)
     batches = ds.batches(5, MEAN, STD)
     assert len(batches) == 4
     x, y = all_batches(batches)
     want = []
     for i in range(len(ds)):
         img = Image.open(ds.path(i)).convert("RGB")
-        img = TF.center_crop(TF.resize(img, 32), 28)  # round(28 * 256 / 224) = 32
+        img = TF.center_crop(TF.resize(img, 37), 32)  # round(32 * 256 / 224) = round(36.57)
         want.append(TF.normalize(TF.to_tensor(img), MEAN, STD))
-    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (18, 3, 28, 28)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (18, 3, 32, 32)
     torch.testing.assert_close(x, torch.stack(want), rtol=0, atol=0)
     assert torch.equal(y, ds.labels)
 
@@ -164,6 +164,27 @@ def test_seeded_epochs_replay_with_workers(tree):
     # Every image is still recognisable after the random crop and flip.
     cls, _ = decode(a0[0])
     assert torch.equal(cls, a0[1])
+
+
+def test_augmentation_crops_and_flips(tmp_path):
+    # Blue ramps up left to right: a flipped crop ramps down, and crops of
+    # different widths span different ranges of it.
+    ramp = np.zeros((40, 48, 3), dtype=np.uint8)
+    ramp[..., 2] = np.arange(48) * 5
+    for c in ("a", "b"):
+        for part in ("train", "val"):
+            (tmp_path / part / c).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(ramp).save(tmp_path / "train" / c / f"{i}.png")
+        Image.fromarray(ramp).save(tmp_path / "val" / c / "0.png")
+    ds = load_imagefolder(tmp_path, "train", input_shape=SHAPE, num_workers=0)
+    x, _ = all_batches(ds.batches(64, MEAN, STD, shuffle=True, augment=True, seed=0))
+    blue = x[:, 2, 16]  # the middle row
+    slope = blue[:, -4:].mean(1) - blue[:, :4].mean(1)
+    flipped = int((slope < 0).sum())
+    assert (slope != 0).all() and 0.25 * len(x) < flipped < 0.75 * len(x)
+    span = (blue.max(1).values - blue.min(1).values) * STD[2] * 255
+    assert span.min() < 100 and span.max() > 180  # the whole ramp spans 235
 
 
 @pytest.mark.parametrize("workers", [0, 2])
