@@ -4,6 +4,9 @@ The tree: 3 classes, 20 train + 6 val PNGs per class, 40x48 RGB. Red encodes the
 class, green the image's index within its class folder, blue is seeded noise (so
 resizing and cropping are really checked against the reference)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from pyprune.api import load_model
 from pyprune.cli import main
 from pyprune.data import DatasetNotFoundError, FolderDataset, load_dataset, load_imagefolder
 from pyprune.data import imagefolder as imf
@@ -256,3 +260,26 @@ def test_cli_train_and_eval_on_a_folder(tree, tmp_path, capsys):
                  "--split", "test-report", "--limit", "5", "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0 and f"on {data}/test-report" in text and "/5)" in text
+
+
+def test_two_processes_train_like_one(tree, tmp_path):
+    """``pyprune train --nproc 2`` (torchrun, gloo) on the folder: with no BatchNorm
+    the split batches give the whole batches' gradients, so the weights match one
+    process's (which here also uses another number of DataLoader workers)."""
+    repo = Path(__file__).resolve().parents[2]
+    args = ["train", "--arch", "tests.distributed_worker:NoBatchNorm", "--data", f"imagefolder:{tree}",
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.2", "--no-progress", "--eval-split", "none"]
+    states = []
+    for nproc, workers in ((1, 2), (2, 1)):
+        out = tmp_path / f"nproc{nproc}.pt"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYPRUNE_WORKERS": str(workers)}
+        run = subprocess.run([sys.executable, "-m", "pyprune", *args, "--nproc", str(nproc), "-o", str(out)],
+                             cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        states.append(torch.load(out)["state_dict"])
+    one, two = states
+    assert one.keys() == two.keys()
+    initial = load_model(arch="tests.distributed_worker:NoBatchNorm").module.state_dict()
+    for k in one:
+        assert not torch.allclose(one[k], initial[k], rtol=0, atol=1e-3), k  # training did move it
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
