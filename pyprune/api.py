@@ -93,14 +93,16 @@ def model_info(model: LoadedModel) -> ModelInfo:
 def evaluate_model(model: LoadedModel, data: str = "cifar10", split: str = "test",
                    data_root: str | None = None, download: bool = False, limit: int | None = None,
                    batch_size: int = 500, progress: bool = True) -> EvalResult:
-    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit)
+    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit,
+                           input_shape=model.input_shape)
     return evaluate(model.module, dataset, model.mean, model.std, batch_size=batch_size, progress=progress)
 
 
 def train_model(model: LoadedModel, config: TrainConfig, data: str = "cifar10", split: str = "train",
                 data_root: str | None = None, download: bool = False,
                 limit: int | None = None) -> list[EpochLog]:
-    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit)
+    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit,
+                           input_shape=model.input_shape)
     return fine_tune(model.module, dataset, model.mean, model.std, config)
 
 
@@ -144,7 +146,8 @@ def export_model_onnx(model: LoadedModel, output: str | Path, form: str = "compa
     inputs = description = None
     if verify:
         try:
-            dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify)
+            dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify,
+                                   input_shape=model.input_shape)
         except DatasetNotFoundError as exc:
             raise DatasetNotFoundError(f"{exc}\nThe ONNX file is verified on that data; --verify 0 writes it "
                                        "unverified.") from None

@@ -135,7 +135,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data", default="cifar10",
+                   help="dataset name (cifar10), or imagefolder:PATH for images in PATH/{train,val}/<class>/")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
     g.add_argument("--split", default=split, choices=["train", "val", "test", "test-search", "test-report"],
                    help="val is a fixed class-balanced 5,000-image hold-out of train; test-search and "
@@ -250,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data", default="cifar10",
+                   help="dataset name (cifar10), or imagefolder:PATH for images in PATH/{train,val}/<class>/")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
     g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
                    help="split on which every step's accuracy is measured")
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recal-images", type=int, default=1024, metavar="N",
                    help="training images used to recalibrate BatchNorm statistics after each pass")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data", default="cifar10",
+                   help="dataset name (cifar10), or imagefolder:PATH for images in PATH/{train,val}/<class>/")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
     g.add_argument("--val-from", choices=["train", "test"], default="train",
                    help="train: validate on the 5,000-image hold-out of train; test: on one fixed class-balanced "
@@ -348,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", type=int, default=DEFAULT_IMAGES, metavar="N",
                    help="images to compare onnxruntime with PyTorch on (0: write without verifying)")
     g.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest allowed |logit difference|")
-    g.add_argument("--data", default="cifar10", help="dataset name")
+    g.add_argument("--data", default="cifar10",
+                   help="dataset name (cifar10), or imagefolder:PATH for images in PATH/{train,val}/<class>/")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (default: $PYPRUNE_DATA, else ./data)")
     g.add_argument("--split", default="val", choices=["train", "val", "test", "test-search", "test-report"],
                    help="split whose first N images are compared")

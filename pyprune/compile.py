@@ -157,7 +157,8 @@ def _load_data(config: CompileConfig, model: LoadedModel) -> tuple[SearchData, A
     val_split, test_split = VAL_FROM[config.val_from]
 
     def get(split: str, limit: int | None) -> ArrayDataset:
-        return load_dataset(config.data, split, config.data_root, config.download, limit)
+        return load_dataset(config.data, split, config.data_root, config.download, limit,
+                            input_shape=model.input_shape)
 
     val = get(val_split, config.val_limit)
     data = SearchData(get("train", config.train_limit), val, val.subset(slice(0, config.screen_limit)),

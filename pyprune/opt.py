@@ -116,10 +116,12 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
     passes = build_pipeline(config.pipeline)  # parse first: a typo should not cost a training run
     train_set: ArrayDataset | None = None
     if config.finetune_epochs > 0 or config.l1_epochs > 0:
-        train_set = load_dataset(config.data, "train", config.data_root, config.download, config.train_limit)
+        train_set = load_dataset(config.data, "train", config.data_root, config.download, config.train_limit,
+                                 input_shape=input_shape)
     eval_set = None
     if config.eval_split:
-        eval_set = load_dataset(config.data, config.eval_split, config.data_root, config.download, config.eval_limit)
+        eval_set = load_dataset(config.data, config.eval_split, config.data_root, config.download, config.eval_limit,
+                                input_shape=input_shape)
 
     def accuracy_of(model: nn.Module) -> float | None:
         if eval_set is None:
