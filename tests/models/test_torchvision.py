@@ -84,6 +84,10 @@ def test_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    # torchvision's weight enums call their own imported name.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    with pytest.raises(AssertionError, match="tried to download"):  # the trap is armed
+        torchvision.models.get_model("mobilenet_v2", weights="DEFAULT")
     torch.manual_seed(0)
     want = torchvision.models.mobilenet_v2(num_classes=10)
     got = load_model(arch="torchvision:mobilenet_v2", seed=0).module  # random init, seeded like want
