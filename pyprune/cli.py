@@ -21,6 +21,8 @@ Naming a model (the same for every subcommand):
   pyprune eval --arch resnet56 --weights FILE     the same, as a flag
   pyprune eval --arch resnet56 --pretrained       the published checkpoint ($PYPRUNE_MODELS, cache, --download)
   pyprune info --arch resnet56                    random initialisation (seeded by --seed)
+  pyprune eval --arch torchvision:resnet18 --weights FILE --num-classes 1000
+                                                  a torchvision.models classifier, your weights (never downloads)
   pyprune info --arch mypkg.models:make_net       your own model class or factory
   pyprune eval whole_model.pt --trust-pickle      a pickled nn.Module (unpickling runs code: trusted files only)
 
@@ -370,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full inspection as one JSON object")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("models", help="list the zoo architectures", description="List the zoo architectures.")
+    p = sub.add_parser("models", help="list the zoo architectures",
+                       description="List the zoo architectures. torchvision's classifiers are named "
+                       "torchvision:NAME (e.g. torchvision:resnet18) and are not listed here.")
     p.set_defaults(func=cmd_models)
     return parser
 

@@ -3,7 +3,8 @@
 Zoo (``build_model(name)``): CIFAR ResNet-20/32/44/56/110 (option-A
 shortcuts, load the akamaster pretrained checkpoints), pre-activation
 ResNet-164, VGG-11/13/16/19 with BN, DenseNet-40 and DenseNet-BC-100. All
-trace with ``torch.fx.symbolic_trace``.
+trace with ``torch.fx.symbolic_trace``. torchvision's classifiers are reachable
+as ``torchvision:NAME`` (:mod:`.torchvision_zoo`), built on demand, not registered.
 
 Importing this package imports every zoo module, which registers its models.
 """
@@ -23,6 +24,8 @@ from .resnet_cifar import ResNetCifar, ZeroPadShortcut, resnet_cifar
 from .preresnet import PreResNet, preresnet
 from .vgg import VGG, vgg
 from .densenet import DenseNet, densenet40, densenet_bc100
+
+from .torchvision_zoo import TORCHVISION_PREFIX, is_torchvision_arch, torchvision_models, torchvision_spec
 
 from .loading import (
     ModelLoadError,
@@ -59,6 +62,10 @@ __all__ = [
     "DenseNet",
     "densenet40",
     "densenet_bc100",
+    "TORCHVISION_PREFIX",
+    "is_torchvision_arch",
+    "torchvision_models",
+    "torchvision_spec",
     "ModelLoadError",
     "build_user_model",
     "load_pickled_module",

@@ -5,6 +5,7 @@ arguments into an ``nn.Module``:
 
 * ``--arch NAME [--weights FILE]``  zoo model, random init unless weights given
 * ``MODEL --arch NAME``             the same, the checkpoint given positionally
+* ``--arch torchvision:NAME``       a torchvision classifier, never downloaded (weights optional)
 * ``--arch pkg.mod:callable``       a user's factory or class (weights optional)
 * ``MODEL`` alone                   a whole pickled ``nn.Module`` (``--trust-pickle``)
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .registry import ModelSpec, available_models, get_spec
+from .torchvision_zoo import is_torchvision_arch, torchvision_spec
 
 __all__ = [
     "ModelLoadError",
@@ -293,6 +295,13 @@ def load_pickled_module(path: PathLike, trust_pickle: bool) -> nn.Module:
 
 
 def _build_arch(arch: str, num_classes: int) -> tuple[nn.Module, ModelSpec | None]:
+    # Before the "module:callable" form, which "torchvision:NAME" would otherwise match.
+    if is_torchvision_arch(arch):
+        try:
+            spec = torchvision_spec(arch)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return _call_user(spec.name, spec.build, {"num_classes": num_classes}), spec
     if ":" in arch:
         fn = _resolve_user_callable(arch)
         # Pass num_classes only to callables that declare it: a user's factory
@@ -308,7 +317,7 @@ def _build_arch(arch: str, num_classes: int) -> tuple[nn.Module, ModelSpec | Non
     except ValueError:
         raise ModelLoadError(
             f"unknown architecture {arch!r}; available: {', '.join(available_models())}, "
-            "or a user model as 'package.module:callable'"
+            "a torchvision classifier as 'torchvision:NAME', or a user model as 'package.module:callable'"
         ) from None
     return spec.build(num_classes=num_classes), spec
 
