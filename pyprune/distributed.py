@@ -15,6 +15,8 @@ single-process identity: rank 0 of 1, no communication.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -117,3 +119,70 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pyprune", *argv]
     return subprocess.call(command)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of a sum that every process
+    uses is the sum of their gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _synchronized_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in training mode with statistics over the whole global batch: each
+    process's sums are all-reduced (differentiably, so the backward pass sees every
+    process's use of the statistics, as with one process). What ``SyncBatchNorm``
+    does on GPUs, for gloo on CPUs, where it is not available."""
+    if not bn.training:
+        return type(bn).forward(bn, x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+    # float64 sums: E[x^2] - E[x]^2 cancels, and the sums span the whole global batch
+    sums = torch.cat([x.double().sum(dims), (x.double() ** 2).sum(dims), count])
+    sums = _AllReduceSum.apply(sums)
+    channels = x.shape[1]
+    n = sums[-1]
+    mean = sums[:channels] / n
+    var = (sums[channels:2 * channels] / n - mean ** 2).clamp_min(0)
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(var + bn.eps).float()
+    y = (x - mean.float().view(shape)) * scale.view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            unbiased = var.detach() * n / max(float(n) - 1, 1.0)
+            bn.running_mean.mul_(1 - factor).add_(mean.detach().float(), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased.float(), alpha=factor)
+    return y
+
+
+@contextlib.contextmanager
+def synchronized_batchnorm(model: torch.nn.Module):
+    """Within the block, every BatchNorm of ``model`` computes its training-mode
+    statistics over all processes' batches (a no-op outside torchrun). The modules
+    stay what they are (the passes and the file format know BatchNorm, not
+    SyncBatchNorm); only their forward is swapped for the block's duration."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not current().distributed or not bns:
+        yield
+        return
+    for bn in bns:
+        bn.forward = functools.partial(_synchronized_forward, bn)
+    try:
+        yield
+    finally:
+        for bn in bns:
+            del bn.forward

@@ -16,9 +16,9 @@ those of one process, up to the order of floating-point sums); :func:`evaluate`
 gives each process a contiguous part of the images and all-reduces the counts, so
 every process returns the same result. The hooks run in every process on the
 averaged gradients and identical weights, so masks and tied weights stay equal
-everywhere. BatchNorm statistics in training mode come from each process's part
-of the batch (``SyncBatchNorm`` would pool them, but it runs on GPUs only, and it
-replaces the BatchNorm modules that the passes and the file format know).
+everywhere. BatchNorm layers compute their training-mode statistics over the whole
+global batch (:func:`pyprune.distributed.synchronized_batchnorm`: ``SyncBatchNorm``'s
+job, which torch does only on GPUs and only by replacing the modules).
 """
 
 from __future__ import annotations
@@ -164,49 +164,50 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     trained = _wrap(model, shard, device)
     show = config.progress and shard.rank == 0
     try:
-        for epoch in range(math.ceil(config.epochs)):
-            steps = min(len(loader), total_steps - step)
-            loss_sum = correct = seen = 0
-            start = time.perf_counter()
-            bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", show)
-            for i, (x, y) in enumerate(bar):
-                if i == steps:
-                    break
-                x, y = x.to(device), y.to(device)
-                logits = trained(x.contiguous(memory_format=memory_format))
-                loss = F.cross_entropy(logits, y)
-                # every process must take the same decision, or the others wait forever
-                loss_value = distributed.all_reduce_max(loss.item()) if shard.distributed else loss.item()
-                if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
-                    raise DivergenceError(f"diverged: loss {loss_value:.4g} (not finite, or above "
-                                          f"{config.divergence_loss:g}) at step {step + 1} of {total_steps}, "
-                                          f"lr {scheduler.get_last_lr()[0]:g}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP has averaged the gradients over the processes when this returns
-                for hook in after_backward:
-                    hook(model)
-                optimizer.step()
-                for hook in hooks.after_step:
-                    hook(model)
-                scheduler.step()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                if show:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                    img_s=f"{seen * shard.world / (time.perf_counter() - start):.0f}",
-                                    refresh=False)
-            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-            seconds = time.perf_counter() - start
-            logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
-                                 seen / max(seconds, 1e-9), seconds))
+        with distributed.synchronized_batchnorm(model):
+            for epoch in range(math.ceil(config.epochs)):
+                steps = min(len(loader), total_steps - step)
+                loss_sum = correct = seen = 0
+                start = time.perf_counter()
+                bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", show)
+                for i, (x, y) in enumerate(bar):
+                    if i == steps:
+                        break
+                    x, y = x.to(device), y.to(device)
+                    logits = trained(x.contiguous(memory_format=memory_format))
+                    loss = F.cross_entropy(logits, y)
+                    # every process must take the same decision, or the others wait forever
+                    loss_value = distributed.all_reduce_max(loss.item()) if shard.distributed else loss.item()
+                    if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
+                        raise DivergenceError(f"diverged: loss {loss_value:.4g} (not finite, or above "
+                                              f"{config.divergence_loss:g}) at step {step + 1} of {total_steps}, "
+                                              f"lr {scheduler.get_last_lr()[0]:g}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # DDP has averaged the gradients over the processes when this returns
+                    for hook in after_backward:
+                        hook(model)
+                    optimizer.step()
+                    for hook in hooks.after_step:
+                        hook(model)
+                    scheduler.step()
+                    step += 1
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                    if show:
+                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                        img_s=f"{seen * shard.world / (time.perf_counter() - start):.0f}",
+                                        refresh=False)
+                loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
+                seconds = time.perf_counter() - start
+                logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
+                                     seen / max(seconds, 1e-9), seconds))
     finally:
         # later passes slice weights as plain NCHW tensors on the CPU
         model.to(device="cpu", memory_format=torch.contiguous_format)
     if shard.distributed:
-        # DDP hands rank 0's buffers to all at the start of each forward, so the last
-        # forward's BatchNorm statistics are still per process: make them rank 0's
+        # the statistics are global already; copying rank 0's buffers makes "equal on
+        # every process" exact rather than equal up to the order of sums
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
     return logs
