@@ -54,6 +54,15 @@ def stand_in(folder: Path) -> Path:
     return save_model(model, folder / "resnet56-stand-in.ppz", gm=gm, codebooks=books)
 
 
+def compiled_or_stand_in(ppz: Path, folder: Path) -> tuple[Path, str]:
+    """``ppz`` when it exists, else the stand-in written into ``folder``; and a line
+    saying which, for the benchmark's output."""
+    if ppz.is_file():
+        return ppz, f"compiled model: {ppz}"
+    return stand_in(folder), (f"{ppz} not found: STAND-IN model, pretrained resnet56 + {STAND_IN} WITHOUT "
+                              "fine-tuning (its accuracy is not a compile result; its speed is representative)")
+
+
 def macs(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, float]:
     """(dense MACs, non-zero MACs) per image: each layer's MACs times its weight density."""
     gm = trace_model(LoadedModel(module, "model", input_shape=input_shape))
@@ -78,12 +87,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.ppz.is_file():
-            path, note = args.ppz, f"compiled model: {args.ppz}"
-        else:
-            path = stand_in(Path(tmp))
-            note = (f"{args.ppz} not found: STAND-IN model, pretrained resnet56 + {STAND_IN} "
-                    "WITHOUT fine-tuning (its accuracy is not a compile result; its speed is representative)")
+        path, note = compiled_or_stand_in(args.ppz, Path(tmp))
         original = load_model(arch="resnet56", pretrained=True).module.eval()
         compiled = load_model(str(path))
         input_shape = compiled.input_shape

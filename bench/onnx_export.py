@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from _measure import interleaved_medians, table
-from end_to_end import DEFAULT_PPZ, STAND_IN, stand_in
+from end_to_end import DEFAULT_PPZ, compiled_or_stand_in
 from pyprune.api import load_model
 from pyprune.data import Normalize, load_dataset
 from pyprune.export import export_onnx, export_onnx_forms, session, verification_inputs, verify_onnx
@@ -62,17 +62,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.ppz.is_file():
-            path, note = args.ppz, f"compiled model: {args.ppz}"
-        else:
-            path = stand_in(Path(tmp))
-            note = f"{args.ppz} not found: STAND-IN model, pretrained resnet56 + {STAND_IN} WITHOUT fine-tuning"
+    with tempfile.TemporaryDirectory() as tmp:  # the stand-in, when there is one, lives here
+        path, note = compiled_or_stand_in(args.ppz, Path(tmp))
         ppz = path.read_bytes()
+        compiled = load_model(str(path))
     print(note)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    compiled = load_model(str(path))
     original = load_model(arch="resnet56", pretrained=True)
+    original.module.eval()
     module = compiled.module.eval()
 
     start = time.perf_counter()
@@ -123,7 +120,7 @@ def main() -> None:
         feed = {"input": x.numpy()}
         # Two groups, timed one after the other: PyTorch's OpenMP threads busy-wait after
         # each call too, and would slow whichever session ran next.
-        groups = [{"PyTorch eager, original ResNet-56": lambda: original.module.eval()(x),
+        groups = [{"PyTorch eager, original ResNet-56": lambda: original.module(x),
                    "PyTorch eager, compiled (as loaded)": lambda: module(x)},
                   {"onnxruntime, dense ONNX": lambda: sessions["dense"].run(None, feed),
                    "onnxruntime, compact ONNX": lambda: sessions["compact"].run(None, feed)}]

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 # Operators whose input 1 is a weight the codebook may carry.
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-CODEBOOK_OP_TYPES = ("Cast", "Gather")
+REBUILDS_WEIGHT = "pyprune.rebuilds_weight"  # node meta key of the Cast and Gather this module adds
 _SPARSE_INDEX_BYTES = 8  # onnx.checker accepts only int64 indices in a SparseTensorProto
 
 
@@ -100,6 +100,7 @@ def encode_codebooks(model: ir.Model) -> list[CompactTensor]:
         weight.replace_all_uses_with(rebuilt)
         graph.initializers.pop(name)
         rebuilt.name = name  # the rebuilt weight keeps the weight's name in the graph
+        cast.meta[REBUILDS_WEIGHT] = gather.meta[REBUILDS_WEIGHT] = True
         graph.insert_before(first, [cast, gather])
         done.append(CompactTensor(name, tuple(array.shape), int(codebook.size), str(codes.dtype),
                                   array.size * 4, codes.nbytes + codebook.nbytes))

@@ -35,7 +35,7 @@ from onnxscript.optimizer import optimize_ir
 from torch import nn
 
 from .. import __version__
-from .compact import CODEBOOK_OP_TYPES, CompactTensor, encode_codebooks, sparsify_initializers
+from .compact import REBUILDS_WEIGHT, CompactTensor, encode_codebooks, sparsify_initializers
 
 FORMS = ("dense", "compact")
 DEFAULT_OPSET = 18
@@ -160,13 +160,9 @@ def export_onnx_forms(module: nn.Module, input_shape: Sequence[int], forms: Sequ
 def _finish(model: ir.Model, form: str, opset: int, meta: Mapping[str, Any] | None,
             sparse_initializers: bool) -> OnnxExport:
     """Optimize the raw export into ``form``, add the metadata, check it."""
-    compact: list[CompactTensor] = []
-    keep: set[int] = set()
-    if form == "compact":
-        compact = encode_codebooks(model)
-        keep = {id(n) for n in model.graph if n.op_type in CODEBOOK_OP_TYPES and n.name
-                and n.name.endswith((".cast", ".gather"))}
-    optimize_ir(model, should_fold=lambda node: False if id(node) in keep else None)
+    compact = encode_codebooks(model) if form == "compact" else []
+    # folding the rebuilt weights back into constants would undo the compact form
+    optimize_ir(model, should_fold=lambda node: False if node.meta.get(REBUILDS_WEIGHT) else None)
     props = {"pyprune.version": __version__, "pyprune.form": form}
     props.update({f"pyprune.{k}": json.dumps(v) for k, v in (meta or {}).items()})
     model.metadata_props.update(props)
