@@ -637,9 +637,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # every process runs the same program; only rank 0 speaks (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     try:
-        return _run(args)
-    finally:
-        distributed.shutdown()
+        code = _run(args)
+    except BaseException:
+        distributed.shutdown(together=False)
+        raise
+    distributed.shutdown()
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

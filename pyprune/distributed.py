@@ -106,8 +106,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. ``together`` (after a normal finish) waits for every
+    process first: one that tears gloo down while a peer is still working (rank 0
+    writing the files, say) can abort in gloo's threads ("terminate called without
+    an active exception"). After an exception the peers may never arrive, so the
+    process leaves at once and torchrun stops the rest."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
