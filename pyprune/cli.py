@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__, distributed
 from .distributed import is_main
@@ -416,8 +417,6 @@ def _load_runtime(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .api import evaluate_model, set_threads
 
     set_threads(args.threads)
@@ -441,14 +440,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _refuse_existing_output(args: argparse.Namespace) -> None:
+    """Before any work: an existing -o is kept unless --force says otherwise."""
+    if Path(args.output).exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     from .api import evaluate_model, save_weights, set_threads, train_model
     from .train import TrainConfig
 
-    if Path(args.output).exists() and not args.force:
-        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    _refuse_existing_output(args)
     set_threads(args.threads)
     model = _load(args)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -472,14 +474,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_opt(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .api import save_model, set_threads
     from .opt import OptConfig, optimize
     from .train import TrainConfig
 
-    if Path(args.output).exists() and not args.force:
-        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    _refuse_existing_output(args)
     set_threads(args.threads)
     train = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
     config = OptConfig(args.passes, finetune_epochs=args.finetune_epochs, slim_l1=args.slim_l1,

@@ -144,7 +144,7 @@ class BitWindow {
     n_ -= len;
   }
 
- private:
+ protected:  // huffman.cpp's BitReader refills the same state with wider loads
   const uint8_t* p_;
   uint64_t nb_;
   uint64_t next_;

@@ -340,48 +340,21 @@ struct DecodeTable {
   }
 };
 
-// MSB-first bit reader over [p, p + nbytes), starting at any bit; bits past the end read
-// as 0 (never loaded). After refill() at least 56 bits are buffered, MSB-aligned. The
-// 8-byte loads make it faster than chunk::BitWindow, which the GPU uses.
-class BitReader {
+// chunk::BitWindow (which the GPU uses) with 8-byte loads where the payload allows them:
+// the same bits, faster. After refill() at least 56 bits are buffered, MSB-aligned.
+class BitReader : public chunk::BitWindow {
  public:
-  BitReader(const uint8_t* p, uint64_t nbytes, uint64_t bitpos) : p_(p), nb_(nbytes), next_(bitpos >> 3) {
-    refill();
-    const int skip = static_cast<int>(bitpos & 7);
-    buf_ <<= skip;
-    n_ -= skip;
-  }
+  using chunk::BitWindow::BitWindow;
   void refill() {
-    if (next_ + 8 <= nb_) {
-      // Load 8 bytes, keep whole bytes only; the extra low bits OR in unchanged next time.
-      uint64_t w;
-      std::memcpy(&w, p_ + next_, 8);
-      buf_ |= __builtin_bswap64(w) >> n_;
-      const int take = (63 - n_) >> 3;
-      next_ += static_cast<uint64_t>(take);
-      n_ += take * 8;
-    } else {
-      while (n_ <= 56) {
-        const uint64_t b = next_ < nb_ ? p_[next_] : 0u;
-        ++next_;
-        buf_ |= b << (56 - n_);
-        n_ += 8;
-      }
-    }
+    if (next_ + 8 > nb_) return chunk::BitWindow::refill();  // bytes only near the end
+    // Load 8 bytes, keep whole bytes only; the extra low bits OR in unchanged next time.
+    uint64_t w;
+    std::memcpy(&w, p_ + next_, 8);
+    buf_ |= __builtin_bswap64(w) >> n_;
+    const int take = (63 - n_) >> 3;
+    next_ += static_cast<uint64_t>(take);
+    n_ += take * 8;
   }
-  int available() const { return n_; }
-  uint64_t bits() const { return buf_; }
-  void consume(int len) {
-    buf_ <<= len;
-    n_ -= len;
-  }
-
- private:
-  const uint8_t* p_;
-  uint64_t nb_;
-  uint64_t next_;
-  uint64_t buf_ = 0;
-  int n_ = 0;
 };
 
 uint64_t chunk_count(const StreamView& s, uint64_t c) {

@@ -38,10 +38,13 @@ __global__ void huffman_decode_kernel(const chunk::Table* __restrict__ table, co
   }
 }
 
+}  // namespace
+
 template <typename OutT>
-cudaError_t launch(const chunk::Table* table, const uint16_t* sorted, const uint8_t* payload, uint64_t payload_bytes,
-                   const uint64_t* chunk_offsets, uint64_t n_chunks, uint64_t n_symbols, uint32_t chunk_symbols,
-                   OutT* out, int32_t* status, cudaStream_t stream) {
+cudaError_t launch_huffman_decode(const chunk::Table* table, const uint16_t* sorted, const uint8_t* payload,
+                                  uint64_t payload_bytes, const uint64_t* chunk_offsets, uint64_t n_chunks,
+                                  uint64_t n_symbols, uint32_t chunk_symbols, OutT* out, int32_t* status,
+                                  cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;  // a 0-block launch is an error
   const uint64_t blocks = std::min<uint64_t>((n_chunks + kThreads - 1) / kThreads, kMaxBlocks);
   huffman_decode_kernel<OutT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -49,22 +52,11 @@ cudaError_t launch(const chunk::Table* table, const uint16_t* sorted, const uint
   return cudaGetLastError();
 }
 
-}  // namespace
-
-cudaError_t launch_huffman_decode(const huff::chunk::Table* table, const uint16_t* sorted, const uint8_t* payload,
-                                  uint64_t payload_bytes, const uint64_t* chunk_offsets, uint64_t n_chunks,
-                                  uint64_t n_symbols, uint32_t chunk_symbols, uint16_t* out, int32_t* status,
-                                  cudaStream_t stream) {
-  return launch(table, sorted, payload, payload_bytes, chunk_offsets, n_chunks, n_symbols, chunk_symbols, out, status,
-                stream);
-}
-
-cudaError_t launch_huffman_decode(const huff::chunk::Table* table, const uint16_t* sorted, const uint8_t* payload,
-                                  uint64_t payload_bytes, const uint64_t* chunk_offsets, uint64_t n_chunks,
-                                  uint64_t n_symbols, uint32_t chunk_symbols, int32_t* out, int32_t* status,
-                                  cudaStream_t stream) {
-  return launch(table, sorted, payload, payload_bytes, chunk_offsets, n_chunks, n_symbols, chunk_symbols, out, status,
-                stream);
-}
+template cudaError_t launch_huffman_decode<uint16_t>(const chunk::Table*, const uint16_t*, const uint8_t*, uint64_t,
+                                                     const uint64_t*, uint64_t, uint64_t, uint32_t, uint16_t*,
+                                                     int32_t*, cudaStream_t);
+template cudaError_t launch_huffman_decode<int32_t>(const chunk::Table*, const uint16_t*, const uint8_t*, uint64_t,
+                                                    const uint64_t*, uint64_t, uint64_t, uint32_t, int32_t*, int32_t*,
+                                                    cudaStream_t);
 
 }  // namespace pyprune::cuda
