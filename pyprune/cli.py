@@ -640,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         distributed.shutdown(together=False)
         raise
-    distributed.shutdown()
+    # after a failure or Ctrl-C the peers may be gone or never arrive: leave at once
+    distributed.shutdown(together=code == 0)
     return code
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,11 +106,11 @@ def broadcast_object(obj: object) -> object:
 
 
 def shutdown(together: bool = True) -> None:
-    """Leave the process group. ``together`` (after a normal finish) waits for every
-    process first: one that tears gloo down while a peer is still working (rank 0
-    writing the files, say) can abort in gloo's threads ("terminate called without
-    an active exception"). After an exception the peers may never arrive, so the
-    process leaves at once and torchrun stops the rest."""
+    """Leave the process group. ``together`` (after a successful run) waits for
+    every process first: one that tears gloo down while a peer is still working
+    (rank 0 writing the files, say) can abort in gloo's threads ("terminate called
+    without an active exception"). After a failure the peers may never arrive, so
+    the process leaves at once and torchrun stops the rest."""
     if dist.is_available() and dist.is_initialized():
         if together:
             dist.barrier()
@@ -119,13 +118,31 @@ def shutdown(together: bool = True) -> None:
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m pyprune ARGV`` under ``torchrun --standalone --nproc-per-node
-    NPROC`` and return its exit code: what ``--nproc`` does."""
+    """Run ``python -m pyprune ARGV`` as NPROC processes, as ``torchrun --standalone
+    --nproc-per-node NPROC`` would, and return the exit code of the first process
+    that failed (2 for bad input, 3 for a failed verification, ...), not torchrun's
+    blanket 1: what ``--nproc`` does. torchrun runs in this process so that its
+    failure report can be read rather than printed as a traceback."""
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "pyprune", *argv]
-    return subprocess.call(command)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "pyprune", *argv]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode  # the process said why on stderr
+        signal = -failure.exitcode
+        print(f"pyprune: process {rank} of {nproc} was killed by signal {signal}", file=sys.stderr)
+        return 128 + signal
+    except SignalException as exc:
+        # Ctrl-C or a kill reached the launcher, which stopped the processes (they
+        # said "interrupted"): exit as the CLI does for a signal, 130 for Ctrl-C.
+        return 128 + int(exc.sigval)
+    return 0
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -113,3 +113,18 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models
                               text=True, timeout=120)
     assert shortcut.returncode == 2 and "must be a multiple of --nproc 2" in shortcut.stderr
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_nproc_passes_on_the_exit_code_of_the_failing_process(tmp_path, models_dir):
+    weights = next(models_dir.glob("resnet20-*.th"))
+    out = tmp_path / "w.pt"
+    out.write_bytes(b"keep me")
+    run = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--weights", str(weights),
+                          "--batch-size", "64", "--nproc", "2", "-o", str(out)],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    # the processes' own exit code (2: bad input), not torchrun's blanket 1, and no launcher traceback
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"{out} exists; pass --force" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert out.read_bytes() == b"keep me"
