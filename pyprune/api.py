@@ -41,17 +41,24 @@ class LoadedModel:
 
 def load_model(model_file: str | None = None, arch: str | None = None, weights: str | None = None,
                pretrained: bool = False, download: bool = False, trust_pickle: bool = False,
-               seed: int = 0, num_classes: int = 10) -> LoadedModel:
+               seed: int = 0, num_classes: int = 10, input_size: int | None = None) -> LoadedModel:
     """Build or load a model the way every subcommand names one.
 
     ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
     :mod:`pyprune.models.pretrained`) in place of ``weights``. A ``model_file``
-    written by :func:`save_model` carries its own architecture and weights."""
+    written by :func:`save_model` carries its own architecture and weights.
+    ``input_size`` replaces the architecture's square input resolution (224 for
+    ``torchvision:`` models), e.g. to fine-tune them on small images."""
+    if input_size is not None and input_size < 1:
+        raise ValueError(f"--input-size must be a positive number of pixels, got {input_size}")
     container = model_file and (is_ppz(model_file) or is_graph_file(model_file))
     if container:
         if arch or weights or pretrained:
             raise ValueError(f"{model_file} is a saved pyprune model: it carries its own architecture and "
                              "weights, so give it without --arch, --weights or --pretrained")
+        if input_size is not None:
+            raise ValueError(f"{model_file} is a saved pyprune model: it keeps the input size it was traced "
+                             "and compressed at, so give it without --input-size")
         gm, meta = load_ppz(model_file) if is_ppz(model_file) else load_graph_module(model_file)
         return LoadedModel(gm, str(meta.get("arch") or Path(model_file).stem),
                            tuple(meta.get("mean", DEFAULT_MEAN)), tuple(meta.get("std", DEFAULT_STD)),
@@ -65,7 +72,10 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     seed_everything(seed)  # random initialisation is reproducible too
     module, spec = resolve_model(model_file, arch, weights, trust_pickle=trust_pickle, num_classes=num_classes)
     name = spec.name if spec else (arch or Path(model_file or "model").stem)
-    return LoadedModel.from_spec(module, spec, name)
+    model = LoadedModel.from_spec(module, spec, name)
+    if input_size is not None:
+        model.input_shape = (*model.input_shape[:-2], input_size, input_size)
+    return model
 
 
 @dataclass

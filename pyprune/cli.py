@@ -133,6 +133,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true",
                    help="download what is missing: CIFAR-10 through torchvision, --pretrained weights from GitHub")
     g.add_argument("--num-classes", type=int, default=10, help="classifier outputs when building --arch")
+    g.add_argument("--input-size", type=int, metavar="PIXELS",
+                   help="square input resolution of a model built from --arch (default: the architecture's, "
+                        "224 for torchvision: models); images from --data imagefolder: are resized to it")
     g.add_argument("--seed", type=int, default=0, help="seed for random initialisation and training")
 
 
@@ -383,9 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from .api import load_model
 
+    data = getattr(args, "data", None)
+    if args.input_size is not None and data is not None and not data.startswith("imagefolder:"):
+        raise ValueError(f"--input-size resizes the images of --data imagefolder:PATH; {data} images have "
+                         "a fixed size")
     return load_model(args.model, args.arch, args.weights, pretrained=args.pretrained,
                       download=args.download, trust_pickle=args.trust_pickle,
-                      seed=args.seed, num_classes=args.num_classes)
+                      seed=args.seed, num_classes=args.num_classes, input_size=args.input_size)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -409,10 +416,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _load_runtime(args: argparse.Namespace):
     from .runtime import load_runtime
 
-    if not args.model or args.arch or args.weights or args.pretrained or args.trust_pickle:
+    if not args.model or args.arch or args.weights or args.pretrained or args.trust_pickle or args.input_size:
         raise ValueError("--runtime runs a saved pyprune model: give a .ppz or graph file written by "
                          "`pyprune opt -o` or `pyprune compile`, without --arch, --weights, --pretrained "
-                         "or --trust-pickle")
+                         "--trust-pickle or --input-size")
     return load_runtime(args.model, runtime=args.runtime, batch_size=args.runtime_batch)
 
 

@@ -268,8 +268,8 @@ def test_a_non_empty_output_folder_needs_resume_or_force(capsys, tiny_args, tmp_
 def test_tiny_compile_of_a_torchvision_model_on_an_image_folder(tmp_path, arch):
     """A torchvision ImageNet architecture, from the user's own weights file, on a
     generated ImageFolder tree: the whole compile runs and its .ppz, loaded back and
-    evaluated independently, reproduces the reported accuracy. At 64x64 (set through
-    the API; the CLI's torchvision input is 224x224) to stay fast."""
+    evaluated independently, reproduces the reported accuracy. At 64x64 (the CLI's
+    --input-size 64) to stay fast."""
     import torchvision
 
     from pyprune.compile import CompileConfig, compile_model
@@ -284,8 +284,7 @@ def test_tiny_compile_of_a_torchvision_model_on_an_image_folder(tmp_path, arch):
     weights = tmp_path / f"{name}.pt"
     torch.save(torchvision.models.get_model(name, weights=None, num_classes=3).state_dict(), weights)
     tree = make_tree(tmp_path / "tree")
-    model = load_model(arch=arch, weights=str(weights), num_classes=3)
-    model.input_shape = (3, 64, 64)
+    model = load_model(arch=arch, weights=str(weights), num_classes=3, input_size=64)
     data = f"imagefolder:{tree}"
     config = CompileConfig(
         Target(max_drop=0.5), tmp_path / "out", levels={"slim": (0.3,), "mask": (0.5,), "quant": (6,)},

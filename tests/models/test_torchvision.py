@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pyprune.api import LoadedModel, load_model, save_model
+from pyprune.api import LoadedModel, load_model, model_info, save_model
 from pyprune.cli import main
 from pyprune.ir import propagate_shapes, trace
 from pyprune.models import ModelLoadError, torchvision_spec
@@ -127,6 +128,33 @@ def test_cli_info_counts_the_loaded_models_parameters(tmp_path: Path, capsys: py
     assert main(["info", "--arch", "torchvision:mobilenet_v2", "--weights", str(tmp_path / "w.pt")]) == 0
     params = sum(p.numel() for p in ref.parameters())
     assert f"{params / 1e6:.2f}M parameters" in capsys.readouterr().out
+
+
+def test_cli_input_size_traces_the_model_at_that_size(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", "--arch", "torchvision:resnet18", "--input-size", "64", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    # the same analysis as a model whose input shape is set by hand
+    model = load_model(arch="torchvision:resnet18")
+    model.input_shape = (3, 64, 64)
+    assert info == model_info(model).to_dict()
+    last = [r for r in info["layers"] if r["name"] == "layer4.1.bn2"][0]
+    assert last["output_shape"][1:] == [512, 2, 2]  # 64 / 32: ResNet downsamples 32x
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--arch", "torchvision:resnet18", "--input-size", "0"], "--input-size must be a positive"),
+    (["eval", "--arch", "torchvision:resnet18", "--input-size", "64"], "cifar10 images have a fixed size"),
+])
+def test_cli_input_size_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_saved_models_keep_their_input_size(tmp_path: Path) -> None:
+    model = load_model(arch="torchvision:resnet18", num_classes=3)
+    save_model(model, tmp_path / "m.ppz")
+    with pytest.raises(ValueError, match="keeps the input size"):
+        load_model(str(tmp_path / "m.ppz"), input_size=64)
 
 
 # --- (b) the passes ----------------------------------------------------------------
