@@ -162,8 +162,15 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="run as N processes under torchrun (DistributedDataParallel; gloo on CPUs, NCCL on GPUs): "
                         "a shortcut for `torchrun --standalone --nproc-per-node N -m pyprune ...`; only rank 0 "
-                        "writes and prints; a failure in any process exits 1 (torchrun's code) with the message on "
-                        "stderr. See README, Scaling out")
+                        "writes and prints; exits with the code of the first process that failed. See README, "
+                        "Scaling out")
+
+
+def _add_sync_bn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-sync-bn", action="store_true",
+                   help="with several processes, BatchNorm layers in training take their statistics over each "
+                        "process's own share of the batch (DDP's default; faster, but then the result depends on "
+                        "the number of processes), not over the whole global batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p, "train")
     _add_run_args(p)
+    _add_sync_bn(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
     g.add_argument("--lr", type=float, default=0.01)
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split on which every step's accuracy is measured")
     g.add_argument("--eval-limit", type=int, metavar="N", help="measure on the first N images of that split")
     _add_run_args(p)
+    _add_sync_bn(p)
     p.set_defaults(func=cmd_opt)
 
     p = sub.add_parser("compile", formatter_class=_Formatter, epilog=EPILOG + COMPILE_EPILOG,
@@ -334,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="end the output with one JSON line summarising the result")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     _add_nproc(p)
+    _add_sync_bn(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("export-onnx", formatter_class=_Formatter, epilog=EPILOG + EXPORT_EPILOG,
@@ -462,7 +472,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = _load(args)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, slim_l1=args.slim_l1, seed=args.seed,
-                         augment=not args.no_augment, progress=not args.no_progress)
+                         augment=not args.no_augment, progress=not args.no_progress,
+                         sync_batchnorm=not args.no_sync_bn)
     logs = train_model(model, config, args.data, args.split, args.data_root, args.download, args.limit)
     for log in logs:
         print(f"epoch {log.epoch}: loss {log.loss:.4f}, train acc {log.accuracy:.4f}, "
@@ -487,7 +498,8 @@ def cmd_opt(args: argparse.Namespace) -> int:
 
     _refuse_existing_output(args)
     set_threads(args.threads)
-    train = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    train = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                        sync_batchnorm=not args.no_sync_bn)
     config = OptConfig(args.passes, finetune_epochs=args.finetune_epochs, slim_l1=args.slim_l1,
                        l1_epochs=args.l1_epochs, train=train,
                        eval_split=None if args.eval_split == "none" else args.eval_split,
@@ -528,7 +540,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         budget_minutes=args.budget_minutes, val_from=args.val_from, val_limit=args.val_limit,
         screen_limit=args.screen_limit, test_limit=args.test_limit, train_limit=args.train_limit,
         recal_images=args.recal_images, margin=args.recover_margin,
-        train=TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed), data=args.data,
+        train=TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, sync_batchnorm=not args.no_sync_bn),
+        data=args.data,
         data_root=args.data_root, download=args.download, resume=args.resume, force=args.force, quiet=args.quiet,
         onnx_verify=args.onnx_verify)
     set_threads(args.threads)

@@ -119,7 +119,9 @@ class CompileConfig:
                 "slim_l1": self.slim_l1, "l1_epochs": self.l1_epochs, "val_from": self.val_from,
                 "val_limit": self.val_limit, "screen_limit": self.screen_limit, "train_limit": self.train_limit,
                 "recal_images": self.recal_images, "margin": self.margin, "data": self.data,
-                "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed}
+                "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed,
+                # only when off, so that journals written before the switch existed still resume
+                **({} if t.sync_batchnorm else {"sync_batchnorm": False})}
 
 
 @dataclass

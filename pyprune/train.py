@@ -23,6 +23,7 @@ job, which torch does only on GPUs and only by replacing the modules).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -59,6 +60,9 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     progress: bool = True
+    # Under torchrun, BatchNorm statistics over the global batch, so N processes train
+    # what one does; False keeps DDP's per-process statistics (cheaper communication).
+    sync_batchnorm: bool = True
     # NHWC convolutions train about 20% faster on the CPU here (bench/train_throughput.py).
     channels_last: bool = True
     # A cross-entropy this high means logits thousands apart: training has diverged even
@@ -164,7 +168,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     trained = _wrap(model, shard, device)
     show = config.progress and shard.rank == 0
     try:
-        with distributed.synchronized_batchnorm(model):
+        with distributed.synchronized_batchnorm(model) if config.sync_batchnorm else contextlib.nullcontext():
             for epoch in range(math.ceil(config.epochs)):
                 steps = min(len(loader), total_steps - step)
                 loss_sum = correct = seen = 0

@@ -1,6 +1,7 @@
 """Fine-tune a tiny model after mask + quant, as one process or as one of several
 under torchrun, and save what every process ends with. Used by
-tests/test_distributed.py: ``python tests/distributed_worker.py OUT {bn|nobn}``."""
+tests/test_distributed.py: ``python tests/distributed_worker.py OUT {bn|bn-local|nobn}``
+(bn-local: BatchNorm statistics per process, ``TrainConfig.sync_batchnorm=False``)."""
 
 import sys
 from pathlib import Path
@@ -38,13 +39,13 @@ class NoBatchNorm(nn.Module):
 def main(out: Path, kind: str) -> None:
     shard = distributed.init_from_env()
     seed_everything(0)
-    model = TinyNet() if kind == "bn" else NoBatchNorm()
+    model = NoBatchNorm() if kind == "nobn" else TinyNet()
     gm = propagate_shapes(trace(model), example_input(SHAPE))
     passes = build_pipeline(PIPELINE)
     for p in passes:
         gm = p(gm).graph_module
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    config = TrainConfig(epochs=3, lr=0.2, batch_size=32, seed=0, progress=False)
+    config = TrainConfig(epochs=3, lr=0.2, batch_size=32, seed=0, progress=False, sync_batchnorm=kind != "bn-local")
     logs = fine_tune(gm, synthetic(256, seed=1), MEAN, STD, config, hooks=constraint_hooks(passes, gm))
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": gm.state_dict(), "before": before, "loss": logs[-1].loss, "world": shard.world},

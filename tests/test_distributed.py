@@ -62,6 +62,20 @@ def test_two_processes_keep_masks_and_codebooks_like_one(tmp_path, kind):
     assert rank0["loss"] == pytest.approx(single["loss"], abs=1e-6)
 
 
+def test_per_process_batchnorm_statistics_are_what_no_sync_bn_trades(tmp_path):
+    single, (rank0, rank1) = fine_tuned(tmp_path, "bn-local")
+    # still one model everywhere, with the same masks and codebook sizes ...
+    assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])
+    for name, w in quantized_weights(single["state"]).items():
+        w2 = rank0["state"][name]
+        assert torch.equal(w == 0, w2 == 0), name
+        assert len(w[w != 0].unique()) == len(w2[w2 != 0].unique()) <= 2 ** 3, name
+    # ... but each process normalised its own half-batch: the statistics, and with them
+    # the training, are no longer one process's (synchronized, they agree within 2e-6)
+    stats = [k for k in single["state"] if k.endswith("running_var")]
+    assert stats and max((rank0["state"][k] - single["state"][k]).abs().max().item() for k in stats) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def tiny_compile_args(data_root, models_dir):
     weights = next(models_dir.glob("resnet20-*.th"))
