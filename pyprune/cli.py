@@ -541,9 +541,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         screen_limit=args.screen_limit, test_limit=args.test_limit, train_limit=args.train_limit,
         recal_images=args.recal_images, margin=args.recover_margin,
         train=TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, sync_batchnorm=not args.no_sync_bn),
-        data=args.data,
-        data_root=args.data_root, download=args.download, resume=args.resume, force=args.force, quiet=args.quiet,
-        onnx_verify=args.onnx_verify)
+        data=args.data, data_root=args.data_root, download=args.download, resume=args.resume, force=args.force,
+        quiet=args.quiet, onnx_verify=args.onnx_verify)
     set_threads(args.threads)
     model = _load(args)
     result = compile_model(model, config)
