@@ -507,10 +507,8 @@ def cmd_opt(args: argparse.Namespace) -> int:
                        data_root=args.data_root, download=args.download)
     model = _load(args)
     result = optimize(model.module, model.mean, model.std, model.input_shape, config, log=print)
-    for step in result.steps:
-        if step.name == "slim" and step.record.get("layers"):
-            print(f"slim removed channels in {len(step.record['layers'])} layers "
-                  f"({step.record['achieved_ratio']:.1%} of prunable channel groups)")
+    for line in result.summaries():
+        print(line)
     codebooks = result.codebooks() if Path(args.output).suffix == ".ppz" else None
     path = Path(args.output)
     if is_main():

@@ -33,8 +33,8 @@ from .encode import graph_state_dict, inspect, load_ppz, save_ppz
 from .encode.files import atomic_write
 from .export import OnnxExportError, VerificationError, verification_inputs, write_onnx
 from .ir import example_input, propagate_shapes, trace
-from .passes.quant import codebooks
-from .search.candidates import DEFAULT_ORDER, Candidate, State, make_stages
+from .passes import pass_class, read_codebooks
+from .search.candidates import Candidate, State, make_stages
 from .search.evaluator import Budget, EvalSettings, Evaluator, SearchData
 from .search.grid import GridSearch
 from .search.heuristic import HeuristicSearch, SearchOutcome, explore_orders
@@ -49,6 +49,8 @@ STATE_DIR = ".compile-state"
 OUTPUTS = ("model.ppz", "model.onnx", "model.unverified.onnx", "report.json", "report.md", "pareto.png")
 EXIT_ONNX_FAILED = 3
 VAL_FROM = {"train": ("val", "test"), "test": ("test-search", "test-report")}
+# The paper's order: structured slimming first, then deep compression's pruning and sharing.
+DEFAULT_ORDER = ("slim", "mask", "quant")
 
 
 @dataclass
@@ -101,10 +103,15 @@ class CompileConfig:
         if self.slim_l1 > 0 and self.l1_epochs <= 0:
             raise ValueError("--slim-l1 needs --l1-epochs > 0")
         self.stages = make_stages(tuple(self.order), self.levels)  # validates order and levels
-        if self.slim_l1 > 0 and "slim" not in self.order:
-            raise ValueError("--slim-l1 schedules sparsity training for slimming, but --order has no slim stage")
+        if self.slim_l1 > 0 and self.sparsity_trained_stage() is None:
+            raise ValueError("--slim-l1 schedules sparsity training for a stage that gains from it (network "
+                             "slimming), but --order has no such stage")
         if self.search == "grid" and (self.explore_order or self.slim_l1 > 0):
             raise ValueError("--explore-order and --slim-l1 belong to the heuristic search, not to --search grid")
+
+    def sparsity_trained_stage(self):
+        """The stage whose pass gains from network slimming's sparsity training, if any."""
+        return next((s for s in self.stages if pass_class(s.name).gains_from_sparsity_training), None)
 
     def fingerprint(self, model: LoadedModel) -> dict[str, Any]:
         """The settings that decide the search's results (a resume must match)."""
@@ -256,7 +263,7 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
         return GridSearch(ev, stages).run(base)
     start, l1_record = base, None
     if config.slim_l1 > 0:
-        start, l1_record = _decide_l1(ev, base, config, stages[[s.name for s in stages].index("slim")])
+        start, l1_record = _decide_l1(ev, base, config, config.sparsity_trained_stage())
     orders = None
     if config.explore_order and len(stages) > 1:
         stages, orders = explore_orders(ev, start, stages, config.margin)
@@ -295,7 +302,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
     met = final is not base and final.candidate is not None and final.candidate.meets
     if not met:
         final = base
-    books = codebooks(final.gm, final.quantized_layers())
+    books = read_codebooks(final.gm, final.codebook_layers())
     file_meta = {**meta, "provenance": [{"compile": final.pipeline, "target": target}]}
     model_path = out / "model.ppz"
     if distributed.is_main():
@@ -339,7 +346,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
         },
         "onnx": onnx,
-        "layers": layer_table(base.gm, final.gm, inspection, set(final.quantized_layers())),
+        "layers": layer_table(base.gm, final.gm, inspection, set(final.codebook_layers())),
         "candidates": candidates,
     }
     report["total_seconds"] = time.perf_counter() - started + ev.journal.replayed_seconds

@@ -13,8 +13,10 @@ from torch import fx, nn
 
 from .data import ArrayDataset, load_dataset
 from .ir import PassManager, example_input, layer_stats, propagate_shapes, totals, trace
-from .passes import build_pipeline
-from .train import TrainConfig, TrainHooks, evaluate, fine_tune
+from .passes import GraphPass, build_pipeline, codebooks_of, constraint_hooks
+from .train import TrainConfig, evaluate, fine_tune
+
+__all__ = ["OptConfig", "OptResult", "OptStep", "constraint_hooks", "optimize"]
 
 
 @dataclass
@@ -40,6 +42,7 @@ class OptResult:
     graph_module: fx.GraphModule
     steps: list[OptStep]
     pipeline: str
+    passes: list[GraphPass] = field(default_factory=list)  # the pipeline's passes, run
 
     def provenance(self) -> list[dict[str, Any]]:
         """Every step, for the saved file's manifest. Codebooks are left out: the
@@ -48,15 +51,15 @@ class OptResult:
         return [_without_codebooks(s.to_dict()) for s in self.steps]
 
     def codebooks(self) -> dict[str, torch.Tensor]:
-        """Codebooks of the layers quantized by the pipeline, read from the final
-        weights (centroid fine-tuning moves them after the pass recorded them)."""
-        from .passes.quant import codebooks
+        """Codebooks of the layers whose weights the pipeline shared, read from the
+        final weights (centroid fine-tuning moves them after the pass recorded them)."""
+        return codebooks_of(self.passes, self.graph_module)
 
-        found: dict[str, torch.Tensor] = {}
-        for step in self.steps:
-            if step.name == "quant":
-                found.update(codebooks(self.graph_module, step.record))
-        return found
+    def summaries(self) -> list[str]:
+        """What each pass says it did, one line each, for those that say something."""
+        lines = [p.summary(step.record) for p, step in zip(self.passes, self.steps[-len(self.passes):])] \
+            if self.passes else []
+        return [line for line in lines if line]
 
 
 def _without_codebooks(value: Any) -> Any:
@@ -92,20 +95,6 @@ def _size(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, in
     gm = module if isinstance(module, fx.GraphModule) else trace(module)
     t = totals(layer_stats(propagate_shapes(gm, example_input(input_shape))))
     return t.params, t.bytes, t.macs
-
-
-def constraint_hooks(constrainers: list[Any], gm: fx.GraphModule) -> TrainHooks:
-    """The training hooks of every pass in ``constrainers`` (earliest first), each
-    captured from ``gm`` as it is now, so that fine-tuning keeps the constraints of
-    all the passes run so far. Capturing again after every pass (rather than once,
-    right after each pass) keeps the hooks valid when a later pass reshapes a layer:
-    the constraints themselves live in the weights (exact zeros, tied values)."""
-    hooks = TrainHooks()
-    for p in constrainers:
-        h = p.training_hooks(gm)
-        hooks.after_backward.extend(h.after_backward)
-        hooks.after_step.extend(h.after_step)
-    return hooks
 
 
 def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
@@ -151,22 +140,18 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
     measured: list[tuple[float | None, float | None, float]] = []  # per pass: accuracies, seconds
     clock = time.perf_counter()
 
-    # Passes whose constraints (masks, shared weights) fine-tuning must keep, in pipeline
-    # order. The manager calls after_pass once per pass, in order, so the iterator names
-    # the pass that just ran.
-    pending = iter(passes)
-    constrainers: list[Any] = []
+    # The passes run so far, whose constraints (masks, shared weights) fine-tuning must
+    # keep. The manager calls after_pass once per pass, in order.
+    done: list[GraphPass] = []
 
     def after_pass(name: str, g: fx.GraphModule) -> None:
         nonlocal clock
-        p = next(pending)
-        if callable(getattr(p, "training_hooks", None)):
-            constrainers.append(p)
+        done.append(passes[len(done)])
         before = None
         if config.finetune_epochs > 0:
             before = accuracy_of(g)
             fine_tune(g, train_set, mean, std, replace(config.train, epochs=config.finetune_epochs, slim_l1=0.0),
-                      hooks=constraint_hooks(constrainers, g))
+                      hooks=constraint_hooks(done, g))
         measured.append((accuracy_of(g), before, time.perf_counter() - clock))
         clock = time.perf_counter()
 
@@ -174,4 +159,4 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
     for stats, (accuracy, before, seconds) in zip(result.stats[1:], measured):
         steps.append(report(OptStep(stats.name, stats.params, stats.bytes, stats.macs, accuracy, before,
                                     config.finetune_epochs, seconds, stats.record)))
-    return OptResult(result.graph_module, steps, config.pipeline)
+    return OptResult(result.graph_module, steps, config.pipeline, passes)

@@ -38,8 +38,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import ArrayDataset
+from .passes.constraints import Hook, TrainHooks  # what passes ask of training; the engine runs it
 
-Hook = Callable[[nn.Module], None]
+__all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "TrainConfig", "TrainHooks", "bn_gamma_l1",
+           "evaluate", "fine_tune", "recalibrate_bn", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -76,12 +78,6 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.slim_l1 < 0:
             raise ValueError(f"--slim-l1 must be >= 0, got {self.slim_l1}")
-
-
-@dataclass
-class TrainHooks:
-    after_backward: list[Hook] = field(default_factory=list)
-    after_step: list[Hook] = field(default_factory=list)
 
 
 class DivergenceError(RuntimeError):

@@ -22,7 +22,7 @@ Refuses: sparsity outside ``[0, 1]``, unknown scopes or layer kinds, and names i
 ``min_params`` weights are skipped unless named in ``layers``.
 
 Fine-tuning: :meth:`MaskPass.training_hooks` (or :func:`mask_hooks`) returns
-:class:`~pyprune.train.TrainHooks` that zero the masked gradients after backward
+:class:`~pyprune.passes.constraints.TrainHooks` that zero the masked gradients after backward
 and re-apply the mask after every optimizer step, so masked weights stay exactly
 zero under SGD with momentum and weight decay. :func:`sensitivity_scan` prunes one
 layer at a time to find how much each tolerates.
@@ -38,39 +38,12 @@ import torch
 from torch import fx, nn
 
 from ..ir import PassResult
-from ..train import TrainHooks
+from .base import GraphPass, Knob, Option, Range
+from .constraints import TrainHooks
+from .layers import parse_include, present_layers, weight_layers
 from .registry import register_pass
 
-KINDS: dict[str, tuple[type[nn.Module], ...]] = {
-    "conv": (nn.modules.conv._ConvNd,),
-    "linear": (nn.Linear,),
-}
 SCOPES = ("global", "layer")
-
-
-def parse_include(include: str | Iterable[str]) -> tuple[str, ...]:
-    """``"conv,linear"``, ``"conv+linear"``, ``"conv"`` or a sequence of kind names."""
-    if isinstance(include, str):
-        parts = include.replace("+", ",").replace("|", ",").split(",")
-    else:
-        parts = list(include)
-    kinds = tuple(dict.fromkeys(p.strip().lower() for p in parts if p and p.strip()))
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"include must name layer kinds among {', '.join(KINDS)}, got {include!r}")
-    return kinds
-
-
-def weight_layers(gm: fx.GraphModule, include: str | Iterable[str] = "conv,linear") -> list[str]:
-    """Names of the Conv/Linear modules the graph calls, in graph order, each once."""
-    types = tuple(t for k in parse_include(include) for t in KINDS[k])
-    names: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in names:
-            m = gm.get_submodule(node.target)
-            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
-                names.append(node.target)
-    return names
 
 
 def _check_sparsity(s: float, what: str) -> float:
@@ -106,24 +79,35 @@ def _layer_record(weight: torch.Tensor, asked: float, how: str) -> dict[str, Any
     return {"params": n, "zeros": zeros, "sparsity": zeros / max(n, 1), "asked": asked, "by": how}
 
 
-class MaskPass:
-    """Magnitude pruning; see the module docstring for the contract."""
+@register_pass
+class MaskPass(GraphPass):
+    """magnitude pruning: zero the smallest |w| of conv/linear weights (deep compression, step 1)"""
 
     name = "mask"
     changes_outputs = True
+    options = (
+        Option("sparsity", float, 0.5, "share of the weights set to zero", Range(0.0, 1.0)),
+        Option("scope", str, "global", "global: one |w| threshold over all layers; layer: exactly round(S*n) "
+               "zeros per layer", choices=SCOPES),
+        Option("layers", dict, None, "{layer: sparsity} overrides, each pruned to its own exact count"),
+        Option("include", (str, list, tuple), "conv,linear", "layer kinds pruned: conv, linear or both"),
+        Option("min_params", int, 0, "skip layers with fewer weights (unless named in layers)", Range(0)),
+    )
+    # Bisection makes long ladders cheap: 16 sparsities cost about 4 screens.
+    knob = Knob("sparsity", (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
+                             0.98), range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--mask-levels")
+    training_constraint = "masked weights stay exactly zero"
+    examples = (("mask(sparsity=0.8)", "zero the 80% smallest |w| of all conv/linear weights (one global threshold)"),
+                ("mask(sparsity=0.7,scope=layer,layers={'linear':0.9})", "70% of every layer, 90% of 'linear'"))
 
     def __init__(self, sparsity: float = 0.5, scope: str = "global", layers: Mapping[str, float] | None = None,
                  include: str | Sequence[str] = "conv,linear", min_params: int = 0) -> None:
-        self.sparsity = _check_sparsity(sparsity, "mask sparsity")
-        if scope not in SCOPES:
-            raise ValueError(f"mask scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.check_options(dict(sparsity=sparsity, scope=scope, layers=layers, include=include,
+                                min_params=min_params))
+        self.sparsity = float(sparsity)
         self.scope = scope
-        if layers is not None and not isinstance(layers, Mapping):
-            raise ValueError(f"mask layers must be a dict {{name: sparsity}}, got {layers!r}")
         self.layers = {str(k): _check_sparsity(v, f"sparsity of layer {k!r}") for k, v in (layers or {}).items()}
         self.include = parse_include(include)
-        if int(min_params) < 0:
-            raise ValueError(f"min_params must be >= 0, got {min_params}")
         self.min_params = int(min_params)
         self.pruned: list[str] | None = None  # layer names, once the pass has run
 
@@ -139,7 +123,7 @@ class MaskPass:
                  and gm.get_submodule(n).weight.numel() >= self.min_params]
         return ruled, overridden
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def call(self, gm: fx.GraphModule) -> PassResult:
         ruled, overridden = self.select(gm)
         weights = {n: gm.get_submodule(n).weight for n in [*ruled, *overridden]}
         before = sum(int((w == 0).sum()) for w in weights.values())
@@ -186,32 +170,12 @@ class MaskPass:
         return mask_hooks(gm, names)
 
 
-@register_pass("mask")
-def mask(sparsity: float = 0.5, scope: str = "global", layers: Mapping[str, float] | None = None,
-         include: str | Sequence[str] = "conv,linear", min_params: int = 0) -> MaskPass:
-    return MaskPass(sparsity, scope, layers, include, min_params)
-
-
-mask.__doc__ = __doc__
-
-
-def _present(model: nn.Module, names: Iterable[str]) -> list[str]:
-    out = []
-    for n in names:
-        try:
-            model.get_submodule(n)
-        except AttributeError:
-            continue  # a later pass removed the layer
-        out.append(n)
-    return out
-
-
 def mask_hooks(gm: nn.Module, layer_names: Iterable[str]) -> TrainHooks:
     """Capture ``mask = (weight != 0)`` of the named layers now; the hooks zero the
     masked gradients after backward and the masked weights after each step. The
     hooks look the layers up by name in the model they are given, so they work on
     a model whose parameters were moved or re-laid-out (channels_last) since."""
-    masks = {n: (gm.get_submodule(n).weight.detach() == 0) for n in _present(gm, layer_names)}
+    masks = {n: (gm.get_submodule(n).weight.detach() == 0) for n in present_layers(gm, layer_names)}
     masks = {n: m for n, m in masks.items() if bool(m.any())}  # dense layers need no hook
 
     def _check(n: str, w: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

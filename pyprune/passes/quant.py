@@ -54,8 +54,9 @@ import torch
 from torch import fx, nn
 
 from ..ir import PassResult
-from ..train import TrainHooks
-from .mask import _present, weight_layers
+from .base import GraphPass, Knob, Option, Range
+from .constraints import TrainHooks, read_codebooks
+from .layers import present_layers, weight_layers
 from .registry import register_pass
 
 INITS = ("linear", "kmeans++", "density")
@@ -170,32 +171,37 @@ def _layer_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
-class QuantPass:
-    """Per-layer weight sharing; see the module docstring for the contract."""
+@register_pass
+class QuantPass(GraphPass):
+    """weight sharing: per-layer 1-D k-means on the non-zero weights, 2**bits codes (deep compression, step 2)"""
 
     name = "quant"
     changes_outputs = True
+    options = (
+        Option("bits", int, 8, "codebook bits of every layer (0: leave unquantized)", Range(0, MAX_BITS)),
+        Option("conv_bits", int, None, "bits of conv layers, in place of bits", Range(0, MAX_BITS)),
+        Option("linear_bits", int, None, "bits of linear layers, in place of bits", Range(0, MAX_BITS)),
+        Option("init", str, "linear", "centroid initialisation", choices=INITS),
+        Option("iters", int, 100, "most Lloyd iterations", Range(1)),
+        Option("seed", int, 0, "seed of kmeans++ (with each layer's name)"),
+        Option("layers", dict, None, "{layer: bits} overrides; 0 leaves a layer alone"),
+        Option("grad", str, "mean", "centroid gradient in fine-tuning: mean or sum of its cluster's", choices=GRADS),
+    )
+    knob = Knob("bits", (8, 7, 6, 5, 4, 3, 2), increasing=False, range=Range(1, MAX_BITS), flag="--bits-levels")
+    training_constraint = "shared weights stay tied (each cluster trains as one value); zeros stay zero"
+    examples = (("quant(bits=5)", "share weights: per-layer k-means on the non-zero weights, 2^5 codes"),
+                ("quant(conv_bits=8,linear_bits=5,init=density)", "deep compression's bits, quantile initialisation"))
 
     def __init__(self, bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None,
                  init: str = "linear", iters: int = 100, seed: int = 0,
                  layers: Mapping[str, int] | None = None, grad: str = "mean") -> None:
-        self.bits = _check_bits(bits, "quant bits")
-        if grad not in GRADS:
-            raise ValueError(f"quant grad must be one of {', '.join(GRADS)}, got {grad!r}")
-        self.grad = grad
-        self.conv_bits = _check_bits(conv_bits, "conv_bits")
-        self.linear_bits = _check_bits(linear_bits, "linear_bits")
-        if init not in INITS:
-            raise ValueError(f"quant init must be one of {', '.join(INITS)}, got {init!r}")
-        self.init = init
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"quant iters must be an integer >= 1, got {iters!r}")
-        self.iters = iters
-        self.seed = int(seed)
-        if layers is not None and not isinstance(layers, Mapping):
-            raise ValueError(f"quant layers must be a dict {{name: bits}}, got {layers!r}")
+        self.check_options(dict(bits=bits, conv_bits=conv_bits, linear_bits=linear_bits, init=init, iters=iters,
+                                seed=seed, layers=layers, grad=grad))
+        self.bits, self.conv_bits, self.linear_bits = bits, conv_bits, linear_bits
+        self.init, self.iters, self.seed, self.grad = init, iters, int(seed), grad
         self.layers = {str(k): _check_bits(v, f"bits of layer {k!r}") for k, v in (layers or {}).items()}
         self.quantized: list[str] | None = None  # layer names, once the pass has run
+        self._bits: dict[str, int] = {}  # {layer: bits} of the layers it quantized
 
     def plan(self, gm: fx.GraphModule) -> dict[str, int]:
         """``{layer: bits}`` for the layers to quantize, in graph order."""
@@ -215,7 +221,7 @@ class QuantPass:
                 plan[n] = bits
         return plan
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def call(self, gm: fx.GraphModule) -> PassResult:
         per_layer: dict[str, dict[str, Any]] = {}
         modified = False
         for name, bits in self.plan(gm).items():
@@ -228,6 +234,7 @@ class QuantPass:
             per_layer[name] = {"bits": bits, "distinct": len(codebook), "params": n, "zeros": zeros,
                                "codebook": codebook}
         self.quantized = list(per_layer)
+        self._bits = {n: r["bits"] for n, r in per_layer.items()}
         record = {"init": self.init, "layers": per_layer,
                   "codebooks": {n: r["codebook"] for n, r in per_layer.items()}}
         return PassResult(gm, modified=modified, record=record)
@@ -238,13 +245,9 @@ class QuantPass:
         return tie_hooks(gm, names, reduce=self.grad)
 
 
-@register_pass("quant")
-def quant(bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None, init: str = "linear",
-          iters: int = 100, seed: int = 0, layers: Mapping[str, int] | None = None, grad: str = "mean") -> QuantPass:
-    return QuantPass(bits, conv_bits, linear_bits, init, iters, seed, layers, grad)
-
-
-quant.__doc__ = __doc__
+    def codebook_layers(self, gm: fx.GraphModule) -> dict[str, int]:
+        """The layers it quantized (or, not run yet, would quantize) and their bits."""
+        return dict(self._bits) if self.quantized is not None else self.plan(gm)
 
 
 def codebooks(gm: nn.Module, record: Mapping[str, Any] | Iterable[str]) -> dict[str, torch.Tensor]:
@@ -253,15 +256,8 @@ def codebooks(gm: nn.Module, record: Mapping[str, Any] | Iterable[str]) -> dict[
     ``layers`` are read, and their ``bits`` checked) or an iterable of layer names.
     Read them from the model rather than the record after centroid fine-tuning."""
     layers = record.get("layers", {}) if isinstance(record, Mapping) else {n: {} for n in record}
-    out = {}
-    for name, info in layers.items():
-        w = gm.get_submodule(name).weight.detach()
-        values = torch.unique(w[w != 0]).cpu()
-        bits = info.get("bits") if isinstance(info, Mapping) else None
-        if bits is not None and values.numel() > 2**bits:
-            raise ValueError(f"{name} has {values.numel()} distinct non-zero values, more than 2**{bits}")
-        out[name] = values
-    return out
+    return read_codebooks(gm, {n: info.get("bits") if isinstance(info, Mapping) else None
+                               for n, info in layers.items()})
 
 
 def tie_hooks(gm: nn.Module, layer_names: Iterable[str], reduce: str = "mean") -> TrainHooks:
@@ -273,7 +269,7 @@ def tie_hooks(gm: nn.Module, layer_names: Iterable[str], reduce: str = "mean") -
     if reduce not in GRADS:
         raise ValueError(f"reduce must be one of {', '.join(GRADS)}, got {reduce!r}")
     ties = {}
-    for n in _present(gm, layer_names):
+    for n in present_layers(gm, layer_names):
         w = gm.get_submodule(n).weight.detach()
         flat = w.reshape(-1)
         index = torch.nonzero(flat).squeeze(1)

@@ -48,6 +48,7 @@ from ..analysis.handlers import Rewriter
 import torch.nn.functional as F
 
 from ..ir import PassResult, output_shape, propagate_shapes
+from .base import GraphPass, Knob, Option, Range
 from .registry import register_pass
 
 COMBINE = {"max": np.max, "sum": np.sum, "mean": np.mean}
@@ -117,20 +118,11 @@ def _layer_nodes(gm: fx.GraphModule, analysis: ChannelAnalysis) -> list[fx.Node]
     return [n for n in analysis.base if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)]
 
 
-def _check_options(ratio: float, combine: str, min_channels: int, min_keep: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"slim ratio must be in [0, 1), got {ratio}")
-    if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
-    if min_channels < 1 or not 0.0 <= min_keep < 1.0:
-        raise ValueError("min_channels must be >= 1 and min_keep in [0, 1)")
-
-
 def plan(gm: fx.GraphModule, ratio: float = 0.5, combine: str = "max", min_channels: int = 1,
          min_keep: float = 0.0, layer_ratios: Mapping[str, float] | None = None, fold: bool = True,
          analysis: ChannelAnalysis | None = None) -> SlimPlan:
     """Choose the channel groups to remove (see the module docstring)."""
-    _check_options(ratio, combine, min_channels, min_keep)
+    Slim.check_options(dict(ratio=ratio, combine=combine, min_channels=min_channels, min_keep=min_keep))
     analysis = analysis or analyze_channels(gm)
     gammas = {t: gm.get_submodule(t).weight.detach().abs().cpu().numpy() for t, _ in analysis.ctx.batchnorms}
     scores = {g.id: float(COMBINE[combine]([gammas[t][c] for t, c in g.bn_channels]))
@@ -289,24 +281,47 @@ def _example_from_meta(gm: fx.GraphModule) -> torch.Tensor:
     return torch.randn(output_shape(placeholder), generator=torch.Generator().manual_seed(0))
 
 
-@register_pass("slim")
-class Slim:
-    """The pass form of :func:`plan` + :func:`apply` (or :func:`mask`)."""
+@register_pass
+class Slim(GraphPass):
+    """network slimming: remove the channel groups with the smallest BatchNorm |gamma|"""
 
     name = "slim"
     changes_outputs = True
+    options = (
+        Option("ratio", float, 0.5, "share of the prunable channel groups removed", Range(0.0, 1.0, high_open=True)),
+        Option("combine", str, "max", "how a group's BatchNorm |gamma| combine into its score", choices=tuple(COMBINE)),
+        Option("min_channels", int, 1, "fewest channels a layer keeps", Range(1)),
+        Option("min_keep", float, 0.0, "smallest share of its channels a layer keeps", Range(0.0, 1.0, high_open=True)),
+        Option("layer_ratios", dict, None, "{layer: share} of a layer's own channels removed first"),
+        Option("fold", bool, True, "fold the removed channels' mean output into their readers' bias"),
+        Option("mode", str, "apply", "apply: remove the channels; mask: zero their gamma and beta, shapes kept",
+               choices=("apply", "mask")),
+    )
+    # Bisection makes long ladders cheap: 18 ratios cost about 5 screens, not 18.
+    knob = Knob("ratio", tuple(round(0.05 * i, 2) for i in range(1, 19)),
+                range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--slim-levels")
+    gains_from_sparsity_training = True
+    examples = (("slim(ratio=0.4)", "remove the 40% of channel groups with the smallest BatchNorm |gamma|"),
+                ("slim(ratio=0.5,combine=sum,min_keep=0.1)", "score groups by summed |gamma|; keep 10% of each layer"),
+                ("slim(layer_ratios={'layer1.0.bn1':0.5},ratio=0)", "half of one layer's channels only"))
 
     def __init__(self, ratio: float = 0.5, combine: str = "max", min_channels: int = 1, min_keep: float = 0.0,
                  layer_ratios: Mapping[str, float] | None = None, fold: bool = True, mode: str = "apply") -> None:
-        if mode not in ("apply", "mask"):
-            raise ValueError(f"slim mode must be apply or mask, got {mode!r}")
-        _check_options(ratio, combine, min_channels, min_keep)  # at parse time, before any training
-        self.options = dict(ratio=ratio, combine=combine, min_channels=min_channels, min_keep=min_keep,
+        # checked at parse time, before any training
+        self.check_options(dict(ratio=ratio, combine=combine, min_channels=min_channels, min_keep=min_keep,
+                                layer_ratios=layer_ratios, fold=fold, mode=mode))
+        self.settings = dict(ratio=ratio, combine=combine, min_channels=min_channels, min_keep=min_keep,
                             layer_ratios=dict(layer_ratios or {}), fold=fold)
         self.mode = mode
         self.plan: SlimPlan | None = None
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        self.plan = plan(gm, **self.options)
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.plan = plan(gm, **self.settings)
         gm = apply(gm, self.plan) if self.mode == "apply" else mask(gm, self.plan)
         return PassResult(gm, bool(self.plan.removed), {"mode": self.mode, **self.plan.summary()})
+
+    def summary(self, record: Mapping) -> str | None:
+        if not record.get("layers"):
+            return None
+        return (f"slim removed channels in {len(record['layers'])} layers "
+                f"({record['achieved_ratio']:.1%} of prunable channel groups)")

@@ -11,14 +11,14 @@ which order, so that the model still meets an accuracy target.
 """
 
 from .boundary import last_passing
-from .candidates import DEFAULT_LEVELS, DEFAULT_ORDER, Candidate, Stage, State, make_stages
+from .candidates import Candidate, Stage, State, make_stages
 from .evaluator import Budget, BudgetExhausted, EvalSettings, Evaluator, SearchData
 from .grid import GridSearch, grid_combinations
 from .heuristic import HeuristicSearch, SearchOutcome, StageOutcome, explore_orders
 from .journal import Journal, ResumeMismatch
 from .target import BaselineBelowTarget, Target
 
-__all__ = ["BaselineBelowTarget", "Budget", "BudgetExhausted", "Candidate", "DEFAULT_LEVELS", "DEFAULT_ORDER",
+__all__ = ["BaselineBelowTarget", "Budget", "BudgetExhausted", "Candidate",
            "EvalSettings", "Evaluator", "GridSearch", "HeuristicSearch", "Journal", "ResumeMismatch",
            "SearchData", "SearchOutcome", "Stage", "StageOutcome", "State", "Target", "explore_orders",
            "grid_combinations", "last_passing", "make_stages"]

@@ -9,46 +9,30 @@ from typing import Any
 
 from torch import fx
 
-from ..passes import build_pipeline
-
-# Least to most aggressive. Bisection makes long ladders cheap: 19 slim ratios cost
-# about 5 screens, not 19.
-DEFAULT_LEVELS: dict[str, tuple[float | int, ...]] = {
-    "slim": tuple(round(0.05 * i, 2) for i in range(1, 19)),
-    "mask": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98),
-    "quant": (8, 7, 6, 5, 4, 3, 2),
-}
-DEFAULT_ORDER = ("slim", "mask", "quant")
+from ..passes import GraphPass, build_pipeline, check_levels, codebook_layers, pass_class, searchable_passes
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One technique and the settings the search may give it, least aggressive first."""
+    """One technique (a registered pass with a search knob) and the settings the
+    search may give it, least aggressive first. Levels default to the knob's ladder."""
 
     name: str
-    levels: tuple[float | int, ...]
+    levels: tuple[float | int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.name not in DEFAULT_LEVELS:
-            raise ValueError(f"unknown stage {self.name!r}; stages are {', '.join(DEFAULT_LEVELS)}")
-        if not self.levels:
-            raise ValueError(f"{self.name}: no levels to search")
-        check = {"slim": lambda v: 0 < v < 1, "mask": lambda v: 0 < v < 1,
-                 "quant": lambda v: isinstance(v, int) and 1 <= v <= 16}[self.name]
-        bad = [v for v in self.levels if not check(v)]
-        if bad:
-            what = "integer bits in 1..16" if self.name == "quant" else "fractions in (0, 1)"
-            raise ValueError(f"{self.name} levels must be {what}, got {bad}")
-        # more aggressive = larger ratio/sparsity, fewer bits
-        key = (lambda v: -v) if self.name == "quant" else (lambda v: v)
-        ordered = tuple(sorted(set(self.levels), key=key))
-        if ordered != self.levels:
-            object.__setattr__(self, "levels", ordered)
+        if self.name not in searchable_passes():
+            raise ValueError(f"unknown stage {self.name!r}; stages are {', '.join(searchable_passes())}")
+        cls = pass_class(self.name)
+        object.__setattr__(self, "levels", check_levels(cls, self.levels or cls.knob.ladder))
+
+    @property
+    def option(self) -> str:
+        return pass_class(self.name).knob.option
 
     def spec(self, level: float | int) -> str:
         """The pass pipeline text of one setting."""
-        option = {"slim": "ratio", "mask": "sparsity", "quant": "bits"}[self.name]
-        return f"{self.name}({option}={level!r})"
+        return f"{self.name}({self.option}={level!r})"
 
 
 def make_stages(order: tuple[str, ...] | list[str],
@@ -56,7 +40,7 @@ def make_stages(order: tuple[str, ...] | list[str],
     levels = levels or {}
     if len(set(order)) != len(order):
         raise ValueError(f"--order names a stage twice: {','.join(order)}")
-    return [Stage(name, tuple(levels.get(name) or DEFAULT_LEVELS.get(name, ()))) for name in order]
+    return [Stage(name, tuple(levels.get(name) or ())) for name in order]
 
 
 @dataclass
@@ -76,20 +60,16 @@ class State:
     def pipeline(self) -> str:
         return ",".join(s for s in (self.prefix, *self.steps) if s)
 
-    def constrainers(self) -> list[Any]:
-        """Pass objects whose training hooks keep this state's masks and shared
-        weights through fine-tuning. Unrun passes capture their layers from the
-        weights themselves (zeros, distinct values), so rebuilding them from text
-        is exact, also after a resume."""
-        passes = build_pipeline(",".join(self.steps)) if self.steps else []
-        return [p for p in passes if callable(getattr(p, "training_hooks", None))]
+    def passes(self) -> list[GraphPass]:
+        """The state's passes, rebuilt from their text. Unrun passes capture their
+        layers from the weights themselves (zeros, distinct values), so their
+        training hooks keep this state's masks and shared weights exactly, also
+        after a resume."""
+        return build_pipeline(",".join(self.steps)) if self.steps else []
 
-    def quantized_layers(self) -> list[str]:
-        names: list[str] = []
-        for p in build_pipeline(",".join(self.steps)) if self.steps else []:
-            if getattr(p, "name", "") == "quant":
-                names += [n for n in p.plan(self.gm) if n not in names]
-        return names
+    def codebook_layers(self) -> dict[str, int]:
+        """``{layer: bits}`` of the layers whose weights this state's passes share."""
+        return codebook_layers(self.passes(), self.gm)
 
 
 @dataclass

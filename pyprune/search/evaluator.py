@@ -17,9 +17,7 @@ from .. import distributed
 from ..data import ArrayDataset
 from ..encode import ppz_bytes
 from ..ir import PassManager, example_input
-from ..opt import constraint_hooks
-from ..passes import create_pass, parse_pipeline
-from ..passes.quant import codebooks
+from ..passes import constraint_hooks, create_pass, parse_pipeline, read_codebooks
 from ..train import DivergenceError, TrainConfig, evaluate, fine_tune, recalibrate_bn
 from .candidates import Candidate, Stage, State
 from .journal import Journal
@@ -115,7 +113,7 @@ class Evaluator:
 
     def size(self, state: State) -> tuple[int, int]:
         """(bytes of the state's .ppz file, parameters)."""
-        books = codebooks(state.gm, state.quantized_layers())
+        books = read_codebooks(state.gm, state.codebook_layers())
         params = sum(p.numel() for p in state.gm.parameters())
         return len(ppz_bytes(state.gm, self.meta, books)), params
 
@@ -125,7 +123,7 @@ class Evaluator:
         gm = copy.deepcopy(state.gm)
         config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1)
         fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
-                  hooks=constraint_hooks(state.constrainers(), gm))
+                  hooks=constraint_hooks(state.passes(), gm))
         return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
 
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
