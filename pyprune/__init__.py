@@ -11,3 +11,10 @@ the Python entry point and ``cli`` a thin layer over it.
 import torch  # noqa: F401
 
 __version__ = "0.1.0"
+
+# Registers every op's channel handler, allowlist entry and MAC rule (pyprune.ops):
+# those registries start empty, and this runs before any pyprune submodule can be
+# used to trace, analyse, serialize or count. Placed after __version__ so that a
+# module reached from here that reads it (as cli, compile and export do) finds it
+# on the half-initialised package.
+from . import ops  # noqa: E402, F401

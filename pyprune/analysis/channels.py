@@ -5,11 +5,12 @@ Needs: a traced ``GraphModule`` with shape metadata on every node
 
 Every node whose output is a tensor of rank >= 2 owns one *position* per index
 of dimension 1 (its channels; for a flattened (N, F) tensor, its features). Per-op
-handlers (:mod:`pyprune.analysis.handlers`) tie positions that must be removed
-together; the resulting equivalence classes are the *channel groups*. Handlers
-also pin positions that must stay (graph inputs and outputs, constants, and the
-inputs and outputs of ops with no handler: barriers), record which BatchNorm
-channels score a group, and which positions are read by channel-mixing layers.
+handlers (:mod:`pyprune.analysis.registry`, filled by :mod:`pyprune.ops`) tie
+positions that must be removed together; the resulting equivalence classes are
+the *channel groups*. Handlers also pin positions that must stay (graph inputs
+and outputs, constants, and the inputs and outputs of ops with no handler:
+barriers), record which BatchNorm channels score a group, and which positions
+are read by channel-mixing layers.
 
 A group is *prunable* when it is not pinned, holds at least one BatchNorm channel,
 and removing it is exact with respect to the masked model, in which the gamma and
@@ -29,7 +30,8 @@ import numpy as np
 from torch import fx
 
 from ..ir import output_shape
-from .handlers import Context, handler_for
+from .context import Context
+from .registry import handler_for
 
 log = logging.getLogger(__name__)
 

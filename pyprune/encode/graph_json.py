@@ -7,6 +7,8 @@ Contract (the format itself is specified in ``docs/graph-format.md``):
   ``get_attr`` tensors, and the nodes in order. Only allowlisted module types,
   functions, tensor methods and argument types serialize; anything else raises
   :class:`GraphFormatError` naming the node, the op and the offending value.
+  The allowlists (:data:`MODULE_TYPES`, :data:`FUNCTIONS`, :data:`METHODS`) are
+  filled by :mod:`pyprune.ops`, where each op says whether it serializes.
 * :func:`graph_from_json` rebuilds a GraphModule from such a dict and a state
   dict. The dict is untrusted input: every module type, function and method
   name must be in the allowlists, every name that reaches fx's generated Python
@@ -30,7 +32,6 @@ import inspect
 import json
 import keyword
 import math
-import operator
 import os
 import pickle
 import re
@@ -39,14 +40,14 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .files import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "graph_from_json",
-           "graph_state_dict", "graph_to_json", "is_graph_file", "load_graph_module", "module_config",
-           "save_graph_module"]
+__all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
+           "allow_method", "allow_module_type", "disallow_function", "disallow_method", "disallow_module_type",
+           "graph_from_json", "graph_state_dict", "graph_to_json", "is_graph_file", "load_graph_module",
+           "module_config", "save_graph_module"]
 
 FORMAT = "pyprune.graph"
 VERSION = 1
@@ -61,36 +62,73 @@ class GraphFormatError(ValueError):
 # ---------------------------------------------------------------------------
 # Allowlists. Adding an entry is a format change only in the sense that older
 # readers refuse documents using it; existing documents keep their meaning.
+# The entries are not listed here: each op declares whether it serializes next to
+# its channel handler and MAC rule, in pyprune.ops, which fills these tables
+# through allow_module_type / allow_function / allow_method when pyprune is
+# imported.
 
-MODULE_TYPES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (
-    nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
-    nn.Linear, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.Upsample,
-)}
-
-
-def _named(prefix: str, namespace: Any, names: str) -> dict[str, Callable[..., Any]]:
-    return {f"{prefix}.{n}": getattr(namespace, n) for n in names.split()}
-
+MODULE_TYPES: dict[str, type[nn.Module]] = {}  # class name -> class
 
 # Stable name -> callable. Names are what a document says, never imported by name.
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    **_named("operator", operator, "add sub mul truediv floordiv mod pow neg matmul getitem"),
-    **_named("torch", torch, "flatten cat stack add sub mul div relu sigmoid tanh transpose permute reshape "
-             "squeeze unsqueeze mean sum amax matmul chunk split narrow clamp softmax"),
-    **_named("torch.nn.functional", F, "pad relu relu6 leaky_relu silu gelu hardswish hardsigmoid tanh "
-             "sigmoid softmax log_softmax dropout interpolate linear conv2d batch_norm avg_pool2d max_pool2d "
-             "adaptive_avg_pool2d adaptive_max_pool2d"),
-    "builtins.getattr": getattr,
-}
-_FUNCTION_NAMES = {fn: name for name, fn in FUNCTIONS.items()}
+FUNCTIONS: dict[str, Callable[..., Any]] = {}
+# The writer's side of FUNCTIONS: callable -> the name written for it.
+_FUNCTION_NAMES: dict[Callable[..., Any], str] = {}
 
 # Tensor method names for call_method nodes (fx calls getattr(self, name)(...)).
-METHODS = frozenset(
-    "view reshape size dim numel contiguous chunk split mean sum amax flatten add sub mul div relu sigmoid tanh "
-    "permute transpose squeeze unsqueeze expand expand_as view_as narrow clamp softmax float to pow matmul "
-    "add_ mul_ relu_".split())
+METHODS: set[str] = set()
+
+
+def allow_module_type(cls: type[nn.Module]) -> None:
+    """Allow ``cls`` (by exact type) in documents, under its class name."""
+    known = MODULE_TYPES.get(cls.__name__)
+    if known is not None and known is not cls:
+        # Documents name types by class name only, so two classes cannot share one.
+        raise ValueError(f"module type name {cls.__name__!r} is already allowlisted for "
+                         f"{known.__module__}.{known.__qualname__}")
+    MODULE_TYPES[cls.__name__] = cls
+
+
+def allow_function(name: str, fn: Callable[..., Any]) -> None:
+    """Allow ``fn`` in documents under the stable ``name``."""
+    known = FUNCTIONS.get(name)
+    if known is not None and known is not fn:
+        raise ValueError(f"function name {name!r} is already allowlisted for another callable ({known!r})")
+    FUNCTIONS[name] = fn
+    # Where one callable has two names (an alias in some torch version), both are
+    # read and the first one registered stays the one written: declaring an alias
+    # later does not change the files existing code writes.
+    _FUNCTION_NAMES.setdefault(fn, name)
+
+
+def allow_method(name: str) -> None:
+    """Allow tensor method ``name`` in ``call_method`` nodes."""
+    # A method name becomes Python source in fx's generated forward.
+    if not _identifier(name):
+        raise ValueError(f"method name {name!r} is not a Python identifier")
+    METHODS.add(name)
+
+
+def disallow_module_type(cls: type[nn.Module]) -> None:
+    """Undo :func:`allow_module_type`; a type that is not allowlisted is ignored."""
+    if MODULE_TYPES.get(cls.__name__) is cls:
+        del MODULE_TYPES[cls.__name__]
+
+
+def disallow_function(name: str) -> None:
+    """Undo :func:`allow_function`; a name that is not allowlisted is ignored."""
+    fn = FUNCTIONS.pop(name, None)
+    if fn is None or _FUNCTION_NAMES.get(fn) != name:
+        return
+    del _FUNCTION_NAMES[fn]
+    other = next((n for n, f in FUNCTIONS.items() if f is fn), None)
+    if other is not None:
+        _FUNCTION_NAMES[fn] = other
+
+
+def disallow_method(name: str) -> None:
+    """Undo :func:`allow_method`; a name that is not allowlisted is ignored."""
+    METHODS.discard(name)
+
 
 # builtins.getattr reaches only these attributes: an arbitrary name ("__class__",
 # "__globals__") would let a document walk from a tensor to any Python object.

@@ -2,15 +2,15 @@
 
 Needs shape metadata on the graph (:func:`pyprune.ir.shape_prop.propagate_shapes`).
 MACs are counted per sample for the layers that do the arithmetic that matters,
-convolutions and linear layers, through a registry of per-module-type handlers;
-normalisation, activations, pooling and element-wise ops count zero, as in the
-usual CIFAR literature. ``bytes`` is the storage of a layer's parameters and
+convolutions and linear layers, through a registry of per-module-type rules
+(:data:`MAC_COUNTERS`, filled by :mod:`pyprune.ops` with the rest of each op's
+support); normalisation, activations, pooling and element-wise ops count zero, as
+in the usual CIFAR literature. ``bytes`` is the storage of a layer's parameters and
 buffers (BatchNorm running statistics included), which an inference file must hold.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -32,15 +32,10 @@ def register_mac_counter(*module_types: type) -> Callable[[MacCounter], MacCount
     return decorator
 
 
-@register_mac_counter(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv_macs(m: nn.Module, out_shape: tuple[int, ...]) -> int:
-    # Each output element sums over in_channels/groups times the kernel window.
-    return math.prod(out_shape) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-
-
-@register_mac_counter(nn.Linear)
-def _linear_macs(m: nn.Module, out_shape: tuple[int, ...]) -> int:
-    return math.prod(out_shape) * m.in_features
+def unregister_mac_counter(*module_types: type) -> None:
+    """Forget the MAC rules of ``module_types``; a type with none is ignored."""
+    for t in module_types:
+        MAC_COUNTERS.pop(t, None)
 
 
 def _mac_counter(module: nn.Module) -> MacCounter | None:

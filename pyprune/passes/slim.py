@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 
 from ..analysis import ChannelAnalysis, analyze_channels, handler_for
-from ..analysis.handlers import Rewriter
+from ..ops.rewrite import Rewriter
 import torch.nn.functional as F
 
 from ..ir import PassResult, output_shape, propagate_shapes

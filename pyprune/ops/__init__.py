@@ -1,0 +1,43 @@
+"""Op support in one place: for every op pyprune knows, its channel handler (or
+none: a barrier), whether it serializes, and its MAC rule.
+
+One module per op family declares its ops as :class:`OpSupport` records in a
+tuple ``OPS``; this package registers all of them, when ``pyprune`` is imported,
+into the lower registries that consume them: the channel-handler registry of
+:mod:`pyprune.analysis`, the allowlists of :mod:`pyprune.encode.graph_json`, and
+the MAC table of :mod:`pyprune.ir.accounting`. To support a new op, declare it in
+its family (or in a new family added to :data:`FAMILIES`); code outside pyprune
+can :func:`register` its own declarations, or use :func:`registered` for a
+``with`` block.
+
+Layering: this package may import :mod:`pyprune.analysis`, :mod:`pyprune.encode`
+and :mod:`pyprune.ir`; none of them imports it.
+"""
+
+from __future__ import annotations
+
+from . import activation, conv, elementwise, identity, linear, norm, pooling, reduction, shape
+from .registry import (
+    BARRIER,
+    INHERITED,
+    OpSupport,
+    declared,
+    function,
+    method,
+    module,
+    register,
+    registered,
+    unregister,
+)
+from .rewrite import Rewriter
+
+# Registration order matters only where a module type inherits its handler from a
+# base class declared earlier (norm declares _BatchNorm before BatchNorm1d/2d).
+FAMILIES = (conv, linear, norm, activation, pooling, identity, elementwise, reduction, shape)
+
+for _family in FAMILIES:
+    register(*_family.OPS)
+del _family
+
+__all__ = ["BARRIER", "FAMILIES", "INHERITED", "OpSupport", "Rewriter", "declared", "function", "method",
+           "module", "register", "registered", "unregister"]
