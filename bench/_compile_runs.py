@@ -13,6 +13,7 @@ import torch
 
 from pyprune.api import load_model
 from pyprune.compile import CompileConfig, compile_model
+from pyprune.data import DataSpec
 from pyprune.search.target import Target
 from pyprune.train import TrainConfig
 
@@ -51,7 +52,7 @@ def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
         config = CompileConfig(Target(max_drop=args.max_drop), Path(tmp) / "out",
                                finetune_epochs=args.finetune_epochs, val_from="test", val_limit=args.val_limit,
                                screen_limit=args.screen_limit, train_limit=args.train_limit,
-                               train=TrainConfig(), data_root=args.data_root, quiet=True, **settings)
+                               train=TrainConfig(), data=DataSpec(root=args.data_root), quiet=True, **settings)
         result = compile_model(model, config, log=lambda s: None)
     print(f"  {label}: {result.report['chosen']['pipeline'] or '(baseline)'}, "
           f"{result.report['search']['seconds']:.0f}s", flush=True)

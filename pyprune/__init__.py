@@ -1,20 +1,22 @@
 """pyprune: a compiler for CNN compression.
 
-The data path is laid out as packages: ``data`` (load), ``models`` (zoo and
-checkpoints), ``ir`` (trace, shape propagation, accounting, pass manager),
-``passes`` (transformations), ``train`` (fine-tuning engine), with ``api`` as
-the Python entry point and ``cli`` a thin layer over it.
+The data path is laid out as packages: ``data`` and ``models`` (load), ``ir``
+(trace, shape propagation, accounting, pass manager), ``analysis`` (channel
+dependencies), ``ops`` (what each op supports), ``passes`` (transformations),
+``encode`` (files), ``runtime`` and ``export`` (inference, ONNX), ``train`` (the
+fine-tuning engine), ``opt`` and ``search`` and ``compile`` (pipelines and the
+target-driven search), with ``api`` as the Python entry point and ``cli`` a thin
+layer over it. The layers only import downwards; ``pyproject.toml`` states them
+(``[tool.importlinter]``) and ``tests/test_layers.py`` checks them.
 """
 
 # Loaded first so that the native extensions (pyprune._C, pyprune._C_cuda), which
 # link against libtorch without an rpath, find its libraries already in the process.
 import torch  # noqa: F401
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 # Registers every op's channel handler, allowlist entry and MAC rule (pyprune.ops):
 # those registries start empty, and this runs before any pyprune submodule can be
-# used to trace, analyse, serialize or count. Placed after __version__ so that a
-# module reached from here that reads it (as cli, compile and export do) finds it
-# on the half-initialised package.
+# used to trace, analyse, serialize or count.
 from . import ops  # noqa: E402, F401

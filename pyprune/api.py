@@ -1,68 +1,78 @@
-"""The Python API behind the command line: load a model, describe it, evaluate
-it, fine-tune it. Every CLI subcommand is a thin wrapper over one function here."""
+"""The Python API: the facade every CLI subcommand calls, and what a script uses.
+
+    from pyprune import api
+    model = api.load_model(arch="resnet56", pretrained=True)
+    print(api.model_info(model).total)                      # params, bytes, MACs
+    print(api.evaluate_model(model, split="test").accuracy)
+    result = api.compile_model(model, api.CompileConfig(api.Target(max_drop=0.01), "out/", val_from="test"))
+
+Loading (:func:`load_model`, :func:`load_runtime`: a saved model on the inference runtime), describing (:func:`model_info`,
+:func:`inspect_file`, :func:`list_models`, :func:`list_passes`), evaluating and
+training (:func:`evaluate_model`, :func:`train_model`), compressing
+(:func:`optimize_model`, :func:`compile_model`) and writing (:func:`save_model`,
+:func:`save_weights`, :func:`export_onnx`). The configuration types they take are
+re-exported here, so a caller needs this module only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from .data import DatasetNotFoundError, load_dataset
-from .encode import is_graph_file, load_graph_module, save_graph_module
-from .encode.files import atomic_write
-from .encode.model_ppz import load_ppz, save_ppz
-from .encode.ppz import is_ppz
-from .export import DEFAULT_ATOL, DEFAULT_OPSET, OnnxReport, check_export_settings, verification_inputs, write_onnx
-from .ir import LayerStats, Totals, example_input, layer_stats, propagate_shapes, totals, trace
-from .models import ModelSpec, find_or_fetch_pretrained, resolve_model
-from .models.registry import DEFAULT_MEAN, DEFAULT_STD
+from .compile import DEFAULT_ORDER, SEARCHES, CompileConfig, CompileResult, compile_model
+from .data import DataSpec, DatasetNotFoundError
+from .encode import CorruptFileError, GraphFormatError, graph_to_json, inspect, save_graph_module
+from .encode.model_ppz import save_ppz
+from .encode.saved import is_saved_model, load_saved_model
+from .export import (DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError, OnnxReport,
+                     VerificationError, check_export_settings, verification_inputs, write_onnx)
+from .files import atomic_write
+from .ir import LayerStats, TraceError, Totals, example_input, layer_stats, propagate_shapes, totals, trace
+from .models import LoadedModel, ModelLoadError, available_models, find_or_fetch_pretrained, get_spec, resolve_model
+from .opt import OptConfig, OptResult, optimize
+from .passes import describe_passes, parse_levels, searchable_passes
+from .runtime import RUNTIMES, load_runtime
+from .search import Target
 from .train import EpochLog, EvalResult, TrainConfig, evaluate, fine_tune, seed_everything
 
-
-@dataclass
-class LoadedModel:
-    """A model with what is needed to feed it: its normalisation and input shape."""
-
-    module: nn.Module
-    name: str
-    mean: tuple[float, ...] = DEFAULT_MEAN
-    std: tuple[float, ...] = DEFAULT_STD
-    input_shape: tuple[int, ...] = (3, 32, 32)
-
-    @classmethod
-    def from_spec(cls, module: nn.Module, spec: ModelSpec | None, name: str) -> "LoadedModel":
-        if spec is None:
-            return cls(module, name)
-        return cls(module, spec.name, tuple(spec.mean), tuple(spec.std), tuple(spec.input_shape))
+# Errors that are the caller's to fix (bad flags, missing files, untraceable or
+# unsavable models): the command line prints their message, with no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DatasetNotFoundError, TraceError, OnnxExportError,
+                                               FileNotFoundError, FileExistsError, ValueError)
 
 
 def load_model(model_file: str | None = None, arch: str | None = None, weights: str | None = None,
                pretrained: bool = False, download: bool = False, trust_pickle: bool = False,
-               seed: int = 0, num_classes: int = 10, input_size: int | None = None) -> LoadedModel:
+               seed: int = 0, num_classes: int = 10, input_size: int | None = None,
+               leaf_modules: Sequence[str] = ()) -> LoadedModel:
     """Build or load a model the way every subcommand names one.
 
     ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
     :mod:`pyprune.models.pretrained`) in place of ``weights``. A ``model_file``
     written by :func:`save_model` carries its own architecture and weights.
     ``input_size`` replaces the architecture's square input resolution (224 for
-    ``torchvision:`` models), e.g. to fine-tune them on small images."""
+    ``torchvision:`` models), e.g. to fine-tune them on small images.
+    ``leaf_modules`` names modules that tracing keeps as one opaque call (a class
+    name, ``package.module:Class``, or a submodule's qualified name)."""
     if input_size is not None and input_size < 1:
         raise ValueError(f"--input-size must be a positive number of pixels, got {input_size}")
-    container = model_file and (is_ppz(model_file) or is_graph_file(model_file))
-    if container:
+    if model_file and is_saved_model(model_file):
         if arch or weights or pretrained:
             raise ValueError(f"{model_file} is a saved pyprune model: it carries its own architecture and "
                              "weights, so give it without --arch, --weights or --pretrained")
         if input_size is not None:
             raise ValueError(f"{model_file} is a saved pyprune model: it keeps the input size it was traced "
                              "and compressed at, so give it without --input-size")
-        gm, meta = load_ppz(model_file) if is_ppz(model_file) else load_graph_module(model_file)
-        return LoadedModel(gm, str(meta.get("arch") or Path(model_file).stem),
-                           tuple(meta.get("mean", DEFAULT_MEAN)), tuple(meta.get("std", DEFAULT_STD)),
-                           tuple(meta.get("input_shape", (3, 32, 32))))
+        if leaf_modules:
+            raise ValueError(f"{model_file} is a saved pyprune model: it is traced already, so give it without "
+                             "--leaf-module")
+        return load_saved_model(model_file)
     if pretrained:
         if weights or model_file:
             raise ValueError("--pretrained replaces the weights file; give either --pretrained or a weights file")
@@ -75,7 +85,17 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     model = LoadedModel.from_spec(module, spec, name)
     if input_size is not None:
         model.input_shape = (*model.input_shape[:-2], input_size, input_size)
+    if leaf_modules:
+        model.leaf_modules = resolve_leaf_modules(module, leaf_modules)
     return model
+
+
+def resolve_leaf_modules(module: torch.nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` checked against ``module``: each must name a class of one of its
+    submodules (``Block`` or ``package.module:Block``) or a submodule itself."""
+    from .ir.trace import leaf_matcher
+
+    return leaf_matcher(module, names).names
 
 
 @dataclass
@@ -90,7 +110,7 @@ class ModelInfo:
 
 def trace_model(model: LoadedModel, batch: int = 1) -> fx.GraphModule:
     """Trace into the graph IR and annotate shapes with a batch of ``batch``."""
-    gm = trace(model.module)
+    gm = trace(model.module, leaf_modules=model.leaf_modules)
     return propagate_shapes(gm, example_input(model.input_shape, batch))
 
 
@@ -100,20 +120,45 @@ def model_info(model: LoadedModel) -> ModelInfo:
     return ModelInfo(model.name, rows, totals(rows))
 
 
-def evaluate_model(model: LoadedModel, data: str = "cifar10", split: str = "test",
-                   data_root: str | None = None, download: bool = False, limit: int | None = None,
-                   batch_size: int = 500, progress: bool = True) -> EvalResult:
-    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit,
-                           input_shape=model.input_shape)
+def list_models() -> list[tuple[str, str]]:
+    """(name, description) of every zoo architecture."""
+    return [(name, get_spec(name).description) for name in available_models()]
+
+
+def list_passes() -> list[dict[str, Any]]:
+    """Every registered pass, as ``pyprune passes --json`` prints it."""
+    return describe_passes()
+
+
+def evaluate_model(model: LoadedModel, data: DataSpec | str = "cifar10", split: str = "test",
+                   limit: int | None = None, batch_size: int = 500, progress: bool = True) -> EvalResult:
+    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape)
     return evaluate(model.module, dataset, model.mean, model.std, batch_size=batch_size, progress=progress)
 
 
-def train_model(model: LoadedModel, config: TrainConfig, data: str = "cifar10", split: str = "train",
-                data_root: str | None = None, download: bool = False,
+def train_model(model: LoadedModel, config: TrainConfig, data: DataSpec | str = "cifar10", split: str = "train",
                 limit: int | None = None) -> list[EpochLog]:
-    dataset = load_dataset(data, split, data_root=data_root, download=download, limit=limit,
-                           input_shape=model.input_shape)
+    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape)
     return fine_tune(model.module, dataset, model.mean, model.std, config)
+
+
+def optimize_model(model: LoadedModel, config: OptConfig, log: Callable[[str], None] = lambda _: None,
+                   output: str | os.PathLike | None = None) -> OptResult:
+    """Run ``config.pipeline`` on ``model`` (see :mod:`pyprune.opt`); ``model.module``
+    is changed. With ``output``, the model is first checked to be savable there, so
+    that a model the file format cannot describe fails before any work."""
+    if output is not None:
+        check_savable(model, output)
+    return optimize(model.module, model.mean, model.std, model.input_shape, config, log=log,
+                    leaf_modules=model.leaf_modules)
+
+
+def check_savable(model: LoadedModel, output: str | os.PathLike) -> None:
+    """Raise :class:`GraphFormatError` now if ``model`` could not be saved at ``output``."""
+    try:
+        graph_to_json(trace(model.module, leaf_modules=model.leaf_modules))
+    except GraphFormatError as exc:
+        raise GraphFormatError(f"{output} could not hold this model: {exc}") from None
 
 
 def save_weights(model: LoadedModel, path: str | Path, force: bool = False) -> Path:
@@ -131,9 +176,8 @@ def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None =
     name ends in ``.ppz``, else a plain graph file (``docs/graph-format.md``). ``gm``
     is the graph to save (default: ``model.module`` traced); ``provenance`` is any JSON
     list, e.g. the passes run; ``codebooks`` are quantized layers' codebooks."""
-    meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
-            "input_shape": list(model.input_shape), "provenance": list(provenance or [])}
-    gm = gm if gm is not None else trace(model.module)
+    meta = {**model.meta(), "provenance": list(provenance or [])}
+    gm = gm if gm is not None else trace(model.module, leaf_modules=model.leaf_modules)
     if Path(path).suffix == ".ppz":
         return save_ppz(gm, path, meta, codebooks, force=force)
     if codebooks:
@@ -141,10 +185,14 @@ def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None =
     return save_graph_module(gm, path, meta, force=force)
 
 
-def export_model_onnx(model: LoadedModel, output: str | Path, form: str = "compact", verify: int = 256,
-                      data: str = "cifar10", split: str = "val", data_root: str | None = None,
-                      download: bool = False, atol: float = DEFAULT_ATOL, opset: int = DEFAULT_OPSET,
-                      sparse_initializers: bool = False, force: bool = False) -> OnnxReport:
+def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+    """How a ``.ppz`` file stores each tensor (see :func:`pyprune.encode.inspect`)."""
+    return inspect(path)
+
+
+def export_onnx(model: LoadedModel, output: str | Path, form: str = "compact", verify: int = DEFAULT_IMAGES,
+                data: DataSpec | str = "cifar10", split: str = "val", atol: float = DEFAULT_ATOL,
+                opset: int = DEFAULT_OPSET, sparse_initializers: bool = False, force: bool = False) -> OnnxReport:
     """Export to ONNX (see :mod:`pyprune.export`) and verify on the first ``verify``
     images of ``split`` (0: no verification). The data is loaded before anything is
     exported, so a missing dataset costs nothing."""
@@ -156,16 +204,13 @@ def export_model_onnx(model: LoadedModel, output: str | Path, form: str = "compa
     inputs = description = None
     if verify:
         try:
-            dataset = load_dataset(data, split, data_root=data_root, download=download, limit=verify,
-                                   input_shape=model.input_shape)
+            dataset = DataSpec.of(data).load(split, verify, input_shape=model.input_shape)
         except DatasetNotFoundError as exc:
             raise DatasetNotFoundError(f"{exc}\nThe ONNX file is verified on that data; --verify 0 writes it "
                                        "unverified.") from None
         inputs, description = verification_inputs(dataset, verify, model.mean, model.std)
-    meta = {"arch": model.name, "mean": list(model.mean), "std": list(model.std),
-            "input_shape": list(model.input_shape)}
     return write_onnx(model.module, output, form, model.input_shape, inputs=inputs, data=description, atol=atol,
-                      opset=opset, meta=meta, sparse_initializers=sparse_initializers, force=force)
+                      opset=opset, meta=model.meta(), sparse_initializers=sparse_initializers, force=force)
 
 
 def set_threads(threads: int | None) -> None:
@@ -173,5 +218,10 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-__all__: Sequence[str] = ["LoadedModel", "ModelInfo", "evaluate_model", "export_model_onnx", "load_model", "model_info",
-                          "save_model", "save_weights", "set_threads", "trace_model", "train_model"]
+__all__: Sequence[str] = [
+    "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET",
+    "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo", "OnnxReport",
+    "OptConfig", "OptResult", "RUNTIMES", "Target", "TrainConfig", "USER_ERRORS", "VerificationError",
+    "check_savable", "compile_model", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",
+    "load_model", "load_runtime", "model_info", "optimize_model", "parse_levels", "resolve_leaf_modules",
+    "save_model", "save_weights", "searchable_passes", "set_threads", "trace_model", "train_model"]

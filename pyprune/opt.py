@@ -4,14 +4,14 @@ before it and fine-tuning after each pass, measuring every step."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .data import ArrayDataset, load_dataset
+from .data import ArrayDataset, DataSpec
 from .ir import PassManager, example_input, layer_stats, propagate_shapes, totals, trace
 from .passes import GraphPass, build_pipeline, codebooks_of, constraint_hooks
 from .train import TrainConfig, evaluate, fine_tune
@@ -80,37 +80,35 @@ class OptConfig:
     eval_split: str | None = "val"  # None: do not measure accuracy
     eval_limit: int | None = None
     train_limit: int | None = None
-    data: str = "cifar10"
-    data_root: str | None = None
-    download: bool = False
+    data: DataSpec | str = "cifar10"
 
     def __post_init__(self) -> None:
+        self.data = DataSpec.of(self.data)
         if self.slim_l1 < 0 or self.l1_epochs < 0 or self.finetune_epochs < 0:
             raise ValueError("--slim-l1, --l1-epochs and --finetune-epochs must be >= 0")
         if (self.slim_l1 > 0) != (self.l1_epochs > 0):
             raise ValueError("sparsity training needs both --slim-l1 and --l1-epochs")
 
 
-def _size(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    gm = module if isinstance(module, fx.GraphModule) else trace(module)
+def _size(module: nn.Module, input_shape: tuple[int, ...], leaf_modules: Sequence[str]) -> tuple[int, int, int]:
+    gm = module if isinstance(module, fx.GraphModule) else trace(module, leaf_modules=leaf_modules)
     t = totals(layer_stats(propagate_shapes(gm, example_input(input_shape))))
     return t.params, t.bytes, t.macs
 
 
 def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
              input_shape: tuple[int, ...], config: OptConfig,
-             log: Callable[[str], None] = lambda _: None) -> OptResult:
-    """Sparsity-train (optional), trace, then run ``config.pipeline``; after each pass
-    fine-tune for ``finetune_epochs`` (optional) and measure. ``module`` is changed."""
+             log: Callable[[str], None] = lambda _: None, leaf_modules: Sequence[str] = ()) -> OptResult:
+    """Sparsity-train (optional), trace (keeping ``leaf_modules`` whole), then run
+    ``config.pipeline``; after each pass fine-tune for ``finetune_epochs`` (optional)
+    and measure. ``module`` is changed."""
     passes = build_pipeline(config.pipeline)  # parse first: a typo should not cost a training run
     train_set: ArrayDataset | None = None
     if config.finetune_epochs > 0 or config.l1_epochs > 0:
-        train_set = load_dataset(config.data, "train", config.data_root, config.download, config.train_limit,
-                                 input_shape=input_shape)
+        train_set = config.data.load("train", config.train_limit, input_shape)
     eval_set = None
     if config.eval_split:
-        eval_set = load_dataset(config.data, config.eval_split, config.data_root, config.download, config.eval_limit,
-                                input_shape=input_shape)
+        eval_set = config.data.load(config.eval_split, config.eval_limit, input_shape)
 
     def accuracy_of(model: nn.Module) -> float | None:
         if eval_set is None:
@@ -126,7 +124,7 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
         return step
 
     def measure(name: str, model: nn.Module, epochs: float, seconds: float, record: dict | None = None) -> OptStep:
-        params, nbytes, macs = _size(model, input_shape)
+        params, nbytes, macs = _size(model, input_shape, leaf_modules)
         return report(OptStep(name, params, nbytes, macs, accuracy_of(model), None, epochs, seconds, record or {}))
 
     steps = [measure("input", module, 0.0, 0.0)]
@@ -136,7 +134,7 @@ def optimize(module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
         steps.append(measure("l1", module, config.l1_epochs, time.perf_counter() - start,
                              {"slim_l1": config.slim_l1}))
 
-    gm = propagate_shapes(trace(module), example_input(input_shape))
+    gm = propagate_shapes(trace(module, leaf_modules=leaf_modules), example_input(input_shape))
     measured: list[tuple[float | None, float | None, float]] = []  # per pass: accuracies, seconds
     clock = time.perf_counter()
 

@@ -38,7 +38,7 @@ def test_info_table(capsys):
 
 
 def test_eval_matches_an_independent_loop(capsys, data_root, models_dir):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     code, out, _ = run_cli(capsys, "eval", weights, "--arch", "resnet20", "--data-root", data_root,
                            "--limit", 300, "--json", "--no-progress")
     result = last_json(out)
@@ -54,7 +54,7 @@ def test_eval_matches_an_independent_loop(capsys, data_root, models_dir):
 
 
 def test_eval_full_resnet20_reproduces_published_figure(capsys, data_root, models_dir):
-    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet20", "--weights", next(models_dir.glob("resnet20-*.th")),
+    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet20", "--weights", models_dir / "resnet20-12fca82f.th",
                            "--data-root", data_root, "--split", "test", "--json", "--no-progress")
     assert code == 0 and last_json(out)["n"] == 10000
     assert last_json(out)["accuracy"] == pytest.approx(0.810, abs=0.003)
@@ -62,7 +62,7 @@ def test_eval_full_resnet20_reproduces_published_figure(capsys, data_root, model
 
 @pytest.mark.slow
 def test_eval_full_resnet56_reproduces_published_figure(capsys, data_root, models_dir):
-    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet56", "--weights", next(models_dir.glob("resnet56-*.th")),
+    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet56", "--weights", models_dir / "resnet56-4bfd9763.th",
                            "--data-root", data_root, "--json", "--no-progress")
     assert code == 0 and last_json(out)["accuracy"] == pytest.approx(0.832, abs=0.003)
 
@@ -147,3 +147,19 @@ def test_demo_path_without_shared_models_downloads_once(capsys, data_root, model
     code, _, err = run_cli(capsys, "eval", "--arch", "resnet20", "--pretrained", "--data-root", data_root,
                            "--limit", 50)
     assert code == 2 and "--download" in err
+
+
+def test_leaf_module_lets_info_trace_and_refuses_to_save_before_any_work(capsys, tmp_path):
+    arch = "tests.ir.test_trace:LeafNet"
+    code, _, err = run_cli(capsys, "info", "--arch", arch)
+    assert code == 2 and "--leaf-module GatedConv" in err and "Traceback" not in err
+    code, out, _ = run_cli(capsys, "info", "--arch", arch, "--leaf-module", "GatedConv", "--json")
+    layers = {row["name"]: row for row in json.loads(out)["layers"]}
+    assert code == 0 and layers["gated"]["op"] == "GatedConv" and layers["gated"]["params"] == 4 * 4 * 9 + 4
+    output = tmp_path / "leaf.ppz"
+    code, out, err = run_cli(capsys, "opt", "--arch", arch, "--leaf-module", "GatedConv", "--passes",
+                             "mask(sparsity=0.5)", "--eval-split", "none", "--no-progress", "-o", output)
+    assert code == 2 and "could not hold this model" in err and "GatedConv" in err and not output.exists()
+    assert "input:" not in out  # refused before the first step was measured
+    code, _, err = run_cli(capsys, "info", "--arch", arch, "--leaf-module", "Gated")
+    assert code == 2 and "names no submodule" in err

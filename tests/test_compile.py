@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyprune.data import DataSpec
 from pyprune.api import evaluate_model, load_model
 
 from .test_cli import last_json, run_cli
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_args(data_root, models_dir):
     """A compile small enough for CI: 300 val and test images, 512 training images."""
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     return ["--arch", "resnet20", "--weights", weights, "--data-root", data_root, "--val-from", "test",
             "--val-limit", 300, "--screen-limit", 200, "--test-limit", 300, "--train-limit", 512,
             "--recal-images", 256, "--finetune-epochs", 0.25, "--batch-size", 64,
@@ -52,8 +53,8 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
 
     # the written file, loaded and evaluated independently, gives the reported accuracies
     model = load_model(str(out / "model.ppz"))
-    val = evaluate_model(model, split="test-search", data_root=str(data_root), limit=300, progress=False)
-    test = evaluate_model(model, split="test-report", data_root=str(data_root), limit=300, progress=False)
+    val = evaluate_model(model, split="test-search", data=DataSpec(root=str(data_root)), limit=300, progress=False)
+    test = evaluate_model(model, split="test-report", data=DataSpec(root=str(data_root)), limit=300, progress=False)
     assert val.accuracy == chosen["val_accuracy"] and test.accuracy == chosen["test_accuracy"]
     assert val.accuracy == chosen["search_val_accuracy"]  # the model searched is the model written
 
@@ -167,7 +168,7 @@ def test_when_nothing_meets_the_target_the_lossless_baseline_is_written(capsys, 
     report = report_of(out)
     assert not report["chosen"]["met_target"] and report["chosen"]["pipeline"] == ""
     assert report["search"]["candidates"] >= 3 and "Warning" in (out / "report.md").read_text()
-    original = load_model(arch="resnet20", weights=str(next(models_dir.glob("resnet20-*.th")))).module.state_dict()
+    original = load_model(arch="resnet20", weights=str(models_dir / "resnet20-12fca82f.th")).module.state_dict()
     written = load_model(str(out / "model.ppz")).module.state_dict()
     assert all(torch.equal(original[k], written[k]) for k in original)  # packed losslessly
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyprune.data import DataSpec
 from pyprune.api import evaluate_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_per_process_batchnorm_statistics_are_what_no_sync_bn_trades(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_compile_args(data_root, models_dir):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     return ["--arch", "resnet20", "--weights", weights, "--data-root", data_root, "--val-from", "test",
             "--val-limit", 200, "--screen-limit", 100, "--test-limit", 200, "--train-limit", 256,
             "--recal-images", 128, "--finetune-epochs", 0.5, "--batch-size", 64, "--slim-levels", "0.3",
@@ -95,13 +96,13 @@ def test_compile_under_torchrun_writes_a_valid_ppz(tmp_path, tiny_compile_args, 
     assert report["processes"] == 2 and report["onnx"]["verified"]
     assert not (out / ".compile-state").exists()
     model = load_model(str(out / "model.ppz"))
-    val = evaluate_model(model, split="test-search", data_root=str(data_root), limit=200, progress=False)
+    val = evaluate_model(model, split="test-search", data=DataSpec(root=str(data_root)), limit=200, progress=False)
     assert val.accuracy == report["chosen"]["val_accuracy"]  # the file written is the model measured
     assert run.stdout.count("chose ") <= 1  # only rank 0 talks
 
 
 def test_nproc_launches_torchrun(tmp_path, data_root, models_dir):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     out = tmp_path / "w.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--weights", str(weights),
@@ -115,7 +116,7 @@ def test_nproc_launches_torchrun(tmp_path, data_root, models_dir):
 
 
 def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models_dir):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     run = torchrun("-m", "pyprune", "train", "--arch", "resnet20", "--weights", weights, "--data-root", data_root,
                    "--limit", 128, "--batch-size", 63, "--eval-split", "none", "--no-progress", "-o",
                    tmp_path / "w.pt")
@@ -130,7 +131,7 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models
 
 
 def test_nproc_passes_on_the_exit_code_of_the_failing_process(tmp_path, models_dir):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     out = tmp_path / "w.pt"
     out.write_bytes(b"keep me")
     run = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--weights", str(weights),

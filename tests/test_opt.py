@@ -10,7 +10,7 @@ from .test_cli import last_json, run_cli
 
 def test_opt_slims_saves_and_the_file_evaluates_the_same(capsys, data_root, models_dir, tmp_path):
     out = tmp_path / "slim.pt"
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     code, stdout, _ = run_cli(capsys, "opt", weights, "--arch", "resnet20", "--passes", "slim(ratio=0.3)",
                               "--slim-l1", 1e-2, "--l1-epochs", 1, "--finetune-epochs", 1, "--train-limit", 256,
                               "--batch-size", 64, "--data-root", data_root, "--eval-split", "test",

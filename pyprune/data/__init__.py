@@ -1,45 +1,11 @@
 """Datasets held in memory or streamed from image folders, and batched loading with augmentation."""
 
-from __future__ import annotations
-
-import inspect
-from collections.abc import Callable
-from pathlib import Path
-
 from .cifar10 import load_cifar10
 from .dataset import ArrayDataset
-from .imagefolder import PREFIX as IMAGEFOLDER_PREFIX
 from .imagefolder import FolderDataset, load_imagefolder
 from .loader import BatchLoader, Normalize, random_crop_flip
 from .root import DataRoot, DatasetNotFoundError, resolve_data_root
+from .spec import DATASETS, DataSpec, load_dataset
 
-# Named datasets for ``--data``; each loader takes (split, data_root, download, limit),
-# and ``input_shape`` when its signature has it. ``imagefolder:PATH`` is handled apart.
-DATASETS: dict[str, Callable[..., ArrayDataset]] = {"cifar10": load_cifar10}
-
-
-def load_dataset(name: str, split: str, data_root: str | Path | None = None,
-                 download: bool = False, limit: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> ArrayDataset | FolderDataset:
-    """Load split ``split`` of the dataset called ``name`` (see :data:`DATASETS`), or
-    of the image folder PATH when ``name`` is ``imagefolder:PATH`` (see
-    :mod:`.imagefolder`; PATH is absolute or relative to the current directory,
-    ``data_root`` and ``download`` do not apply). ``input_shape`` is the model's
-    (C, H, W), for datasets that resize their images to it."""
-    if name.startswith(IMAGEFOLDER_PREFIX):
-        path = name[len(IMAGEFOLDER_PREFIX):]
-        if not path:
-            raise ValueError(f"{name!r}: give the folder, as imagefolder:PATH")
-        return load_imagefolder(path, split, limit=limit, input_shape=input_shape)
-    try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}, "
-                         f"or {IMAGEFOLDER_PREFIX}PATH") from None
-    kwargs = {}
-    if input_shape is not None and "input_shape" in inspect.signature(loader).parameters:
-        kwargs["input_shape"] = input_shape
-    return loader(split, data_root=data_root, download=download, limit=limit, **kwargs)
-
-__all__ = ["ArrayDataset", "BatchLoader", "DATASETS", "DataRoot", "DatasetNotFoundError", "FolderDataset",
+__all__ = ["ArrayDataset", "BatchLoader", "DATASETS", "DataRoot", "DataSpec", "DatasetNotFoundError", "FolderDataset",
            "Normalize", "load_cifar10", "load_dataset", "load_imagefolder", "random_crop_flip", "resolve_data_root"]

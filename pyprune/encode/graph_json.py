@@ -42,7 +42,7 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-from .files import atomic_write
+from ..files import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
            "allow_method", "allow_module_type", "disallow_function", "disallow_method", "disallow_module_type",

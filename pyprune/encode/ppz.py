@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
 
 __all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
            "pack", "pack_bytes", "unpack", "unpack_bytes"]

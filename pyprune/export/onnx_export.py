@@ -34,7 +34,7 @@ import torch
 from onnxscript.optimizer import optimize_ir
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from .compact import REBUILDS_WEIGHT, CompactTensor, encode_codebooks, sparsify_initializers
 
 FORMS = ("dense", "compact")

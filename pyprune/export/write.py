@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..data import ArrayDataset
-from ..encode.files import atomic_write
+from ..files import atomic_write
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .verify import DEFAULT_ATOL, Verification, VerificationError, verify_onnx
 

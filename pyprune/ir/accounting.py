@@ -82,8 +82,10 @@ def _owned_tensors(gm: fx.GraphModule, node: fx.Node) -> tuple[str, list[torch.T
     """(owner key, tensors held, parameter count) of a call_module or get_attr node."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        params = list(module.parameters(recurse=False))
-        return node.target, [*params, *module.buffers(recurse=False)], sum(p.numel() for p in params)
+        # recursively: fx never calls a leaf's children, so what they hold is the leaf's
+        # (a user's --leaf-module holding convs, torch.nn.MultiheadAttention's out_proj)
+        params = list(module.parameters())
+        return node.target, [*params, *module.buffers()], sum(p.numel() for p in params)
     owner, _, attr = node.target.rpartition(".")
     value = getattr(gm.get_submodule(owner), attr)
     if not isinstance(value, torch.Tensor):

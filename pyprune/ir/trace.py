@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,17 +26,48 @@ class TraceError(RuntimeError):
         self.module_type = module_type
 
 
+@dataclass(frozen=True)
+class LeafMatcher:
+    """Which modules tracing keeps as one opaque call: instances of ``types``, and
+    modules whose class name, ``module:Class`` name or qualified path is in ``names``."""
+
+    types: tuple[type, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def __call__(self, m: nn.Module, path: str) -> bool:
+        cls = type(m)
+        return isinstance(m, self.types) or bool(self.names) and (
+            path in self.names or cls.__name__ in self.names or f"{cls.__module__}:{cls.__qualname__}" in self.names)
+
+
+def leaf_matcher(model: nn.Module, leaf_modules: Iterable[type | str]) -> LeafMatcher:
+    """A :class:`LeafMatcher` for ``leaf_modules`` (classes, or names as ``--leaf-module``
+    takes them); a name that matches no submodule of ``model`` is an error that lists
+    what there is, so a typo does not pass for a trace that kept everything."""
+    types = tuple(x for x in leaf_modules if isinstance(x, type))
+    names = tuple(dict.fromkeys(str(x).strip() for x in leaf_modules if not isinstance(x, type)))
+    matcher = LeafMatcher(types, names)
+    modules = list(model.named_modules())
+    for name in names:
+        if not name or not any(LeafMatcher((), (name,))(m, path) for path, m in modules):
+            classes = sorted({type(m).__name__ for _, m in modules[1:]})
+            raise ValueError(f"--leaf-module {name!r} names no submodule of {type(model).__name__}: give a class "
+                             f"(one of {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}), "
+                             "package.module:Class, or a submodule's qualified name (e.g. layer1.0)")
+    return matcher
+
+
 class _PathTracer(fx.Tracer):
     """A tracer that remembers which submodule it is inside, for error messages,
-    and treats extra module types as leaves."""
+    and treats the modules its matcher names as leaves."""
 
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+    def __init__(self, leaves: LeafMatcher) -> None:
         super().__init__()
-        self.leaf_types = leaf_types
+        self.leaves = leaves
         self.scope_stack: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        return self.leaves(m, module_qualified_name) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.scope_stack.append((self.path_of_module(m), type(m).__name__))
@@ -54,12 +86,15 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule``.
 
-    ``leaf_modules`` are module classes kept as opaque calls instead of being
-    traced through; later passes treat such calls as barriers."""
-    tracer = _PathTracer(tuple(leaf_modules))
+    ``leaf_modules`` are kept as opaque calls instead of being traced through:
+    module classes, or names as ``--leaf-module`` takes them (a class name,
+    ``package.module:Class``, or a submodule's qualified name). The channel analysis
+    treats such a call as a barrier; mask and quant still reach the Conv and Linear
+    layers inside it."""
+    tracer = _PathTracer(leaf_matcher(model, leaf_modules))
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... all mean the same here
@@ -71,8 +106,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
             + (f"  failing line: {frame}\n" if frame else "")
             + "Ways out:\n"
             f"  - mark it a leaf module, so it is kept as one opaque call "
-            f"(trace(model, leaf_modules=[{type_name}]), or --leaf-module MODULE:{type_name}); "
-            "no channel is pruned across a leaf;\n"
+            f"(--leaf-module {type_name}, or trace(model, leaf_modules=[{type_name}])); "
+            "no channel is pruned across a leaf, and only files that can describe its class can store it;\n"
             "  - or rewrite that piece without data-dependent Python control flow "
             "(if/for over tensor values, .item(), len() of a tensor, .size() used as a Python int).",
             path, type_name) from exc

@@ -27,6 +27,7 @@ from .densenet import DenseNet, densenet40, densenet_bc100
 
 from .torchvision_zoo import TORCHVISION_PREFIX, is_torchvision_arch, torchvision_models, torchvision_spec
 
+from .loaded import DEFAULT_INPUT_SHAPE, LoadedModel
 from .loading import (
     ModelLoadError,
     build_user_model,
@@ -66,6 +67,8 @@ __all__ = [
     "is_torchvision_arch",
     "torchvision_models",
     "torchvision_spec",
+    "DEFAULT_INPUT_SHAPE",
+    "LoadedModel",
     "ModelLoadError",
     "build_user_model",
     "load_pickled_module",

@@ -12,7 +12,6 @@ variable, ``os.pathsep``-separated), then the cache directory (default
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch.hub
 
+from ..files import sha256_file
 from .loading import ModelLoadError
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "pretrained_archs",
     "default_search_dirs",
     "default_cache_dir",
-    "sha256_file",
     "find_or_fetch_pretrained",
 ]
 
@@ -81,15 +80,6 @@ def default_cache_dir() -> Path:
     """``PYPRUNE_CACHE`` if set, else ``~/.cache/pyprune/models``."""
     value = os.environ.get("PYPRUNE_CACHE", "").strip()
     return Path(value).expanduser() if value else Path.home() / ".cache" / "pyprune" / "models"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_or_fetch_pretrained(

@@ -13,12 +13,12 @@ from .base import GraphPass, Knob, Option, Range, check_levels, constrains_train
 from .constraints import TrainHooks, codebook_layers, codebooks_of, constraint_hooks, read_codebooks
 from .layers import weight_layers
 from .pipeline import PassSpec, PipelineSyntaxError, build_pipeline, parse_pipeline
-from .registry import (PASSES, create_pass, describe_pass, describe_passes, pass_class, register_pass, registered,
-                       searchable_passes, unregister_pass)
+from .registry import (PASSES, create_pass, describe_pass, describe_passes, parse_levels, pass_class, register_pass,
+                       registered, searchable_passes, unregister_pass)
 
 __all__ = ["GraphPass", "Knob", "Option", "PASSES", "PassSpec", "PipelineSyntaxError", "Range", "TrainHooks",
            "build_pipeline", "check_levels", "codebook_layers", "codebooks_of", "constrains_training",
-           "constraint_hooks", "create_pass", "describe_pass", "describe_passes", "parse_pipeline", "pass_class",
+           "constraint_hooks", "create_pass", "describe_pass", "describe_passes", "parse_levels", "parse_pipeline", "pass_class",
            "read_codebooks", "register_pass", "registered", "searchable_passes", "shares_weights",
            "unregister_pass", "weight_layers"]
 

@@ -29,15 +29,31 @@ def parse_include(include: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def weight_layers(gm: fx.GraphModule, include: str | Iterable[str] = "conv,linear") -> list[str]:
-    """Names of the Conv/Linear modules the graph calls, in graph order, each once."""
+    """Names of the Conv/Linear modules the graph calls, in graph order, each once,
+    including those inside a user's leaf module (``--leaf-module``: one opaque call
+    whose layers fx does not list, but whose weights are still there to prune)."""
     types = tuple(t for k in parse_include(include) for t in KINDS[k])
+
+    def is_layer(m: nn.Module) -> bool:
+        return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
+
     names: list[str] = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in names:
-            m = gm.get_submodule(node.target)
-            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
-                names.append(node.target)
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        inside = [] if is_layer(m) or not is_user_leaf(m) else \
+            [f"{node.target}.{path}" for path, sub in m.named_modules() if path and is_layer(sub)]
+        for name in ([node.target] if is_layer(m) else inside):
+            if name not in names:
+                names.append(name)
     return names
+
+
+def is_user_leaf(m: nn.Module) -> bool:
+    """A module fx kept whole although torch.nn did not define it: a leaf the user
+    asked for (fx's own leaves are torch.nn's modules)."""
+    return not type(m).__module__.startswith("torch.nn")
 
 
 def present_layers(model: nn.Module, names: Iterable[str]) -> list[str]:

@@ -81,7 +81,7 @@ def _layer_record(weight: torch.Tensor, asked: float, how: str) -> dict[str, Any
 
 @register_pass
 class MaskPass(GraphPass):
-    """magnitude pruning: zero the smallest |w| of conv/linear weights (deep compression, step 1)"""
+    """zero the smallest |w| of conv and linear weights (magnitude pruning; deep compression, step 1)"""
 
     name = "mask"
     changes_outputs = True

@@ -173,7 +173,7 @@ def _layer_seed(seed: int, name: str) -> int:
 
 @register_pass
 class QuantPass(GraphPass):
-    """weight sharing: per-layer 1-D k-means on the non-zero weights, 2**bits codes (deep compression, step 2)"""
+    """tie each layer's non-zero weights to 2**bits shared values by 1-D k-means (deep compression, step 2)"""
 
     name = "quant"
     changes_outputs = True

@@ -64,6 +64,23 @@ def searchable_passes() -> list[str]:
     return [name for name, cls in PASSES.items() if cls.knob is not None]
 
 
+def parse_levels(name: str, text: str) -> tuple[Any, ...]:
+    """``"0.1,0.2"`` as the values of pass ``name``'s knob option (ints for an int
+    option), for ``--levels NAME=V,V``; ranges are checked where the stage is made."""
+    cls = pass_class(name)
+    if cls.knob is None:
+        raise ValueError(f"pass {name!r} has no search knob; passes with one: {', '.join(searchable_passes())}")
+    kinds = cls.option(cls.knob.option).kinds
+    kind = int if kinds == (int,) else float
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name} levels: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{name} levels: expected at least one value")
+    return values
+
+
 def describe_pass(cls: type[GraphPass]) -> dict[str, Any]:
     """Everything the table says about one pass, as JSON-able data."""
     doc = (cls.__doc__ or "").strip().splitlines()

@@ -283,7 +283,7 @@ def _example_from_meta(gm: fx.GraphModule) -> torch.Tensor:
 
 @register_pass
 class Slim(GraphPass):
-    """network slimming: remove the channel groups with the smallest BatchNorm |gamma|"""
+    """remove the channel groups with the smallest BatchNorm |gamma| (network slimming)"""
 
     name = "slim"
     changes_outputs = True

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..api import LoadedModel, load_model
-from ..encode import is_graph_file
-from ..encode.ppz import is_ppz
+from ..encode.saved import is_saved_model, load_saved_model
+from ..files import sha256_file
+from ..models import LoadedModel
 from .build import build_runtime, plan_cache_entry
-from .cache import CacheKey, cpu_model, default_cache_dir, file_sha256, read_entry, write_entry
+from .cache import CacheKey, cpu_model, default_cache_dir, read_entry, write_entry
 from .kernels import backend
 
 
@@ -28,14 +28,14 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
     stored there. ``use_cache=False`` always measures and stores nothing.
 
     Raises ``ValueError`` for a file that is not a saved pyprune model."""
-    if not (Path(path).is_file() and (is_ppz(path) or is_graph_file(path))):
+    if not is_saved_model(path):
         raise ValueError(f"{path} is not a saved pyprune model: the runtime loads a .ppz container or a graph "
                          "file written by `pyprune opt -o` or `pyprune compile`")
-    model = load_model(str(path))
+    model = load_saved_model(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cached = None
     if runtime == "auto" and use_cache:
-        key = CacheKey(file_sha256(path), batch_size, torch.get_num_threads(), cpu_model(), backend())
+        key = CacheKey(sha256_file(path), batch_size, torch.get_num_threads(), cpu_model(), backend())
         cached = read_entry(cache, key)
     module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached)
     if key is not None:

@@ -6,8 +6,9 @@ which order, so that the model still meets an accuracy target.
 * :mod:`.candidates`: stages, states (models reached by accepted steps) and candidates;
 * :mod:`.journal`: the candidate cache, on disk for ``--resume``;
 * :mod:`.evaluator`: screening, fine-tuning and sizing a candidate;
-* :mod:`.heuristic` and :mod:`.grid`: the two searches;
-* :mod:`.report`: ``report.json``, ``report.md`` and ``pareto.png``.
+* :mod:`.heuristic` and :mod:`.grid`: the two searches.
+
+What a search found is reported by :mod:`pyprune.compile.report`.
 """
 
 from .boundary import last_passing

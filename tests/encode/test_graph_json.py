@@ -316,7 +316,7 @@ def test_overwrite_needs_force(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained_resnet20(models_dir, tmp_path_factory):
-    weights = next(models_dir.glob("resnet20-*.th"))
+    weights = models_dir / "resnet20-12fca82f.th"
     path = tmp_path_factory.mktemp("graph") / "resnet20-slim.pgraph"
     save_model(load_model(arch="resnet20", weights=str(weights)), path, provenance=["none"])
     return path, weights

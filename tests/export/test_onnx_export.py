@@ -170,7 +170,7 @@ def test_pretrained_resnet20_on_cifar_images(data_root, models_dir):
     both forms verify and give PyTorch's top-1 on every image."""
     from pyprune.data import load_dataset
 
-    model = load_model(arch="resnet20", weights=str(next(models_dir.glob("resnet20-*.th"))))
+    model = load_model(arch="resnet20", weights=str(models_dir / "resnet20-12fca82f.th"))
     gm, _ = compressed(model, "mask(sparsity=0.5),quant(bits=5)")
     x, description = verification_inputs(load_dataset("cifar10", "val", data_root=data_root, limit=64), 64,
                                           model.mean, model.std)

@@ -48,6 +48,7 @@ def test_trace_failure_names_module_line_and_ways_out():
     assert "'block.1' (DataDependent)" in message
     assert "if x.sum() > 0" in message  # the failing line of user code
     assert "leaf module" in message and "rewrite" in message
+    assert "--leaf-module DataDependent" in message  # a flag that exists
 
 
 def test_leaf_module_is_the_way_out():
@@ -65,3 +66,42 @@ def test_shape_propagation_keeps_training_mode_and_bn_stats():
     before = gm.bn1.running_mean.clone()
     propagate_shapes(gm, torch.randn(4, 3, 32, 32) * 5)
     assert gm.training and torch.equal(gm.bn1.running_mean, before)
+
+
+class GatedConv(nn.Module):
+    """A conv whose output goes through data-dependent Python control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.mean() > -1e9 else -y
+
+
+class LeafNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.gated = GatedConv()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.gated(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("name", ["GatedConv", "gated", f"{__name__}:GatedConv"])
+def test_leaf_modules_by_class_name_path_or_qualified_class(name):
+    model = LeafNet().eval()
+    gm = trace(model, leaf_modules=[name])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv1", "bn1", "gated", "fc"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_leaf_module_name_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match="'Gated' names no submodule of LeafNet.*GatedConv"):
+        trace(LeafNet(), leaf_modules=["Gated"])

@@ -219,3 +219,22 @@ def test_pipeline_runs_in_the_pass_manager():
                          check_numerics=True).run(gm)
     assert [s.name for s in result.stats] == ["input", "mask"]
     assert result.stats[1].record["achieved"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_mask_and_quant_reach_the_layers_inside_a_leaf_module():
+    """A leaf module (--leaf-module) is one opaque call to fx and a barrier to the
+    channel analysis, but its Conv and Linear weights are still pruned and shared."""
+    from pyprune.analysis import analyze_channels
+    from pyprune.ir import propagate_shapes
+
+    from ..ir.test_trace import LeafNet
+
+    gm = propagate_shapes(trace(LeafNet(), leaf_modules=["GatedConv"]), torch.randn(2, 3, 8, 8))
+    assert weight_layers(gm) == ["conv1", "gated.conv", "fc"]
+    inner = gm.gated.conv.weight
+    create_pass("mask", sparsity=0.5, scope="layer")(gm)
+    assert int((inner == 0).sum()) == round(0.5 * inner.numel())
+    create_pass("quant", bits=2)(gm)
+    assert torch.unique(inner[inner != 0]).numel() <= 4 and int((inner == 0).sum()) == round(0.5 * inner.numel())
+    bn_group = analyze_channels(gm).group_of("bn1", 0)
+    assert not bn_group.prunable and "barrier 'gated' (GatedConv)" in bn_group.reason

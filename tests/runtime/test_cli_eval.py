@@ -2,6 +2,7 @@
 
 import pytest
 
+from pyprune.data import DataSpec
 from pyprune.api import evaluate_model, load_model
 
 from ..test_cli import last_json, run_cli
@@ -9,7 +10,7 @@ from ..test_cli import last_json, run_cli
 
 def test_every_runtime_predicts_the_same_on_every_image(compressed_ppz, capsys, data_root, tmp_path):
     _, path = compressed_ppz("resnet20")
-    want = evaluate_model(load_model(str(path)), data_root=data_root, limit=300, progress=False)
+    want = evaluate_model(load_model(str(path)), data=DataSpec(root=data_root), limit=300, progress=False)
     assert want.predictions.shape == (300,)
     for runtime in ("dense", "sparse", "auto"):
         predictions = tmp_path / f"{runtime}.txt"
@@ -38,7 +39,7 @@ def test_runtime_needs_a_saved_model(capsys, argv):
 
 
 def test_runtime_of_a_checkpoint_is_a_clear_error(capsys, models_dir):
-    code, _, err = run_cli(capsys, "eval", next(models_dir.glob("resnet20-*.th")), "--runtime", "auto")
+    code, _, err = run_cli(capsys, "eval", models_dir / "resnet20-12fca82f.th", "--runtime", "auto")
     assert code == 2 and "not a saved pyprune model" in err
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pyprune.runtime import build, load_runtime
-from pyprune.runtime.cache import CacheKey, cpu_model, file_sha256, read_entry
+from pyprune.files import sha256_file as file_sha256
+from pyprune.runtime.cache import CacheKey, cpu_model, read_entry
 
 
 @pytest.fixture

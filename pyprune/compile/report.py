@@ -1,18 +1,69 @@
-"""The compile's outputs besides the model: ``report.json`` (everything),
-``report.md`` (a readable summary) and ``pareto.png`` (size against accuracy)."""
+"""The compile's report: assembled once as one dict (:func:`build_report`), then
+rendered as ``report.json`` (everything), ``report.md`` (a readable summary) and
+``pareto.png`` (size against accuracy)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
-from ..encode.files import atomic_write
-from ..passes.mask import weight_layers
+from ..version import __version__
+from ..files import atomic_write
+from ..passes import weight_layers
+from ..search import Candidate, Evaluator, SearchOutcome, State
+from .final import fp32_bytes
+
+if TYPE_CHECKING:
+    from .config import CompileConfig
+    from .final import FinalModel
+
+
+def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutcome, final: "FinalModel",
+                 onnx: dict[str, Any], config: "CompileConfig", test_set: Any, target: float,
+                 settings: dict[str, Any], search_seconds: float, elapsed: float, processes: int) -> dict[str, Any]:
+    """Everything a compile found, in the order ``report.json`` lists it."""
+    chosen = final.state
+    met = final.met_target
+    original = fp32_bytes(base.gm)
+    candidates = [c.to_dict() for c in ev.journal]
+    measured = [c for c in candidates if c["stage"] != "baseline"]
+    report = {
+        "pyprune": __version__, "model": ev.meta["arch"],
+        "settings": {**settings, "budget_minutes": config.budget_minutes},
+        "target": {**config.target.to_dict(), "accuracy": target},
+        "data": {"name": config.data.name, "val_from": config.val_from, "val_split": ev.data.val.name,
+                 "val_n": len(ev.data.val), "screen_n": len(ev.data.screen), "test_split": test_set.name,
+                 "test_n": len(test_set), "train_n": len(ev.data.train)},
+        "baseline": {"val_accuracy": baseline.accuracy, "test_accuracy": final.baseline_test_accuracy,
+                     "params": baseline.params, "fp32_bytes": original, "ppz_bytes": baseline.size_bytes},
+        "chosen": {"pipeline": chosen.pipeline if met else "", "key": chosen.key, "met_target": met,
+                   "val_accuracy": final.val_accuracy, "search_val_accuracy": chosen.candidate.accuracy if met else
+                   baseline.accuracy, "test_accuracy": final.test_accuracy,
+                   "params": sum(p.numel() for p in chosen.gm.parameters()), "file_bytes": final.file_bytes,
+                   "fp32_bytes": original, "compression": original / final.file_bytes},
+        "search": {
+            "kind": config.search, "order": list(outcome.order),
+            "candidates": len(measured),
+            "screened": sum(c["phase"] == "screen" for c in measured),
+            "finetuned": sum(c["phase"] == "finetune" for c in measured),
+            "validated": sum(c["phase"] == "val" for c in measured),
+            "failed": sum(c["status"] != "ok" for c in measured),
+            "cache_hits": ev.journal.hits, "seconds": search_seconds,
+            "budget_minutes": config.budget_minutes, "budget_exhausted": outcome.budget_exhausted,
+            "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
+        },
+        "onnx": onnx,
+        "layers": layer_table(base.gm, chosen.gm, final.inspection, set(chosen.codebook_layers())),
+        "candidates": candidates,
+    }
+    report["total_seconds"] = elapsed
+    report["processes"] = processes
+    return report
 
 
 def layer_table(base: fx.GraphModule, final: fx.GraphModule, inspection: dict[str, Any],

@@ -1,8 +1,10 @@
-"""Writing output files safely: never over an existing file unless asked, and
-atomically, so an interrupted write never leaves half a file behind."""
+"""File helpers every layer uses: writing output files safely (never over an
+existing file unless asked, and atomically, so an interrupted write never leaves
+half a file behind) and hashing a file's bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -33,3 +35,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], for
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,103 @@
+"""What a compile is asked to do: :class:`CompileConfig`, checked before any work,
+and its fingerprint, which a resumed compile must match."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data import DataSpec
+from ..models import LoadedModel
+from ..passes import pass_class
+from ..search import Stage, Target, make_stages
+from ..train import TrainConfig
+
+# The paper's order: structured slimming first, then deep compression's pruning and sharing.
+DEFAULT_ORDER = ("slim", "mask", "quant")
+# --val-from: (the split the search validates on, the split the final model is tested on)
+VAL_FROM = {"train": ("val", "test"), "test": ("test-search", "test-report")}
+SEARCHES = ("heuristic", "grid")
+
+
+@dataclass
+class CompileConfig:
+    target: Target
+    output: Path
+    search: str = "heuristic"  # or "grid"
+    order: tuple[str, ...] = DEFAULT_ORDER
+    explore_order: bool = False
+    levels: dict[str, tuple[float | int, ...]] = field(default_factory=dict)
+    finetune_epochs: float = 0.1
+    slim_l1: float = 0.0
+    l1_epochs: float = 1.0
+    budget_minutes: float | None = None
+    val_from: str = "train"
+    val_limit: int | None = 2500
+    screen_limit: int = 1000
+    test_limit: int | None = None
+    train_limit: int | None = None
+    recal_images: int = 1024
+    margin: float = 0.1
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
+    data: DataSpec | str = "cifar10"
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+    onnx_verify: int = 256
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        self.data = DataSpec.of(self.data)
+        if self.search not in SEARCHES:
+            raise ValueError(f"--search must be heuristic or grid, got {self.search!r}")
+        if self.val_from not in VAL_FROM:
+            raise ValueError(f"--val-from must be train or test, got {self.val_from!r}")
+        for flag, value in (("--finetune-epochs", self.finetune_epochs), ("--slim-l1", self.slim_l1),
+                            ("--recover-margin", self.margin)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--val-limit", self.val_limit), ("--screen-limit", self.screen_limit),
+                            ("--test-limit", self.test_limit), ("--train-limit", self.train_limit),
+                            ("--recal-images", self.recal_images)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if self.onnx_verify < 0:
+            raise ValueError(f"--onnx-verify must be >= 0, got {self.onnx_verify}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ValueError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if self.slim_l1 > 0 and self.l1_epochs <= 0:
+            raise ValueError("--slim-l1 needs --l1-epochs > 0")
+        self.stages = make_stages(tuple(self.order), self.levels)  # validates order and levels
+        if self.slim_l1 > 0 and self.sparsity_trained_stage() is None:
+            raise ValueError("--slim-l1 schedules sparsity training for a stage that gains from it (network "
+                             "slimming), but --order has no such stage")
+        if self.search == "grid" and (self.explore_order or self.slim_l1 > 0):
+            raise ValueError("--explore-order and --slim-l1 belong to the heuristic search, not to --search grid")
+
+    @property
+    def splits(self) -> tuple[str, str]:
+        """(validation split, test split)."""
+        return VAL_FROM[self.val_from]
+
+    def sparsity_trained_stage(self) -> Stage | None:
+        """The stage whose pass gains from network slimming's sparsity training, if any."""
+        return next((s for s in self.stages if pass_class(s.name).gains_from_sparsity_training), None)
+
+    def fingerprint(self, model: LoadedModel) -> dict[str, Any]:
+        """The settings that decide the search's results (a resume must match)."""
+        digest = hashlib.sha256()
+        for k, v in sorted(model.module.state_dict().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        t = self.train
+        return {"model": model.name, "weights": digest.hexdigest()[:16], "target": self.target.to_dict(),
+                "search": self.search, "order": list(self.order), "explore_order": self.explore_order,
+                "levels": {s.name: list(s.levels) for s in self.stages}, "finetune_epochs": self.finetune_epochs,
+                "slim_l1": self.slim_l1, "l1_epochs": self.l1_epochs, "val_from": self.val_from,
+                "val_limit": self.val_limit, "screen_limit": self.screen_limit, "train_limit": self.train_limit,
+                "recal_images": self.recal_images, "margin": self.margin, "data": self.data.name,
+                "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed,
+                # only when off, so that journals written before the switch existed still resume
+                **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

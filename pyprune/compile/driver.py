@@ -1,0 +1,172 @@
+"""The compile driver: checks, baseline and target, search, then the outputs.
+
+Order of work, so that bad input costs nothing and leaves nothing behind:
+check the settings and the output folder, trace the model, load the data,
+measure the baseline and resolve the target (refusing a baseline below an
+absolute target), and only then create ``out/``. The search keeps its journal
+and fine-tuned weights in ``out/.compile-state/`` (what ``--resume`` reads);
+the outputs are written at the end, each atomically, ``report.json`` last, and
+the state folder is removed once they are all in place. ``model.onnx`` (the
+compact ONNX form, verified in onnxruntime on the first ``onnx_verify`` validation
+images) is written from the decoded ``model.ppz``; when it cannot be exported or
+does not verify, every other output is still written, the report says why, and
+the exit code is 3.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from ..data import ArrayDataset
+from ..ir import example_input, propagate_shapes, trace
+from ..models import LoadedModel
+from ..search import (Budget, Candidate, EvalSettings, Evaluator, GridSearch, HeuristicSearch, Journal, SearchData,
+                      SearchOutcome, Stage, State, explore_orders, last_passing)
+from ..search.progress import Progress
+from ..train import TrainConfig
+from .config import CompileConfig
+from .final import write_final
+from .outputs import STATE_DIR, check_output, clear_outputs, remove_state, write_compact_onnx, write_reports
+from .report import build_report
+
+EXIT_ONNX_FAILED = 3
+
+
+@dataclass
+class CompileResult:
+    report: dict[str, Any]
+    output: Path
+    exit_code: int = 0
+
+
+def _load_data(config: CompileConfig, model: LoadedModel) -> tuple[SearchData, ArrayDataset]:
+    val_split, test_split = config.splits
+
+    def get(split: str, limit: int | None) -> ArrayDataset:
+        return config.data.load(split, limit, input_shape=model.input_shape)
+
+    val = get(val_split, config.val_limit)
+    data = SearchData(get("train", config.train_limit), val, val.subset(slice(0, config.screen_limit)),
+                      model.mean, model.std, model.input_shape)
+    return data, get(test_split, config.test_limit)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str], None] = print,
+                  warn: Callable[[str], None] = _warn) -> CompileResult:
+    """Search for the smallest model that meets ``config.target``; write
+    ``model.ppz``, ``report.json``, ``report.md`` and ``pareto.png`` into
+    ``config.output``. See the module docstring for the order of work."""
+    started = time.perf_counter()
+    check_output(config.output, config.resume, config.force)
+    gm = propagate_shapes(trace(model.module, leaf_modules=model.leaf_modules), example_input(model.input_shape))
+    data, test_set = _load_data(config, model)
+    meta = model.meta()
+    main = distributed.is_main()  # under torchrun, only rank 0 writes and talks
+    progress = Progress(config.quiet or not main)
+    train = TrainConfig(**{**vars(config.train), "progress": not config.quiet and main})
+    settings = EvalSettings(config.finetune_epochs, train, config.recal_images)
+    # The baseline is measured before out/ exists (the target may refuse it), so into a
+    # journal in memory; the evaluator moves to the real one once the target is known.
+    scratch = Journal()
+    ev = Evaluator(data, settings, float("-inf"), scratch, Budget(config.budget_minutes, scratch), progress, meta,
+                   search=config.search)
+    base = State(gm)
+    try:
+        baseline = ev.baseline(base)
+        base.candidate, base.val_accuracy = baseline, baseline.accuracy
+        target = config.target.resolve(baseline.accuracy, data.val.name)  # may refuse: nothing written yet
+        baseline.meets = True  # by definition of a target it resolved
+        progress.say(f"baseline {baseline.accuracy:.4f} on {data.val.name} ({len(data.val)} images); "
+                     f"target {target:.4f} ({config.target.describe()})")
+
+        if config.force and config.output.exists() and main:
+            clear_outputs(config.output)
+        distributed.barrier()
+        settings_used = config.fingerprint(model)
+        journal = Journal(config.output / STATE_DIR, settings_used, resume=config.resume)
+        distributed.barrier()  # every process has read the journal before rank 0 appends to it
+        ev.begin(target, journal, baseline)
+        outcome = _search(ev, base, config)
+        report = _finish(ev, base, baseline, outcome, config, test_set, target, meta, settings_used, started)
+    finally:
+        progress.close()
+    chosen = report["chosen"]
+    onnx = report["onnx"]
+    if not main:
+        return CompileResult(report, config.output, EXIT_ONNX_FAILED if onnx.get("error") else 0)
+    remove_state(config.output)
+    if onnx.get("error"):
+        warn(f"error: {config.output / 'model.onnx'} was not written: {onnx['error']}")
+    if not chosen["met_target"]:
+        warn(f"warning: no compressed candidate met the target {target:.4f} within the budget; "
+            f"{config.output / 'model.ppz'} holds the baseline, packed losslessly")
+    if not config.quiet:
+        log(f"chose {chosen['pipeline'] or 'the baseline'}: val {chosen['val_accuracy']:.4f}, test "
+            f"{chosen['test_accuracy']:.4f}, {chosen['file_bytes']:,} bytes ({chosen['compression']:.2f}x "
+            f"smaller than fp32); {report['search']['candidates']} candidates in {report['search']['seconds']:.0f}s; "
+            f"wrote {config.output}/")
+    return CompileResult(report, config.output, EXIT_ONNX_FAILED if onnx.get("error") else 0)
+
+
+def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
+    stages = list(config.stages)
+    if config.search == "grid":
+        return GridSearch(ev, stages).run(base)
+    start, l1_record = base, None
+    if config.slim_l1 > 0:
+        start, l1_record = _decide_l1(ev, base, config, config.sparsity_trained_stage())
+    orders = None
+    if config.explore_order and len(stages) > 1:
+        stages, orders = explore_orders(ev, start, stages, config.margin)
+        ev.progress.say(f"order chosen on the screen-only proxy: {' -> '.join(s.name for s in stages)}")
+    outcome = HeuristicSearch(ev, stages, config.margin).run(start)
+    outcome.l1, outcome.orders = l1_record, orders
+    return outcome
+
+
+def _decide_l1(ev: Evaluator, base: State, config: CompileConfig, stage: Stage) -> tuple[State, dict[str, Any]]:
+    """Sparsity-train a copy, then keep it only if it lets ``stage`` (slimming) go
+    further on the screen (the cheap proxy): network slimming's premise, checked
+    per model."""
+    candidate, trained = ev.sparsity_train(base, config.slim_l1, config.l1_epochs)
+    record = {"strength": config.slim_l1, "epochs": config.l1_epochs, "val_accuracy": candidate.accuracy,
+              "status": candidate.status, "boundary_without": None, "boundary_with": None, "paid_off": False}
+    if trained is None:
+        return base, record
+
+    def boundary(state: State) -> int:
+        return last_passing(lambda i: ev.screen_meets(state, stage, stage.levels[i]), -1, len(stage.levels))
+
+    without, with_l1 = boundary(base), boundary(trained)
+    level = lambda i: stage.levels[i] if i >= 0 else 0.0
+    record.update(boundary_without=level(without), boundary_with=level(with_l1), paid_off=with_l1 > without)
+    ev.progress.say(f"sparsity training: {stage.name} boundary {level(with_l1)} with L1 vs {level(without)} without: "
+                    f"{'used' if with_l1 > without else 'not used'}")
+    return (trained if with_l1 > without else base), record
+
+
+def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutcome, config: CompileConfig,
+            test_set: ArrayDataset, target: float, meta: dict[str, Any], settings: dict[str, Any],
+            started: float) -> dict[str, Any]:
+    out = config.output
+    search_seconds = ev.budget.spent()
+    final = write_final(ev, base, outcome, test_set, out, target, meta)
+    onnx = write_compact_onnx(final.decoded, out, ev.data.val, meta, config.onnx_verify) \
+        if distributed.is_main() else None
+    onnx = distributed.broadcast_object(onnx)
+    report = build_report(ev, base, baseline, outcome, final, onnx, config, test_set, target, settings,
+                          search_seconds, time.perf_counter() - started + ev.journal.replayed_seconds,
+                          distributed.current().world)
+    if distributed.is_main():
+        write_reports(report, out)
+    return report

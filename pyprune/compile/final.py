@@ -1,0 +1,59 @@
+"""The chosen model, written and then measured as written: ``model.ppz`` is
+packed, decoded again, and the decoded model is what the report's accuracies
+and sizes describe, so the report cannot speak of a model the file does not hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .. import distributed
+from ..data import ArrayDataset
+from ..encode import graph_state_dict, inspect, load_ppz, save_ppz
+from ..passes import read_codebooks
+from ..search import Evaluator, SearchOutcome, State
+from ..train import evaluate
+
+
+@dataclass
+class FinalModel:
+    state: State  # what was chosen: the baseline when nothing met the target
+    met_target: bool
+    decoded: fx.GraphModule  # model.ppz, read back
+    path: Path
+    file_bytes: int
+    val_accuracy: float
+    test_accuracy: float
+    baseline_test_accuracy: float
+    inspection: dict[str, Any]  # model.ppz's per-tensor storage (pyprune inspect)
+
+
+def fp32_bytes(gm: torch.nn.Module) -> int:
+    """Bytes of the model's floating-point state as float32: the uncompressed size."""
+    return 4 * sum(t.numel() for t in graph_state_dict(gm).values() if t.is_floating_point())
+
+
+def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: ArrayDataset, out: Path,
+                target: float, meta: dict[str, Any]) -> FinalModel:
+    """Write ``out/model.ppz`` (rank 0) and measure it: val and test accuracy of the
+    decoded file, and the baseline's test accuracy for comparison."""
+    final = outcome.final
+    met = final is not base and final.candidate is not None and final.candidate.meets
+    if not met:
+        final = base
+    books = read_codebooks(final.gm, final.codebook_layers())
+    file_meta = {**meta, "provenance": [{"compile": final.pipeline, "target": target}]}
+    path = out / "model.ppz"
+    if distributed.is_main():
+        save_ppz(final.gm, path, file_meta, books, force=True)
+    distributed.barrier()
+    decoded, _ = load_ppz(path)  # measure what was written, not what is in memory
+    mean, std = ev.data.mean, ev.data.std
+    val_acc = evaluate(decoded, ev.data.val, mean, std, progress=False).accuracy
+    test_acc = evaluate(decoded, test_set, mean, std, progress=False).accuracy
+    base_test = evaluate(base.gm, test_set, mean, std, progress=False).accuracy
+    return FinalModel(final, met, decoded, path, path.stat().st_size, val_acc, test_acc, base_test, inspect(path))

@@ -1,0 +1,44 @@
+"""A model together with what it takes to feed it: the type every layer above the
+zoo passes around (the CLI, the API, compile, the runtime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .registry import DEFAULT_MEAN, DEFAULT_STD, ModelSpec
+
+DEFAULT_INPUT_SHAPE = (3, 32, 32)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its normalisation and input shape."""
+
+    module: nn.Module
+    name: str
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
+    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
+    # modules tracing keeps as one opaque call (--leaf-module): class or submodule names
+    leaf_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, module: nn.Module, spec: ModelSpec | None, name: str) -> "LoadedModel":
+        if spec is None:
+            return cls(module, name)
+        return cls(module, spec.name, tuple(spec.mean), tuple(spec.std), tuple(spec.input_shape))
+
+    @classmethod
+    def from_meta(cls, module: nn.Module, meta: dict[str, Any], fallback_name: str) -> "LoadedModel":
+        """The model a saved file describes with :meth:`meta`."""
+        return cls(module, str(meta.get("arch") or fallback_name), tuple(meta.get("mean", DEFAULT_MEAN)),
+                   tuple(meta.get("std", DEFAULT_STD)), tuple(meta.get("input_shape", DEFAULT_INPUT_SHAPE)))
+
+    def meta(self) -> dict[str, Any]:
+        """What a saved file (``.ppz``, graph file, ONNX metadata) records about the
+        model besides its graph and weights."""
+        return {"arch": self.name, "mean": list(self.mean), "std": list(self.std),
+                "input_shape": list(self.input_shape)}
