@@ -14,7 +14,7 @@ layer over it. The layers only import downwards; ``pyproject.toml`` states them
 # link against libtorch without an rpath, find its libraries already in the process.
 import torch  # noqa: F401
 
-from .version import __version__  # noqa: E402
+from .version import __version__  # noqa: E402, F401  (pyprune.__version__)
 
 # Registers every op's channel handler, allowlist entry and MAC rule (pyprune.ops):
 # those registries start empty, and this runs before any pyprune submodule can be
