@@ -34,6 +34,7 @@ from .export import (DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPS
                      VerificationError, check_export_settings, verification_inputs, write_onnx)
 from .files import atomic_write
 from .ir import LayerStats, TraceError, Totals, example_input, layer_stats, propagate_shapes, totals, trace
+from .ir.trace import leaf_matcher
 from .models import LoadedModel, ModelLoadError, available_models, find_or_fetch_pretrained, get_spec, resolve_model
 from .opt import OptConfig, OptResult, optimize
 from .passes import describe_passes, parse_levels, searchable_passes
@@ -93,8 +94,6 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
 def resolve_leaf_modules(module: torch.nn.Module, names: Sequence[str]) -> tuple[str, ...]:
     """``names`` checked against ``module``: each must name a class of one of its
     submodules (``Block`` or ``package.module:Block``) or a submodule itself."""
-    from .ir.trace import leaf_matcher
-
     return leaf_matcher(module, names).names
 
 
