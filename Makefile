@@ -74,7 +74,7 @@ asan: install
 	cd $(ASAN_DIR) && PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 		$(abspath $(PY)) -m pytest -p no:cacheprovider -s -m "" \
-		tests/encode/test_ppz_fuzz.py tests/encode/test_ppz.py tests/encode/test_huffman.py
+		tests/encode/test_ppz_fuzz.py tests/encode/test_ppz_v2.py tests/encode/test_ppz.py tests/encode/test_huffman.py
 
 clean:
 	rm -rf build *.egg-info pyprune/*.so

@@ -94,6 +94,7 @@ ext_modules = [
         # No -std: torch adds -std=c++20, which its headers require (they reject C++17).
         extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]},
         extra_link_args=["-fopenmp"],
+        libraries=["z"],  # zlib: the .ppz head (docs/format.md, version 2)
     )
 ]
 

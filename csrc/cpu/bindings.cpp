@@ -175,7 +175,7 @@ py::tuple ppz_encode_section(const std::string& name, int dtype, const std::vect
   return py::make_tuple(to_bytes(s.bytes), s.encoding, s.gap_bits);
 }
 
-py::bytes ppz_assemble(const py::object& manifest, const py::list& sections) {
+py::bytes ppz_assemble(const py::object& manifest, const py::list& sections, uint32_t version) {
   ByteView m(manifest);
   std::vector<std::vector<uint8_t>> owned;
   owned.reserve(sections.size());
@@ -188,7 +188,7 @@ py::bytes ppz_assemble(const py::object& manifest, const py::list& sections) {
   std::vector<uint8_t> out;
   {
     py::gil_scoped_release nogil;
-    out = ppz::assemble_file(m.data(), m.size(), ptrs);
+    out = ppz::assemble_file(m.data(), m.size(), ptrs, version);
   }
   return to_bytes(out);
 }
@@ -197,6 +197,16 @@ py::list shape_list(const std::vector<uint64_t>& shape) {
   py::list l;
   for (uint64_t d : shape) l.append(d);
   return l;
+}
+
+// Where the file keeps what is not a section: its version, the manifest, the table.
+py::dict layout_dict(const ppz::FileView& v) {
+  py::dict d;
+  d["version"] = v.version;
+  d["manifest_bytes"] = v.manifest_size;  // the manifest's JSON (decompressed in version 2)
+  d["head_bytes"] = v.head_stored;        // version 2: the compressed head, its size field and CRC32
+  d["table_bytes"] = v.table_bytes;       // the directory (v1) or the head's table (v2, decompressed)
+  return d;
 }
 
 py::tuple ppz_decode(const py::object& data, int threads, int64_t max_bytes) {
@@ -223,7 +233,8 @@ py::tuple ppz_decode(const py::object& data, int threads, int64_t max_bytes) {
     const auto& s = v.sections[i];
     tensors.append(py::make_tuple(py::bytes(s.name), s.dtype, shape_list(s.shape), s.encoding, outs[i]));
   }
-  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), tensors);
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), tensors,
+                        layout_dict(v));
 }
 
 py::dict stream_dict(const ppz::StreamStats& st) {
@@ -279,7 +290,8 @@ py::tuple ppz_inspect(const py::object& data, int threads) {
     d["codes"] = st.codes.present ? py::object(stream_dict(st.codes)) : py::none();
     out.append(d);
   }
-  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), v.file_bytes, out);
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), v.file_bytes, out,
+                        layout_dict(v));
 }
 
 uint32_t ppz_crc32(const py::object& data, uint32_t crc) {
@@ -320,12 +332,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("data"), py::arg("codebook"), py::arg("gap_bits"), py::arg("encoding") = -1,
         py::arg("chunk_symbols") = huff::kDefaultChunkSymbols,
         "Encode one tensor as a .ppz section: (bytes, encoding code, gap bits).");
+  m.attr("PPZ_MIN_VERSION") = ppz::kMinVersion;
   m.def("ppz_assemble", &ppz_assemble, py::arg("manifest"), py::arg("sections"),
-        "Join the manifest (bytes) and the sections into a .ppz file (bytes).");
+        py::arg("version") = ppz::kVersion,
+        "Join the manifest (bytes) and the sections into a .ppz file (bytes) of the given version (1 or 2).");
   m.def("ppz_decode", &ppz_decode, py::arg("data"), py::arg("threads") = -1, py::arg("max_bytes") = -1,
-        "Decode a .ppz file: (manifest bytes, [(name bytes, dtype code, shape, encoding code, uint8 tensor)]).");
+        "Decode a .ppz file: (manifest bytes, [(name bytes, dtype code, shape, encoding code, uint8 tensor)], "
+        "layout dict: version, manifest_bytes, head_bytes, table_bytes).");
   m.def("ppz_inspect", &ppz_inspect, py::arg("data"), py::arg("threads") = -1,
-        "Validate and measure a .ppz file: (manifest bytes, file bytes, [per-section dict]).");
+        "Validate and measure a .ppz file: (manifest bytes, file bytes, [per-section dict], layout dict).");
   pyprune::register_sparse_kernels(m);
   m.def("ppz_crc32", &ppz_crc32, py::arg("data"), py::arg("crc") = 0, "CRC-32 as zlib.crc32.");
 }

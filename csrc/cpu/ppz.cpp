@@ -2,6 +2,7 @@
 #include "ppz.h"
 
 #include <omp.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -324,19 +325,51 @@ EncodedSection encode_section(const TensorInput& t, const EncodeOptions& opt) {
   return out;
 }
 
-std::vector<uint8_t> assemble_file(const uint8_t* manifest, size_t manifest_size,
-                                   const std::vector<const std::vector<uint8_t>*>& sections) {
-  if (sections.size() > UINT32_MAX) throw std::invalid_argument("ppz: too many tensors");
+namespace {
+
+// A section as encode_section() made it (version 1's layout), split into its header
+// fields and its body: version 2 stores the first in the head and only the body after it.
+struct SplitSection {
+  const uint8_t* name = nullptr;
+  uint64_t name_len = 0;
+  uint8_t dtype = 0, encoding = 0;
+  std::vector<uint64_t> shape;
+  const uint8_t* body = nullptr;
+  uint64_t body_size = 0;
+};
+
+SplitSection split_section(const std::vector<uint8_t>& sec) {
+  Reader r(sec.data(), sec.size(), "section to assemble");
+  SplitSection out;
+  out.name_len = r.u16("name length");
+  out.name = r.bytes(out.name_len, "name");
+  out.dtype = r.u8("dtype");
+  out.encoding = r.u8("encoding");
+  const int ndim = r.u8("ndim");
+  r.u8("reserved byte");
+  if (ndim > kMaxNdim) r.fail("more than 8 dimensions");
+  for (int i = 0; i < ndim; ++i) out.shape.push_back(r.u64("shape"));
+  out.body = sec.data() + r.pos();
+  out.body_size = r.remaining();
+  return out;
+}
+
+void put_header(std::vector<uint8_t>& out, uint32_t version, uint64_t manifest_or_head_size, uint64_t count) {
+  for (uint8_t b : kMagic) out.push_back(b);  // (vector::insert here trips a GCC 12 false warning)
+  put_le(out, version, 4);
+  put_le(out, 0, 4);  // flags
+  put_le(out, manifest_or_head_size, 8);
+  put_le(out, count, 4);
+  put_le(out, crc32(out.data(), out.size()), 4);
+}
+
+std::vector<uint8_t> assemble_v1(const uint8_t* manifest, size_t manifest_size,
+                                 const std::vector<const std::vector<uint8_t>*>& sections) {
   uint64_t total = kHeaderBytes + manifest_size + 4 + kDirEntryBytes * sections.size() + 4;
   for (const auto* s : sections) total += s->size();
   std::vector<uint8_t> out;
   out.reserve(total);
-  for (uint8_t b : kMagic) out.push_back(b);  // (vector::insert here trips a GCC 12 false warning)
-  put_le(out, kVersion, 4);
-  put_le(out, 0, 4);  // flags
-  put_le(out, manifest_size, 8);
-  put_le(out, sections.size(), 4);
-  put_le(out, crc32(out.data(), out.size()), 4);
+  put_header(out, 1, manifest_size, sections.size());
   out.insert(out.end(), manifest, manifest + manifest_size);
   put_le(out, crc32(manifest, manifest_size), 4);
   const size_t dir_at = out.size();
@@ -353,30 +386,124 @@ std::vector<uint8_t> assemble_file(const uint8_t* manifest, size_t manifest_size
   return out;
 }
 
+std::vector<uint8_t> assemble_v2(const uint8_t* manifest, size_t manifest_size,
+                                 const std::vector<const std::vector<uint8_t>*>& sections) {
+  std::vector<SplitSection> split;
+  split.reserve(sections.size());
+  std::vector<uint8_t> head;  // decompressed: manifest, then one table entry per section
+  put_varint(head, manifest_size);
+  head.insert(head.end(), manifest, manifest + manifest_size);
+  uint64_t bodies = 0;
+  for (const auto* sec : sections) {
+    split.push_back(split_section(*sec));
+    const SplitSection& t = split.back();
+    put_varint(head, t.name_len);
+    head.insert(head.end(), t.name, t.name + t.name_len);
+    head.push_back(t.dtype);
+    head.push_back(t.encoding);
+    head.push_back(static_cast<uint8_t>(t.shape.size()));
+    for (uint64_t d : t.shape) put_varint(head, d);
+    put_varint(head, t.body_size);
+    put_le(head, crc32(t.body, t.body_size), 4);
+    bodies += t.body_size;
+  }
+  if (head.size() > kMaxHeadBytes) throw std::invalid_argument("ppz: manifest and tensor table exceed 64 MiB");
+  uLongf zsize = compressBound(head.size());
+  std::vector<uint8_t> z(zsize);
+  if (compress2(z.data(), &zsize, head.data(), head.size(), Z_BEST_COMPRESSION) != Z_OK) {
+    throw std::runtime_error("ppz: zlib failed to compress the head");
+  }
+  z.resize(zsize);
+  std::vector<uint8_t> out;
+  out.reserve(kHeaderBytes + 8 + z.size() + 4 + bodies);
+  put_header(out, 2, 8 + z.size(), sections.size());
+  const size_t head_at = out.size();
+  put_le(out, head.size(), 8);
+  out.insert(out.end(), z.begin(), z.end());
+  put_le(out, crc32(out.data() + head_at, out.size() - head_at), 4);
+  for (const auto& t : split) out.insert(out.end(), t.body, t.body + t.body_size);
+  return out;
+}
+
+}  // namespace
+
+std::vector<uint8_t> assemble_file(const uint8_t* manifest, size_t manifest_size,
+                                   const std::vector<const std::vector<uint8_t>*>& sections, uint32_t version) {
+  if (sections.size() > UINT32_MAX) throw std::invalid_argument("ppz: too many tensors");
+  if (version == 1) return assemble_v1(manifest, manifest_size, sections);
+  if (version == 2) return assemble_v2(manifest, manifest_size, sections);
+  throw std::invalid_argument("ppz: cannot write version " + u(version) + " (1 or 2)");
+}
+
 // ============================================================================ reading
 namespace {
 
-void parse_section(const uint8_t* p, uint64_t n, Section& s) {
-  Reader r(p, n, s.what);
-  const uint16_t name_len = r.u16("name length");
+uint64_t read_varint(Reader& r, const char* field) {
+  uint64_t v = 0;
+  for (int k = 0;; ++k) {
+    const uint8_t byte = r.u8(field);
+    if (k == 9 && byte > 1) r.fail(std::string(field) + ": varint exceeds 64 bits");
+    v |= uint64_t{byte & 0x7fu} << (7 * k);
+    if (!(byte & 0x80)) return v;
+  }
+}
+
+// The name, then dtype, encoding and ndim: shared by version 1's section header and
+// version 2's table entry (which differ in how lengths and dimensions are written).
+void read_name(Reader& r, Section& s, uint64_t name_len) {
   const uint8_t* name = r.bytes(name_len, "name");
   s.name.assign(reinterpret_cast<const char*>(name), name_len);
   s.what = "section " + u(s.index) + " ('" + printable(s.name) + "')";
-  r.set_what(s.what);
+}
+
+int read_kind(Reader& r, Section& s) {
   s.dtype = r.u8("dtype");
   s.encoding = r.u8("encoding");
   const int ndim = r.u8("ndim");
-  if (r.u8("reserved byte") != 0) r.fail("nonzero reserved byte");
   s.itemsize = dtype_itemsize(s.dtype);
   if (!s.itemsize) r.fail("unknown dtype code " + u(s.dtype));
   if (s.encoding >= kNumEncodings) r.fail("unknown encoding " + u(s.encoding));
   if (ndim > kMaxNdim) r.fail(u(ndim) + " dimensions (at most 8)");
-  s.shape.resize(ndim);
-  for (int i = 0; i < ndim; ++i) s.shape[i] = r.u64("shape");
+  return ndim;
+}
+
+void set_geometry(Reader& r, Section& s) {
   if (!geometry(s.shape, s.numel, s.rows, s.cols)) r.fail("shape has more than 2^60 elements");
   s.out_bytes = s.numel * s.itemsize;
-  s.header_bytes = r.pos();
+}
 
+void parse_body(Reader& r, Section& s);
+
+// Version 1: the section holds its header, then its body.
+void parse_section(const uint8_t* p, uint64_t n, Section& s) {
+  Reader r(p, n, s.what);
+  read_name(r, s, r.u16("name length"));
+  r.set_what(s.what);
+  const int ndim = read_kind(r, s);
+  if (r.u8("reserved byte") != 0) r.fail("nonzero reserved byte");
+  s.shape.resize(ndim);
+  for (int i = 0; i < ndim; ++i) s.shape[i] = r.u64("shape");
+  set_geometry(r, s);
+  s.header_bytes = r.pos();
+  parse_body(r, s);
+}
+
+// Version 2: one entry of the head's table; returns the body's stored CRC32.
+uint32_t parse_entry(Reader& t, Section& s) {
+  t.set_what("head: table entry " + u(s.index));
+  const uint64_t name_len = read_varint(t, "name length");
+  if (name_len > 0xffff) t.fail("name of " + u(name_len) + " bytes (at most 65535)");
+  read_name(t, s, name_len);
+  t.set_what("head: table entry " + u(s.index) + " ('" + printable(s.name) + "')");
+  const int ndim = read_kind(t, s);
+  s.shape.resize(ndim);
+  for (int i = 0; i < ndim; ++i) s.shape[i] = read_varint(t, "shape");
+  set_geometry(t, s);
+  s.size = read_varint(t, "section size");
+  return t.u32("section CRC32");
+}
+
+void parse_body(Reader& r, Section& s) {
   if (s.encoding != kRaw && s.dtype != kFloat32) {
     r.fail(std::string("encoding ") + encoding_name(s.encoding) + " with a non-float32 dtype");
   }
@@ -456,37 +583,32 @@ void parse_section(const uint8_t* p, uint64_t n, Section& s) {
 
 }  // namespace
 
-FileView parse_file(const uint8_t* data, size_t size) {
-  FileView v;
-  v.file_bytes = size;
-  Reader h(data, size, "header");
-  if (size < sizeof kMagic || std::memcmp(data, kMagic, sizeof kMagic) != 0) {
-    h.fail("not a .ppz file (bad magic number)");
-  }
-  if (size < kHeaderBytes) h.fail("file is " + u(size) + " bytes, shorter than the 32-byte header");
-  const uint32_t stored = le32(data + 28), computed = crc32(data, 28);
-  if (stored != computed) h.fail("CRC32 mismatch (stored " + hex32(stored) + ", computed " + hex32(computed) + ")");
-  h.bytes(8, "magic");
-  const uint32_t version = h.u32("version");
-  if (version != kVersion) h.fail("unsupported version " + u(version) + " (this reader reads version 1)");
-  const uint32_t flags = h.u32("flags");
-  if (flags != 0) h.fail("unknown flags " + hex32(flags));
-  v.manifest_size = h.u64("manifest size");
-  const uint32_t count = h.u32("tensor count");
+namespace {
 
+void check_crc(Reader& r, const uint8_t* p, uint64_t n, const char* field) {
+  const uint32_t st = r.u32(field), co = crc32(p, n);
+  if (st != co) r.fail("CRC32 mismatch (stored " + hex32(st) + ", computed " + hex32(co) + ")");
+}
+
+void check_section_crc(const Section& s, const uint8_t* p, uint32_t stored) {
+  const uint32_t co = crc32(p, s.size);
+  if (co != stored) throw CorruptError(s.what + ": CRC32 mismatch (stored " + hex32(stored) + ", computed " + hex32(co) + ")");
+}
+
+void add_section(FileView& v, std::unordered_set<std::string>& names, const Section& s) {
+  if (!names.insert(s.name).second) throw CorruptError(s.what + ": duplicate tensor name");
+  v.decoded_bytes += s.out_bytes;
+}
+
+void parse_v1(FileView& v, const uint8_t* data, size_t size, uint32_t count) {
   Reader r(data, size, "manifest");
   r.bytes(kHeaderBytes, "header");
   v.manifest = r.bytes(v.manifest_size, "manifest");
-  {
-    const uint32_t st = r.u32("manifest CRC32"), co = crc32(v.manifest, v.manifest_size);
-    if (st != co) r.fail("CRC32 mismatch (stored " + hex32(st) + ", computed " + hex32(co) + ")");
-  }
+  check_crc(r, v.manifest, v.manifest_size, "manifest CRC32");
   r.set_what("directory");
   const uint8_t* dir = r.bytes(uint64_t{count} * kDirEntryBytes, "directory");
-  {
-    const uint32_t st = r.u32("directory CRC32"), co = crc32(dir, uint64_t{count} * kDirEntryBytes);
-    if (st != co) r.fail("CRC32 mismatch (stored " + hex32(st) + ", computed " + hex32(co) + ")");
-  }
+  check_crc(r, dir, uint64_t{count} * kDirEntryBytes, "directory CRC32");
+  v.table_bytes = uint64_t{count} * kDirEntryBytes + 4;
   uint64_t expected = r.pos();
   v.sections.resize(count);  // count * 24 bytes were present in the file
   std::unordered_set<std::string> names;
@@ -509,22 +631,119 @@ FileView parse_file(const uint8_t* data, size_t size) {
     }
     expected += s.size;
     const uint8_t* p = data + s.offset;
-    const uint32_t co = crc32(p, s.size);
-    if (co != crc) {
-      std::string what = s.what;
-      if (s.size >= 2) {  // the name as stored, for orientation
+    if (crc32(p, s.size) != crc) {
+      Section named = s;  // the name as stored, for orientation
+      if (s.size >= 2) {
         const uint64_t name_len = uint64_t{p[0]} | (uint64_t{p[1]} << 8);
         if (name_len <= s.size - 2) {
-          what += " ('" + printable(std::string(reinterpret_cast<const char*>(p + 2), name_len)) + "'?)";
+          named.what += " ('" + printable(std::string(reinterpret_cast<const char*>(p + 2), name_len)) + "'?)";
         }
       }
-      throw CorruptError(what + ": CRC32 mismatch (stored " + hex32(crc) + ", computed " + hex32(co) + ")");
+      check_section_crc(named, p, crc);
     }
     parse_section(p, s.size, s);
-    if (!names.insert(s.name).second) throw CorruptError(s.what + ": duplicate tensor name");
-    v.decoded_bytes += s.out_bytes;
+    add_section(v, names, s);
   }
   if (expected != size) r.fail(u(size - expected) + " bytes after the last section");
+}
+
+// Inflates the head into v.head, allocating no more than its declared size, which must
+// be within what `stored` compressed bytes can hold.
+void inflate_head(FileView& v, Reader& r, const uint8_t* stored, uint64_t n) {
+  const uint64_t declared = le64(stored);
+  const uint64_t z_bytes = n - 8;
+  if (declared == 0) r.fail("declares a decompressed size of 0 bytes");
+  if (declared > kMaxHeadBytes) r.fail("declares " + u(declared) + " decompressed bytes, more than the 64 MiB limit");
+  if (declared > z_bytes * kMaxDeflateRatio) {
+    r.fail("declares " + u(declared) + " decompressed bytes, more than " + u(z_bytes) +
+           " compressed bytes can hold (DEFLATE expands at most 1032:1)");
+  }
+  v.head.resize(declared);
+  z_stream zs{};
+  if (inflateInit(&zs) != Z_OK) throw std::runtime_error("ppz: zlib failed to initialise");
+  zs.next_in = const_cast<Bytef*>(stored + 8);
+  zs.avail_in = static_cast<uInt>(z_bytes);
+  zs.next_out = v.head.data();
+  zs.avail_out = static_cast<uInt>(declared);
+  const int ret = inflate(&zs, Z_FINISH);
+  const uint64_t produced = zs.total_out, left = zs.avail_in;
+  const std::string why = zs.msg ? zs.msg : "truncated";
+  inflateEnd(&zs);
+  if (ret == Z_BUF_ERROR && produced == declared) {
+    r.fail("decompresses to more than its declared " + u(declared) + " bytes");
+  }
+  if (ret != Z_STREAM_END) r.fail("not a valid zlib stream (" + why + ")");
+  if (produced != declared) r.fail("decompresses to " + u(produced) + " bytes, declared " + u(declared));
+  if (left) r.fail(u(left) + " bytes after the end of its zlib stream");
+}
+
+void parse_v2(FileView& v, const uint8_t* data, size_t size, uint32_t count) {
+  Reader r(data, size, "head");
+  r.bytes(kHeaderBytes, "header");
+  const uint64_t n = v.manifest_size;  // the header's size field is the head's, in version 2
+  if (n < 8 + 2) r.fail(u(n) + " bytes, too few for its size field and a zlib stream");
+  if (n > kMaxHeadBytes) r.fail(u(n) + " bytes, more than the 64 MiB limit");
+  const uint8_t* stored = r.bytes(n, "head");
+  check_crc(r, stored, n, "head CRC32");
+  v.head_stored = n + 4;
+  inflate_head(v, r, stored, n);
+
+  Reader t(v.head.data(), v.head.size(), "head");
+  v.manifest_size = read_varint(t, "manifest size");
+  v.manifest = t.bytes(v.manifest_size, "manifest");
+  // An entry takes at least 9 bytes (name length, dtype, encoding, ndim, size, CRC32),
+  // so the count is bounded by the head before anything is allocated for it.
+  if (count > t.remaining() / 9) t.fail(u(count) + " table entries cannot fit in " + u(t.remaining()) + " bytes");
+  v.table_bytes = t.remaining();
+  uint64_t offset = r.pos();
+  v.sections.resize(count);
+  std::unordered_set<std::string> names;
+  for (uint32_t i = 0; i < count; ++i) {
+    Section& s = v.sections[i];
+    s.index = i;
+    s.what = "section " + u(i);
+    const uint32_t crc = parse_entry(t, s);
+    s.offset = offset;
+    if (s.size > size - offset) {
+      t.fail("section of " + u(s.size) + " bytes at " + u(offset) + " extends past the end of the " + u(size) +
+             "-byte file");
+    }
+    offset += s.size;
+    check_section_crc(s, data + s.offset, crc);
+    Reader body(data + s.offset, s.size, s.what);
+    parse_body(body, s);
+    add_section(v, names, s);
+  }
+  if (t.remaining()) t.fail(u(t.remaining()) + " bytes after the last table entry");
+  if (offset != size) r.fail(u(size - offset) + " bytes after the last section");
+}
+
+}  // namespace
+
+FileView parse_file(const uint8_t* data, size_t size) {
+  FileView v;
+  v.file_bytes = size;
+  Reader h(data, size, "header");
+  if (size < sizeof kMagic || std::memcmp(data, kMagic, sizeof kMagic) != 0) {
+    h.fail("not a .ppz file (bad magic number)");
+  }
+  if (size < kHeaderBytes) h.fail("file is " + u(size) + " bytes, shorter than the 32-byte header");
+  const uint32_t stored = le32(data + 28), computed = crc32(data, 28);
+  if (stored != computed) h.fail("CRC32 mismatch (stored " + hex32(stored) + ", computed " + hex32(computed) + ")");
+  h.bytes(8, "magic");
+  v.version = h.u32("version");
+  if (v.version < kMinVersion || v.version > kVersion) {
+    h.fail("unsupported version " + u(v.version) + " (this reader reads versions 1 and 2)");
+  }
+  const uint32_t flags = h.u32("flags");
+  if (flags != 0) h.fail("unknown flags " + hex32(flags));
+  v.manifest_size = h.u64(v.version == 1 ? "manifest size" : "head size");
+  const uint32_t count = h.u32("tensor count");
+  if (v.version == 1) {
+    parse_v1(v, data, size, count);
+  } else {
+    parse_v2(v, data, size, count);
+  }
   return v;
 }
 

@@ -28,9 +28,15 @@ namespace pyprune {
 namespace ppz {
 
 constexpr uint8_t kMagic[8] = {0x89, 'P', 'P', 'Z', '\r', '\n', 0x1a, '\n'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;     // what the writer writes by default
+constexpr uint32_t kMinVersion = 1;  // the oldest a reader reads
 constexpr size_t kHeaderBytes = 32;
-constexpr size_t kDirEntryBytes = 24;
+constexpr size_t kDirEntryBytes = 24;  // version 1
+// Version 2's head (the manifest and the tensor table, zlib-compressed) declares its
+// decompressed size, which a reader checks against what the stored bytes could hold
+// (DEFLATE expands at most 1032:1) and this cap before it allocates anything.
+constexpr uint64_t kMaxDeflateRatio = 1032;
+constexpr uint64_t kMaxHeadBytes = uint64_t{64} << 20;  // ResNet-56's manifest and table: 86 KB
 constexpr int kMaxNdim = 8;
 constexpr int kMaxGapBits = 8;
 constexpr uint32_t kMaxCodebook = huff::kMaxAlphabet - 1;  // index symbol 0 is "zero"
@@ -78,9 +84,13 @@ struct EncodedSection {
 // Throws std::invalid_argument on bad input (sizes, dtype, a value outside the codebook).
 EncodedSection encode_section(const TensorInput& t, const EncodeOptions& opt);
 
-// The whole file: header, manifest (opaque bytes), directory, sections in order.
+// The whole file from the manifest (opaque bytes) and sections as encode_section()
+// makes them. Version 1: header, manifest, directory, sections. Version 2: header, the
+// head (manifest and tensor table, zlib-compressed; each section's name, dtype,
+// encoding and shape move there from the section), the section bodies.
 std::vector<uint8_t> assemble_file(const uint8_t* manifest, size_t manifest_size,
-                                   const std::vector<const std::vector<uint8_t>*>& sections);
+                                   const std::vector<const std::vector<uint8_t>*>& sections,
+                                   uint32_t version = kVersion);
 
 // ---------------------------------------------------------------------------- reading
 
@@ -93,7 +103,7 @@ struct Section {
   std::vector<uint64_t> shape;
   uint64_t numel = 0, itemsize = 0, out_bytes = 0;
   uint64_t offset = 0, size = 0;  // in the file
-  uint64_t header_bytes = 0;      // name, dtype, encoding, shape
+  uint64_t header_bytes = 0;      // name, dtype, encoding, shape (version 1; in the head in version 2)
   const uint8_t* raw = nullptr;   // kRaw
   uint32_t codebook_size = 0;     // quantized
   const uint8_t* codebook = nullptr;
@@ -106,11 +116,21 @@ struct Section {
 };
 
 struct FileView {
-  const uint8_t* manifest = nullptr;
+  uint32_t version = 0;
+  const uint8_t* manifest = nullptr;  // into the file (version 1) or into `head` (version 2)
   uint64_t manifest_size = 0;
+  std::vector<uint8_t> head;     // version 2: the decompressed head
+  uint64_t head_stored = 0;      // version 2: bytes the head takes in the file (with its size field)
+  uint64_t table_bytes = 0;      // bytes of the tensor table: the directory (v1), its part of the head (v2)
   std::vector<Section> sections;
   uint64_t decoded_bytes = 0;  // sum of out_bytes
   uint64_t file_bytes = 0;
+
+  FileView() = default;
+  FileView(FileView&&) = default;  // moving keeps `manifest` valid; a copy would not
+  FileView& operator=(FileView&&) = default;
+  FileView(const FileView&) = delete;
+  FileView& operator=(const FileView&) = delete;
 };
 
 // Validates the file structure (see above); the view points into `data`.

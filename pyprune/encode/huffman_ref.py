@@ -219,13 +219,15 @@ def _crc_ok(data: bytes, stored: int, what: str) -> None:
 
 
 def read_ppz(data: bytes) -> tuple[bytes, list[RefTensor]]:
-    """Decode a whole ``.ppz`` file: (manifest bytes, tensors in file order)."""
+    """Decode a whole ``.ppz`` file, version 1 or 2: (manifest bytes, tensors in file order)."""
     if data[:8] != MAGIC:
         raise ValueError("bad magic")
     version, flags, msize, count, hcrc = struct.unpack_from("<IIQII", data, 8)
     _crc_ok(data[:28], hcrc, "header")
-    if version != 1 or flags != 0:
+    if version not in (1, 2) or flags != 0:
         raise ValueError("unsupported version or flags")
+    if version == 2:
+        return _read_v2(data, msize, count)
     manifest = data[32:32 + msize]
     _crc_ok(manifest, struct.unpack_from("<I", data, 32 + msize)[0], "manifest")
     dir_at = 32 + msize + 4
@@ -246,7 +248,54 @@ def read_ppz(data: bytes) -> tuple[bytes, list[RefTensor]]:
     return manifest, tensors
 
 
+def _varint(b: bytes, p: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        byte = b[p]
+        p += 1
+        v |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return v, p
+
+
+def _read_v2(data: bytes, head_size: int, count: int) -> tuple[bytes, list[RefTensor]]:
+    stored = data[32:32 + head_size]
+    _crc_ok(stored, struct.unpack_from("<I", data, 32 + head_size)[0], "head")
+    (declared,) = struct.unpack_from("<Q", stored, 0)
+    inflater = zlib.decompressobj()
+    head = inflater.decompress(stored[8:], declared)
+    if len(head) != declared or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise ValueError("head does not decompress to its declared size")
+    msize, p = _varint(head, 0)
+    manifest = head[p:p + msize]
+    p += msize
+    offset = 32 + head_size + 4
+    tensors = []
+    for i in range(count):
+        name_len, p = _varint(head, p)
+        name = head[p:p + name_len].decode("utf-8")
+        p += name_len
+        dtype, enc, ndim = head[p], head[p + 1], head[p + 2]
+        p += 3
+        shape = []
+        for _ in range(ndim):
+            d, p = _varint(head, p)
+            shape.append(d)
+        size, p = _varint(head, p)
+        (crc,) = struct.unpack_from("<I", head, p)
+        p += 4
+        body = data[offset:offset + size]
+        _crc_ok(body, crc, f"section {i}")
+        tensors.append(_read_body(body, 0, name, dtype, enc, tuple(shape)))
+        offset += size
+    if p != len(head) or offset != len(data):
+        raise ValueError("trailing bytes")
+    return manifest, tensors
+
+
 def _read_section(s: bytes) -> RefTensor:
+    """A version 1 section: its header, then its body."""
     (name_len,) = struct.unpack_from("<H", s, 0)
     name = s[2:2 + name_len].decode("utf-8")
     p = 2 + name_len
@@ -254,6 +303,11 @@ def _read_section(s: bytes) -> RefTensor:
     p += 4
     shape = struct.unpack_from(f"<{ndim}Q", s, p)
     p += 8 * ndim
+    return _read_body(s, p, name, dtype, enc, tuple(shape))
+
+
+def _read_body(s: bytes, p: int, name: str, dtype: int, enc: int, shape: tuple[int, ...]) -> RefTensor:
+    ndim = len(shape)
     numel = math.prod(shape)
     rows, cols = (shape[0], math.prod(shape[1:])) if ndim >= 2 else (1, numel)
     npdt = np.dtype(NUMPY_DTYPES[dtype])
@@ -281,14 +335,7 @@ def _read_section(s: bytes) -> RefTensor:
             counts = []
             q, end = p, p + rc_bytes
             while q < end:
-                v = shift = 0
-                while True:
-                    byte = s[q]
-                    q += 1
-                    v |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
+                v, q = _varint(s, q)
                 counts.append(v)
             p = end
             if len(counts) != rows or sum(counts) != n_entries:

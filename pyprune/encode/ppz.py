@@ -4,13 +4,15 @@ The byte layout is specified in ``docs/format.md``; encoding and decoding run in
 (``csrc/cpu/ppz.cpp``, ``csrc/cpu/huffman.cpp``), with a pure-Python reference in
 :mod:`pyprune.encode.huffman_ref` for tests.
 
-* :func:`pack` writes a manifest (any JSON object; a ``"tensors"`` table is added) and
-  tensors. Each tensor is stored in whichever encoding is smallest: raw bytes (any dtype,
+* :func:`pack` writes a manifest (any JSON object) and tensors, as container version 2:
+  the manifest and the tensor table zlib-compressed in one head, then the sections
+  (``version=1`` writes the old layout, for tests and older readers). Each tensor is stored in whichever encoding is smallest: raw bytes (any dtype,
   kept exactly), CSR over the flattened kernel with Huffman-coded relative column gaps
   and raw float32 values, or, for a tensor with a codebook, the dense code stream or CSR
   with a Huffman-coded index stream. Atomic; refuses to overwrite unless ``force``.
 * :func:`unpack` returns ``(manifest, {name: tensor})`` bit for bit as packed (-0.0 and
-  NaN payloads included). The file is untrusted input: it never unpickles, and any
+  NaN payloads included), from a version 1 or 2 file; ``manifest["tensors"]`` is the
+  tensor table either way. The file is untrusted input: it never unpickles, and any
   corruption raises :class:`CorruptFileError` naming the section.
 * :func:`inspect` reports per tensor how it is stored, stream by stream, with the Shannon
   entropy of each Huffman stream next to its coded size.
@@ -31,13 +33,14 @@ import torch
 
 from ..files import atomic_write
 
-__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
+__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "VERSIONS", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
            "pack", "pack_bytes", "unpack", "unpack_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 MAGIC = b"\x89PPZ\r\n\x1a\n"
-VERSION = 1
+VERSION = 2  # written by default; version 1 files are still read
+VERSIONS = (1, 2)
 HEADER_BYTES = 32
 ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32")  # index = the code in the file
 DEFAULT_GAP_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -116,8 +119,11 @@ def _codebook(name: str, cb: object, t: torch.Tensor) -> torch.Tensor:
 
 def pack_bytes(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                codebooks: Mapping[str, torch.Tensor] | None = None, gap_bits: int | Iterable[int] | None = None,
-               *, encodings: Mapping[str, str] | None = None, chunk_symbols: int = DEFAULT_CHUNK) -> bytes:
+               *, encodings: Mapping[str, str] | None = None, chunk_symbols: int = DEFAULT_CHUNK,
+               version: int = VERSION) -> bytes:
     """The bytes :func:`pack` writes; see there."""
+    if version not in VERSIONS:
+        raise ValueError(f"container version must be one of {VERSIONS}, got {version!r}")
     if not isinstance(manifest, Mapping) or not all(isinstance(k, str) for k in manifest):
         raise ValueError("manifest must be a dict with string keys")
     if "tensors" in manifest:
@@ -144,11 +150,13 @@ def pack_bytes(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
             -1 if forced is None else ENCODINGS.index(forced), chunk_symbols)
         sections.append(section)
         table.append({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "encoding": ENCODINGS[enc]})
+    # Version 1 repeats the sections' table in the JSON; version 2 keeps it only in binary.
+    stored = {**manifest, "tensors": table} if version == 1 else dict(manifest)
     try:
-        text = json.dumps({**manifest, "tensors": table}, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(stored, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"manifest must be plain JSON (no NaN/inf, no objects): {exc}") from exc
-    return C.ppz_assemble(text.encode("utf-8"), sections)
+    return C.ppz_assemble(text.encode("utf-8"), sections, version)
 
 
 def pack(path: PathLike, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -202,9 +210,16 @@ def _name(raw: bytes, index: int) -> str:
         raise CorruptFileError(f"section {index}: tensor name {raw[:80]!r} is not UTF-8") from None
 
 
-def _check_table(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    if manifest.get("tensors") != rows:
-        raise CorruptFileError("manifest: its 'tensors' table does not match the file's sections")
+def _with_table(manifest: dict[str, Any], rows: list[dict[str, Any]], layout: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its ``tensors`` table: checked against the sections in version 1,
+    which stores both; made from them in version 2, which stores the table once."""
+    if layout["version"] == 1:
+        if manifest.get("tensors") != rows:
+            raise CorruptFileError("manifest: its 'tensors' table does not match the file's sections")
+        return manifest
+    if "tensors" in manifest:
+        raise CorruptFileError("manifest: a 'tensors' key, which version 2 keeps in the head's table")
+    return {**manifest, "tensors": rows}
 
 
 def _read(path: PathLike) -> bytes:
@@ -219,7 +234,8 @@ def unpack_bytes(data: bytes | bytearray | memoryview, *, max_bytes: int | None 
     """:func:`unpack` on the file's bytes."""
     C = _C()
     try:
-        raw_manifest, sections = C.ppz_decode(data, _threads(threads), -1 if max_bytes is None else int(max_bytes))
+        raw_manifest, sections, layout = C.ppz_decode(data, _threads(threads),
+                                                      -1 if max_bytes is None else int(max_bytes))
     except C.CorruptFileError as exc:
         raise CorruptFileError(str(exc)) from None
     manifest = _manifest(raw_manifest)
@@ -230,8 +246,7 @@ def unpack_bytes(data: bytes | bytearray | memoryview, *, max_bytes: int | None 
         dtype = DTYPES[code]
         tensors[name] = buf.view(dtype).reshape(shape)
         rows.append({"name": name, "dtype": _dtype_name(dtype), "shape": shape, "encoding": ENCODINGS[enc]})
-    _check_table(manifest, rows)
-    return manifest, tensors
+    return _with_table(manifest, rows, layout), tensors
 
 
 def unpack(path: PathLike, *, max_bytes: int | None = None,
@@ -266,7 +281,7 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
     """:func:`inspect` on the file's bytes."""
     C = _C()
     try:
-        raw_manifest, file_bytes, sections = C.ppz_inspect(data, _threads(threads))
+        raw_manifest, file_bytes, sections, layout = C.ppz_inspect(data, _threads(threads))
     except C.CorruptFileError as exc:
         raise CorruptFileError(str(exc)) from None
     manifest = _manifest(raw_manifest)
@@ -288,7 +303,7 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
             "raw_bytes": s["raw_bytes"], "gaps": gaps, "codes": codes,
         })
         table.append({"name": name, "dtype": _dtype_name(dtype), "shape": s["shape"], "encoding": s["encoding"]})
-    _check_table(manifest, table)
+    manifest = _with_table(manifest, table, layout)
     keys = ("numel", "nnz", "entries", "fillers", "bytes", "fp32_bytes", "dense_bytes", "header_bytes",
             "codebook_bytes", "rowcount_bytes", "gap_bytes", "code_bytes", "values_bytes", "raw_bytes")
     total: dict[str, Any] = {k: sum(r[k] for r in rows) for k in keys}
@@ -297,7 +312,8 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
         total[f"{stream}_payload_bits"] = sum(s["payload_bits"] for s in present)
         total[f"{stream}_entropy_bits"] = sum(s["entropy_bits"] for s in present)
     total.update(tensors=len(rows), density=total["nnz"] / total["numel"] if total["numel"] else 0.0,
-                 file_bytes=file_bytes, manifest_bytes=len(raw_manifest),
+                 file_bytes=file_bytes, version=layout["version"], manifest_bytes=len(raw_manifest),
+                 head_bytes=layout["head_bytes"], table_bytes=layout["table_bytes"],
                  overhead_bytes=file_bytes - total["bytes"],
                  compression=total["fp32_bytes"] / file_bytes if file_bytes else 0.0)
     return {"tensors": rows, "total": total, "manifest": manifest}

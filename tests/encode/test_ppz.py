@@ -298,7 +298,7 @@ def test_unicode_names_and_many_tensors():
 # ----------------------------------------------------------------------------- layout
 
 def test_header_layout_and_crcs(gen):
-    data = pack_bytes({"k": 1}, {"w": sparse((4, 4), 0.5, gen)})
+    data = pack_bytes({"k": 1}, {"w": sparse((4, 4), 0.5, gen)}, version=1)
     assert data[:8] == ppz.MAGIC
     version, flags, msize, count, crc = struct.unpack_from("<IIQII", data, 8)
     assert (version, flags, count) == (1, 0, 1) and crc == zlib.crc32(data[:28])
@@ -321,7 +321,7 @@ def test_header_layout_and_crcs(gen):
     (lambda d: d[:-3] + bytes([d[-3] ^ 0x10]) + d[-2:], r"section 0 \('w'\?\): CRC32"),
 ])
 def test_corruption_names_the_section(gen, mutate, match):
-    data = pack_bytes({"k": 1}, {"w": sparse((8, 8), 0.5, gen)})
+    data = pack_bytes({"k": 1}, {"w": sparse((8, 8), 0.5, gen)}, version=1)
     with pytest.raises(CorruptFileError, match=match):
         unpack_bytes(mutate(data))
     with pytest.raises(CorruptFileError):
@@ -342,11 +342,11 @@ def _with_fixed_crcs(data: bytearray) -> bytes:
 
 
 def test_version_and_manifest_checks(gen):
-    data = bytearray(pack_bytes({}, {"w": torch.ones(2)}))
-    v2 = bytearray(data)
-    struct.pack_into("<I", v2, 8, 2)
-    with pytest.raises(CorruptFileError, match="unsupported version 2"):
-        unpack_bytes(_with_fixed_crcs(v2))
+    data = bytearray(pack_bytes({}, {"w": torch.ones(2)}, version=1))
+    v3 = bytearray(data)
+    struct.pack_into("<I", v3, 8, 3)
+    with pytest.raises(CorruptFileError, match="unsupported version 3"):
+        unpack_bytes(_with_fixed_crcs(v3))
     # a manifest whose table disagrees with the sections
     msize = struct.unpack_from("<Q", data, 16)[0]
     text = bytes(data[32:32 + msize]).replace(b'"raw"', b'"csr"')
@@ -358,14 +358,14 @@ def test_version_and_manifest_checks(gen):
 
 
 def test_bool_values_other_than_0_1_are_corrupt():
-    data = bytearray(pack_bytes({}, {"b": torch.tensor([True, False])}))
+    data = bytearray(pack_bytes({}, {"b": torch.tensor([True, False])}, version=1))
     data[-2] = 7
     with pytest.raises(CorruptFileError, match="bool element 0"):
         unpack_bytes(_with_fixed_crcs(data))
 
 
 def test_duplicate_names_are_corrupt():
-    one = pack_bytes({}, {"a": torch.ones(1), "b": torch.ones(1)})
+    one = pack_bytes({}, {"a": torch.ones(1), "b": torch.ones(1)}, version=1)
     data = bytearray(one)
     i = data.rindex(b"\x01\x00b")  # name_len=1, "b"
     data[i + 2] = ord("a")

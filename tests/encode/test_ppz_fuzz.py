@@ -1,4 +1,4 @@
-"""Fuzzing the .ppz decoder: mutations of valid files must give CorruptFileError (naming
+"""Fuzzing the .ppz decoder on version-1 files (test_ppz_fuzz_v2.py does version 2): mutations of valid files must give CorruptFileError (naming
 where) or, when the mutated file is still well-formed, exactly what the pure-Python
 reference decoder reads from it. Never a crash, a hang or another exception.
 
@@ -26,7 +26,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the decoder fuzz tests ne
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-WHERE = re.compile(r"^(header|manifest|directory|section \d+)\b")
+WHERE = re.compile(r"^(header|head|manifest|directory|section \d+)\b")
 
 
 def _quantized(shape, density, k, gen):
@@ -35,7 +35,7 @@ def _quantized(shape, density, k, gen):
     return torch.where(keep, cb[torch.randint(0, k, shape, generator=gen)], torch.zeros(())), cb
 
 
-def build_file(scale: int = 1) -> bytes:
+def build_file(scale: int = 1, version: int = 1) -> bytes:
     """Every encoding, fillers, several Huffman chunks per stream, raw non-float dtypes."""
     gen = torch.Generator().manual_seed(7)
     q, qcb = _quantized((6 * scale, 4, 3, 3), 0.3, 5, gen)
@@ -44,7 +44,7 @@ def build_file(scale: int = 1) -> bytes:
     tensors = {"q": q, "d": d, "s": s, "bias": torch.randn(5, generator=gen), "n": torch.tensor(3),
                "mask": torch.tensor([True, False, True])}
     return pack_bytes({"arch": "tiny", "provenance": ["fuzz"]}, tensors, {"q": qcb, "d": dcb}, gap_bits=2,
-                      encodings={"q": "csr_q", "d": "dense_q", "s": "csr_f32"}, chunk_symbols=8)
+                      encodings={"q": "csr_q", "d": "dense_q", "s": "csr_f32"}, chunk_symbols=8, version=version)
 
 
 @lru_cache(maxsize=None)
@@ -219,7 +219,7 @@ def test_hostile_sizes_fail_before_allocating():
 def test_tiny_last_sections():
     """A 0..5-byte last section, with its stale CRC (the error message peeks at the name
     length) and with CRCs fixed (the section parser)."""
-    data = pack_bytes({}, {"a": torch.ones(200), "b": torch.ones(1)})  # > 512 bytes: malloc'ed (ASan redzones)
+    data = pack_bytes({}, {"a": torch.ones(200), "b": torch.ones(1)}, version=1)  # > 512 bytes: malloc'ed (ASan redzones)
     msize, count = struct.unpack_from("<QI", data, 16)
     dir_at = 32 + msize + 4
     off, _ = struct.unpack_from("<QQ", data, dir_at + 24 * (count - 1))
