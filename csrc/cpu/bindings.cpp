@@ -286,6 +286,7 @@ py::tuple ppz_inspect(const py::object& data, int threads) {
     d["rowcount_bytes"] = st.rowcount_bytes;
     d["values_bytes"] = st.values_bytes;
     d["raw_bytes"] = st.raw_bytes;
+    d["deflate_bytes"] = st.deflate_bytes;
     d["gaps"] = st.gaps.present ? py::object(stream_dict(st.gaps)) : py::none();
     d["codes"] = st.codes.present ? py::object(stream_dict(st.codes)) : py::none();
     out.append(d);

@@ -92,6 +92,28 @@ uint32_t f32_bits(float f) {
   return b;
 }
 
+// Inflates the zlib stream in[0, n) into exactly out[0, size): "" when it fits exactly
+// and nothing follows it, else what is wrong. Writes nothing past out + size.
+std::string inflate_exact(const uint8_t* in, uint64_t n, uint8_t* out, uint64_t size) {
+  if (n > UINT32_MAX || size > UINT32_MAX) return "too large for one zlib call";
+  z_stream zs{};
+  if (inflateInit(&zs) != Z_OK) throw std::runtime_error("ppz: zlib failed to initialise");
+  zs.next_in = const_cast<Bytef*>(in);
+  zs.avail_in = static_cast<uInt>(n);
+  uint8_t dummy = 0;  // zlib wants a valid pointer even for 0 bytes
+  zs.next_out = size ? out : &dummy;
+  zs.avail_out = static_cast<uInt>(size);
+  const int ret = inflate(&zs, Z_FINISH);
+  const uint64_t produced = zs.total_out, left = zs.avail_in;
+  const std::string why = zs.msg ? zs.msg : "truncated";
+  inflateEnd(&zs);
+  if (ret == Z_BUF_ERROR && produced == size) return "decompresses to more than its declared " + u(size) + " bytes";
+  if (ret != Z_STREAM_END) return "not a valid zlib stream (" + why + ")";
+  if (produced != size) return "decompresses to " + u(produced) + " bytes, declared " + u(size);
+  if (left) return u(left) + " bytes after the end of its zlib stream";
+  return "";
+}
+
 }  // namespace
 
 const char* encoding_name(int encoding) {
@@ -100,6 +122,7 @@ const char* encoding_name(int encoding) {
     case kDenseQ: return "dense_q";
     case kCsrQ: return "csr_q";
     case kCsrF32: return "csr_f32";
+    case kRawZ: return "raw_z";
     default: return "?";
   }
 }
@@ -265,6 +288,20 @@ EncodedSection encode_section(const TensorInput& t, const EncodeOptions& opt) {
     }
   }
   const uint32_t alphabet = static_cast<uint32_t>(codebook.size()) + 1;
+
+  if (want(kRawZ) && t.nbytes > 0 && t.nbytes <= UINT32_MAX) {  // one zlib call reads it back
+    std::vector<uint8_t> planes(t.nbytes);
+    for (uint64_t i = 0; i < numel; ++i) {
+      for (int b = 0; b < isz; ++b) planes[b * numel + i] = t.data[i * isz + b];
+    }
+    uLongf zsize = compressBound(planes.size());
+    std::vector<uint8_t> body(zsize);
+    if (compress2(body.data(), &zsize, planes.data(), planes.size(), Z_BEST_COMPRESSION) != Z_OK) {
+      bad("zlib failed to compress");
+    }
+    body.resize(zsize);
+    consider(std::move(body), kRawZ, 0);
+  }
 
   if (t.quantized && want(kDenseQ)) {
     std::vector<uint8_t> body;
@@ -504,7 +541,7 @@ uint32_t parse_entry(Reader& t, Section& s) {
 }
 
 void parse_body(Reader& r, Section& s) {
-  if (s.encoding != kRaw && s.dtype != kFloat32) {
+  if (s.encoding != kRaw && s.encoding != kRawZ && s.dtype != kFloat32) {
     r.fail(std::string("encoding ") + encoding_name(s.encoding) + " with a non-float32 dtype");
   }
   auto read_codebook = [&] {
@@ -518,6 +555,14 @@ void parse_body(Reader& r, Section& s) {
         r.fail(u(r.remaining()) + " data bytes for " + u(s.numel) + " elements of " + u(s.itemsize) + " bytes");
       }
       s.raw = r.bytes(s.out_bytes, "data");
+      break;
+    case kRawZ:
+      // A declared size past DEFLATE's 1032:1 is a lie: refused before anything is allocated.
+      if (s.out_bytes / kMaxDeflateRatio > r.remaining()) {
+        r.fail(u(r.remaining()) + " zlib bytes cannot decompress to " + u(s.out_bytes) + " bytes");
+      }
+      s.zlib_size = r.remaining();
+      s.zlib = r.bytes(s.zlib_size, "zlib stream");
       break;
     case kDenseQ:
       read_codebook();
@@ -659,22 +704,8 @@ void inflate_head(FileView& v, Reader& r, const uint8_t* stored, uint64_t n) {
            " compressed bytes can hold (DEFLATE expands at most 1032:1)");
   }
   v.head.resize(declared);
-  z_stream zs{};
-  if (inflateInit(&zs) != Z_OK) throw std::runtime_error("ppz: zlib failed to initialise");
-  zs.next_in = const_cast<Bytef*>(stored + 8);
-  zs.avail_in = static_cast<uInt>(z_bytes);
-  zs.next_out = v.head.data();
-  zs.avail_out = static_cast<uInt>(declared);
-  const int ret = inflate(&zs, Z_FINISH);
-  const uint64_t produced = zs.total_out, left = zs.avail_in;
-  const std::string why = zs.msg ? zs.msg : "truncated";
-  inflateEnd(&zs);
-  if (ret == Z_BUF_ERROR && produced == declared) {
-    r.fail("decompresses to more than its declared " + u(declared) + " bytes");
-  }
-  if (ret != Z_STREAM_END) r.fail("not a valid zlib stream (" + why + ")");
-  if (produced != declared) r.fail("decompresses to " + u(produced) + " bytes, declared " + u(declared));
-  if (left) r.fail(u(left) + " bytes after the end of its zlib stream");
+  const std::string error = inflate_exact(stored + 8, z_bytes, v.head.data(), declared);
+  if (!error.empty()) r.fail(error);
 }
 
 void parse_v2(FileView& v, const uint8_t* data, size_t size, uint32_t count) {
@@ -764,6 +795,21 @@ void decode_impl(const Section& s, uint8_t* out, int threads, Histograms* hist) 
   switch (s.encoding) {
     case kRaw: {
       if (s.out_bytes) std::memcpy(out, s.raw, s.out_bytes);
+      if (s.dtype == kBool) {
+        for (uint64_t i = 0; i < s.out_bytes; ++i) {
+          if (out[i] > 1) throw CorruptError(s.what + ": bool element " + u(i) + " is neither 0 nor 1");
+        }
+      }
+      return;
+    }
+    case kRawZ: {
+      std::vector<uint8_t> planes(s.out_bytes);
+      const std::string error = inflate_exact(s.zlib, s.zlib_size, planes.data(), s.out_bytes);
+      if (!error.empty()) throw CorruptError(s.what + ": zlib stream " + error);
+      const uint64_t n = s.numel, k = s.itemsize;
+      for (uint64_t i = 0; i < n; ++i) {
+        for (uint64_t b = 0; b < k; ++b) out[i * k + b] = planes[b * n + i];
+      }
       if (s.dtype == kBool) {
         for (uint64_t i = 0; i < s.out_bytes; ++i) {
           if (out[i] > 1) throw CorruptError(s.what + ": bool element " + u(i) + " is neither 0 nor 1");
@@ -878,6 +924,7 @@ SectionStats inspect_section(const Section& s, int threads) {
   }
   st.codebook_bytes = s.codebook ? 4 + 4 * uint64_t{s.codebook_size} : 0;
   if (s.encoding == kRaw) st.raw_bytes = s.out_bytes;
+  if (s.encoding == kRawZ) st.deflate_bytes = s.zlib_size;
   if (s.encoding == kDenseQ) st.codes = stream_stats(s, s.codes, h.codes);
   if (s.encoding == kCsrQ || s.encoding == kCsrF32) {
     st.entries = s.n_entries;

@@ -29,7 +29,7 @@ import numpy as np
 MAX_CODE_LENGTH = 24
 DEFAULT_CHUNK = 4096
 MAGIC = b"\x89PPZ\r\n\x1a\n"
-ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32")
+ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32", "raw_z")
 # dtype code -> numpy dtype (bfloat16 has no numpy dtype: kept as raw 2-byte words)
 NUMPY_DTYPES = {0: "<f4", 1: "<f8", 2: "<f2", 3: "<u2", 4: "u1", 5: "i1", 6: "<i2", 7: "<i4", 8: "<i8", 9: "?",
                 10: "<c8", 11: "<c16", 12: "<u2", 13: "<u4", 14: "<u8"}
@@ -315,6 +315,12 @@ def _read_body(s: bytes, p: int, name: str, dtype: int, enc: int, shape: tuple[i
     if enc == 0:
         t.data = np.frombuffer(s, npdt, numel, p).copy()
         p += numel * npdt.itemsize
+    elif enc == 4:  # raw_z: byte planes, zlib
+        planes = zlib.decompress(s[p:])
+        if len(planes) != numel * npdt.itemsize:
+            raise ValueError("raw_z size")
+        t.data = np.frombuffer(planes, np.uint8).reshape(npdt.itemsize, numel).T.copy().view(npdt).reshape(-1)
+        p = len(s)
     else:
         if enc in (2, 3):
             t.gap_bits = s[p]

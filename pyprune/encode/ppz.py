@@ -42,7 +42,7 @@ MAGIC = b"\x89PPZ\r\n\x1a\n"
 VERSION = 2  # written by default; version 1 files are still read
 VERSIONS = (1, 2)
 HEADER_BYTES = 32
-ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32")  # index = the code in the file
+ENCODINGS = ("raw", "dense_q", "csr_q", "csr_f32", "raw_z")  # index = the code in the file
 DEFAULT_GAP_BITS = (2, 3, 4, 5, 6, 7, 8)
 MAX_GAP_BITS = 8
 MAX_CODEBOOK = 65535
@@ -300,12 +300,13 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
             "header_bytes": s["header_bytes"], "codebook_bytes": s["codebook_bytes"],
             "rowcount_bytes": s["rowcount_bytes"], "gap_bytes": gaps["bytes"] if gaps else 0,
             "code_bytes": codes["bytes"] if codes else 0, "values_bytes": s["values_bytes"],
-            "raw_bytes": s["raw_bytes"], "gaps": gaps, "codes": codes,
+            "raw_bytes": s["raw_bytes"], "deflate_bytes": s["deflate_bytes"], "gaps": gaps, "codes": codes,
         })
         table.append({"name": name, "dtype": _dtype_name(dtype), "shape": s["shape"], "encoding": s["encoding"]})
     manifest = _with_table(manifest, table, layout)
     keys = ("numel", "nnz", "entries", "fillers", "bytes", "fp32_bytes", "dense_bytes", "header_bytes",
-            "codebook_bytes", "rowcount_bytes", "gap_bytes", "code_bytes", "values_bytes", "raw_bytes")
+            "codebook_bytes", "rowcount_bytes", "gap_bytes", "code_bytes", "values_bytes", "raw_bytes",
+            "deflate_bytes")
     total: dict[str, Any] = {k: sum(r[k] for r in rows) for k in keys}
     for stream in ("gaps", "codes"):
         present = [r[stream] for r in rows if r[stream]]

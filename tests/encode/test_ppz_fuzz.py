@@ -44,7 +44,8 @@ def build_file(scale: int = 1, version: int = 1) -> bytes:
     tensors = {"q": q, "d": d, "s": s, "bias": torch.randn(5, generator=gen), "n": torch.tensor(3),
                "mask": torch.tensor([True, False, True])}
     return pack_bytes({"arch": "tiny", "provenance": ["fuzz"]}, tensors, {"q": qcb, "d": dcb}, gap_bits=2,
-                      encodings={"q": "csr_q", "d": "dense_q", "s": "csr_f32"}, chunk_symbols=8, version=version)
+                      encodings={"q": "csr_q", "d": "dense_q", "s": "csr_f32", "bias": "raw_z"}, chunk_symbols=8,
+                      version=version)
 
 
 @lru_cache(maxsize=None)
@@ -156,7 +157,7 @@ def test_valid_file_decodes():
     data = small_file()
     assert check(data)
     encodings = [row["encoding"] for row in unpack_bytes(data)[0]["tensors"]]
-    assert encodings == ["csr_q", "dense_q", "csr_f32", "raw", "raw", "raw"]
+    assert encodings == ["csr_q", "dense_q", "csr_f32", "raw_z", "raw", "raw"]
     fields = {label for _, _, label in integer_fields(data)}
     assert "s0.gaps.chunk_bits[1]" in fields and "s1.codes.chunk_bits[2]" in fields  # several chunks
 

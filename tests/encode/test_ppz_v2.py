@@ -143,8 +143,8 @@ def small_v2() -> bytes:
 def test_the_fuzz_file_has_every_encoding():
     data = small_v2()
     assert struct.unpack_from("<I", data, 8)[0] == 2 and check(data)
-    assert [r["encoding"] for r in unpack_bytes(data)[0]["tensors"]] == ["csr_q", "dense_q", "csr_f32", "raw", "raw",
-                                                                         "raw"]
+    assert [r["encoding"] for r in unpack_bytes(data)[0]["tensors"]] == ["csr_q", "dense_q", "csr_f32", "raw_z",
+                                                                         "raw", "raw"]
 
 
 # ----------------------------------------------------------------------------- layout
