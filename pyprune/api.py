@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .compile import DEFAULT_ORDER, SEARCHES, CompileConfig, CompileResult, compile_model
+from .compile import DEFAULT_ORDER, SEARCHES, CompileConfig, CompileResult, compile_model, fp32_bytes
 from .data import DataSpec, DatasetNotFoundError
 from .encode import CorruptFileError, GraphFormatError, graph_to_json, inspect, save_graph_module
 from .encode.model_ppz import save_ppz
@@ -175,7 +175,10 @@ def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None =
     name ends in ``.ppz``, else a plain graph file (``docs/graph-format.md``). ``gm``
     is the graph to save (default: ``model.module`` traced); ``provenance`` is any JSON
     list, e.g. the passes run; ``codebooks`` are quantized layers' codebooks."""
-    meta = {**model.meta(), "provenance": list(provenance or [])}
+    # model.module still has the shapes it was loaded with (passes rewrite the traced
+    # copy), so it gives the size every later ratio is taken against
+    meta = {**model.meta(), "original_fp32_bytes": fp32_bytes(model.module),
+            "provenance": list(provenance or [])}
     gm = gm if gm is not None else trace(model.module, leaf_modules=model.leaf_modules)
     if Path(path).suffix == ".ppz":
         return save_ppz(gm, path, meta, codebooks, force=force)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyprune.data import DataSpec
-from pyprune.api import evaluate_model, load_model
+from pyprune.api import evaluate_model, inspect_file, load_model
 
 from .test_cli import last_json, run_cli
 
@@ -39,7 +39,7 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "-o", out, "--json")
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.ppz", "pareto.png", "report.json",
+    assert sorted(p.name for p in out.iterdir()) == ["bytes.png", "model.onnx", "model.ppz", "pareto.png", "report.json",
                                                      "report.md"]
     report, summary = report_of(out), last_json(stdout)
     chosen = report["chosen"]
@@ -67,6 +67,14 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
     md = (out / "report.md").read_text()
     assert "## Per layer" in md and f"{chosen['compression']:.2f}x" in md and "layer3.2.conv2" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # where the bytes are: the parts of model.ppz sum to its size, as inspect finds them
+    assert sum(chosen["parts"].values()) == chosen["file_bytes"]
+    inspected = inspect_file(out / "model.ppz")["total"]
+    assert chosen["parts"] == inspected["parts"]
+    # inspect and the report give the same ratio, against the same original
+    assert inspected["original_fp32_bytes"] == report["baseline"]["fp32_bytes"]
+    assert inspected["compression_vs_original"] == pytest.approx(chosen["compression"])
 
     # model.onnx is the compact form of the written model, verified on the first 256 val images
     onnx = report["onnx"]

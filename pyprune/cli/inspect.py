@@ -15,10 +15,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="how a .ppz file stores each tensor: encoding, density, bits, stream bytes",
                        description="Decode and validate a .ppz container and print, per tensor: shape, encoding, "
                                    "density, bits per code and per gap, bytes of each stream, fp32 bytes and "
-                                   "the ratio; then totals, and each Huffman stream's size against its Shannon "
+                                   "the ratio; then totals, the compression against the original model (when the "
+                                   "file records it) and against its own tensors as float32, where the bytes are "
+                                   "(manifest and table, code and index streams, codebooks, vectors, raw tensors, "
+                                   "container overhead), and each Huffman stream's size against its Shannon "
                                    "entropy.")
     p.add_argument("file", metavar="FILE.ppz")
-    p.add_argument("--all", action="store_true", help="also list small raw tensors (BatchNorm, biases)")
+    p.add_argument("--all", action="store_true",
+                   help="also list the 1-D tensors (BatchNorm vectors, biases, scales, counters)")
     p.add_argument("--json", action="store_true", help="print the full inspection as one JSON object")
     p.set_defaults(func=run)
 

@@ -22,11 +22,12 @@ def info_table(info: Any, all_nodes: bool) -> str:
 
 
 def inspect_table(report: dict[str, Any], show_all: bool) -> str:
-    """``pyprune inspect``: per tensor, how it is stored; then the totals, and each
-    Huffman stream against its entropy."""
+    """``pyprune inspect``: per tensor, how it is stored (1-D vectors only with
+    ``show_all``); the totals; where the bytes are; each Huffman stream against its
+    entropy."""
     rows = []
     for t in report["tensors"]:
-        if not show_all and t["encoding"] == "raw" and t["numel"] < 4096:
+        if not show_all and len(t["shape"]) <= 1:
             continue
         rows.append((t["name"], "x".join(map(str, t["shape"])), t["encoding"], f"{t['density']:.3f}",
                      t["code_bits"] if t["code_bits"] is not None else "-", t["gap_bits"] or "-",
@@ -37,10 +38,13 @@ def inspect_table(report: dict[str, Any], show_all: bool) -> str:
                  f"{total['gap_bytes']:,}", f"{total['bytes']:,}", f"{total['fp32_bytes']:,}",
                  f"{total['fp32_bytes'] / max(total['bytes'], 1):.1f}x"))
     lines = [format_table(("tensor", "shape", "encoding", "density", "code bits", "gap bits", "code bytes",
-                           "gap bytes", "bytes", "fp32 bytes", "ratio"), rows),
-             f"file {total['file_bytes']:,} bytes (manifest {total['manifest_bytes']:,}, "
-             f"overhead {total['overhead_bytes']:,}); fp32 {total['fp32_bytes']:,} bytes; "
-             f"compression {total['compression']:.2f}x"]
+                           "gap bytes", "bytes", "fp32 bytes", "ratio"), rows)]
+    hidden = sum(len(t["shape"]) <= 1 for t in report["tensors"])
+    if hidden and not show_all:
+        lines.append(f"({hidden} 1-D tensors (BatchNorm vectors, biases, counters) not listed: --all lists them)")
+    lines.append(f"file {total['file_bytes']:,} bytes, container version {total['version']}")
+    lines.append(compression_line(total))
+    lines.append(budget_table(total["parts"], total["file_bytes"]))
     for stream in ("codes", "gaps"):
         bits, entropy = total[f"{stream}_payload_bits"], total[f"{stream}_entropy_bits"]
         symbols = sum(t[stream]["symbols"] for t in report["tensors"] if t[stream])
@@ -49,6 +53,24 @@ def inspect_table(report: dict[str, Any], show_all: bool) -> str:
                          f"entropy {entropy / 8:,.0f} bytes ({entropy / symbols:.3f} bits/symbol) over "
                          f"{symbols:,} symbols")
     return "\n".join(lines)
+
+
+def compression_line(total: dict[str, Any]) -> str:
+    """Each ratio with what it is against: fp32 bytes (float tensors at 4 bytes, the
+    rest at their own size) over the file's bytes."""
+    own = (f"{total['compression']:.2f}x against this file's own tensors as float32 "
+           f"({total['fp32_bytes']:,} bytes)")
+    if "compression_vs_original" not in total:
+        return f"compression {own}"
+    return (f"compression {total['compression_vs_original']:.2f}x against the original model as float32 "
+            f"({total['original_fp32_bytes']:,} bytes, recorded when the file was written); {own}")
+
+
+def budget_table(parts: dict[str, int], file_bytes: int) -> str:
+    """Where the bytes are: one row per part of the file, with its share."""
+    rows = [(name, f"{n:,}", f"{n / max(file_bytes, 1):.1%}") for name, n in parts.items()]
+    rows.append(("file", f"{file_bytes:,}", "100.0%"))
+    return format_table(("part", "bytes", "share"), rows, left=1)
 
 
 def _default(value: Any) -> str:

@@ -14,6 +14,7 @@ from torch import fx
 from .. import distributed
 from ..data import ArrayDataset
 from ..encode import graph_state_dict, inspect, load_ppz, save_ppz
+from ..encode.ppz import fp32_bytes as tensor_fp32_bytes
 from ..passes import read_codebooks
 from ..search import Evaluator, SearchOutcome, State
 from ..train import evaluate
@@ -33,8 +34,10 @@ class FinalModel:
 
 
 def fp32_bytes(gm: torch.nn.Module) -> int:
-    """Bytes of the model's floating-point state as float32: the uncompressed size."""
-    return 4 * sum(t.numel() for t in graph_state_dict(gm).values() if t.is_floating_point())
+    """The model's uncompressed size: its state as ``pyprune inspect`` counts a file's
+    (floating-point tensors as float32, others at their own size)."""
+    state = graph_state_dict(gm) if isinstance(gm, fx.GraphModule) else gm.state_dict()
+    return sum(tensor_fp32_bytes(t.dtype, t.numel()) for t in state.values())
 
 
 def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: ArrayDataset, out: Path,
@@ -46,7 +49,8 @@ def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: Ar
     if not met:
         final = base
     books = read_codebooks(final.gm, final.codebook_layers())
-    file_meta = {**meta, "provenance": [{"compile": final.pipeline, "target": target}]}
+    file_meta = {**meta, "original_fp32_bytes": fp32_bytes(base.gm),
+                 "provenance": [{"compile": final.pipeline, "target": target}]}
     path = out / "model.ppz"
     if distributed.is_main():
         save_ppz(final.gm, path, file_meta, books, force=True)

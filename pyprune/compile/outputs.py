@@ -14,10 +14,10 @@ from torch import nn
 from ..data import ArrayDataset
 from ..export import OnnxExportError, VerificationError, verification_inputs, write_onnx
 from ..files import atomic_write
-from .report import plot_pareto, render_markdown, write_json
+from .report import plot_budget, plot_pareto, render_markdown, write_json
 
 STATE_DIR = ".compile-state"  # journal and fine-tuned weights of an unfinished compile
-OUTPUTS = ("model.ppz", "model.onnx", "model.unverified.onnx", "report.json", "report.md", "pareto.png")
+OUTPUTS = ("model.ppz", "model.onnx", "model.unverified.onnx", "report.json", "report.md", "pareto.png", "bytes.png")
 
 
 def check_output(out: Path, resume: bool, force: bool) -> None:
@@ -65,8 +65,9 @@ def write_compact_onnx(gm: nn.Module, out: Path, val: ArrayDataset, meta: dict[s
 
 
 def write_reports(report: dict[str, Any], out: Path) -> None:
-    """``report.md``, ``pareto.png``, then ``report.json``."""
+    """``report.md``, ``pareto.png``, ``bytes.png``, then ``report.json``."""
     text = render_markdown(report)
     atomic_write(out / "report.md", lambda f: f.write(text.encode()), force=True)
     plot_pareto(report, out / "pareto.png")
+    plot_budget(report, out / "bytes.png")
     write_json(out / "report.json", report)

@@ -45,7 +45,8 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
                    "val_accuracy": final.val_accuracy, "search_val_accuracy": chosen.candidate.accuracy if met else
                    baseline.accuracy, "test_accuracy": final.test_accuracy,
                    "params": sum(p.numel() for p in chosen.gm.parameters()), "file_bytes": final.file_bytes,
-                   "fp32_bytes": original, "compression": original / final.file_bytes},
+                   "fp32_bytes": original, "compression": original / final.file_bytes,
+                   "parts": final.inspection["total"]["parts"]},
         "search": {
             "kind": config.search, "order": list(outcome.order),
             "candidates": len(measured),
@@ -145,7 +146,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| parameters | {base['params']:,} | {chosen['params']:,} |",
         f"| size | {_kib(base['fp32_bytes'])} fp32 ({_kib(base['ppz_bytes'])} as lossless .ppz) | "
         f"{_kib(chosen['file_bytes'])} (`model.ppz`) |",
-        f"| compression (fp32 bytes / file bytes) | 1.00x | **{chosen['compression']:.2f}x** |",
+        f"| compression (the original model's fp32 bytes / file bytes, as `pyprune inspect` reports it) | 1.00x | "
+        f"**{chosen['compression']:.2f}x** |",
         "",
         _onnx_line(report.get("onnx")),
         "",
@@ -161,6 +163,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['layer']} | {r['op']} | {r['in_before']} → {r['in_after']} | "
                      f"{r['out_before']} → {r['out_after']} | {r['sparsity']:.1%} | {r['bits']} | {r['bytes']:,} | "
                      f"{r['fp32_bytes_before']:,} |")
+    parts = chosen.get("parts")
+    if parts:
+        lines += ["", "## Where the bytes are", "", "| part | bytes | share |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {n:,} | {n / chosen['file_bytes']:.1%} |" for name, n in parts.items()]
+        lines += [f"| file | {chosen['file_bytes']:,} | 100.0% |", "", "![where the bytes are](bytes.png)"]
     lines += ["", "## Search", "",
               f"- strategy: {search['kind']}, order {' → '.join(search['order'])} then Huffman storage",
               f"- candidates measured: {search['candidates']} ({search['screened']} screened, "
@@ -181,6 +188,32 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- order {' → '.join(o['order'])} on the screen-only proxy: {_kib(o['size_bytes'])}")
     lines += ["", "![size against accuracy](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def plot_budget(report: dict[str, Any], path: Path) -> Path:
+    """``model.ppz``'s bytes as one stacked bar, a segment per part of the file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = report["chosen"]
+    parts = {k: v for k, v in chosen["parts"].items() if v > 0}
+    fig, ax = plt.subplots(figsize=(7, 1.8), dpi=120)
+    left = 0
+    colors = plt.get_cmap("tab10").colors
+    for (name, n), color in zip(parts.items(), colors):
+        ax.barh(0, n / 1024, left=left / 1024, color=color, label=f"{name} ({n / chosen['file_bytes']:.0%})")
+        left += n
+    ax.set_yticks([])
+    ax.set_xlabel("KiB")
+    ax.set_title(f"model.ppz: {chosen['file_bytes']:,} bytes", fontsize=9)
+    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.55), frameon=False)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"), force=True)
+    finally:
+        plt.close(fig)
 
 
 def _val(candidate: dict[str, Any]) -> float:

@@ -33,7 +33,8 @@ import torch
 
 from ..files import atomic_write
 
-__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "VERSION", "VERSIONS", "CorruptFileError", "inspect", "inspect_bytes", "is_ppz",
+__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "PARTS", "VERSION", "VERSIONS", "CorruptFileError", "byte_budget",
+           "fp32_bytes", "inspect", "inspect_bytes", "is_ppz",
            "pack", "pack_bytes", "unpack", "unpack_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -55,6 +56,13 @@ DTYPES: dict[int, torch.dtype] = {
     12: torch.uint16, 13: torch.uint32, 14: torch.uint64,
 }
 _DTYPE_CODES = {d: c for c, d in DTYPES.items()}
+
+
+def fp32_bytes(dtype: torch.dtype, numel: int) -> int:
+    """A tensor's bytes in an uncompressed float32 model: floating-point elements at 4
+    bytes each, others (counters, masks) at their own size. Every compression ratio
+    pyprune reports divides a sum of these by a file's bytes."""
+    return numel * (4 if dtype.is_floating_point else dtype.itemsize)
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -296,7 +304,8 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
             "numel": s["numel"], "nnz": s["nnz"], "density": s["nnz"] / s["numel"] if s["numel"] else 0.0,
             "entries": s["entries"], "fillers": s["fillers"], "gap_bits": s["gap_bits"],
             "codebook_size": k, "code_bits": None if k is None else math.ceil(math.log2(k)) if k > 1 else 0,
-            "bytes": s["section_bytes"], "fp32_bytes": 4 * s["numel"], "dense_bytes": s["numel"] * s["itemsize"],
+            "bytes": s["section_bytes"], "fp32_bytes": fp32_bytes(dtype, s["numel"]),
+            "dense_bytes": s["numel"] * s["itemsize"],
             "header_bytes": s["header_bytes"], "codebook_bytes": s["codebook_bytes"],
             "rowcount_bytes": s["rowcount_bytes"], "gap_bytes": gaps["bytes"] if gaps else 0,
             "code_bytes": codes["bytes"] if codes else 0, "values_bytes": s["values_bytes"],
@@ -317,7 +326,46 @@ def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None =
                  head_bytes=layout["head_bytes"], table_bytes=layout["table_bytes"],
                  overhead_bytes=file_bytes - total["bytes"],
                  compression=total["fp32_bytes"] / file_bytes if file_bytes else 0.0)
+    total["parts"] = byte_budget(rows, total, layout)
+    original = (manifest.get("meta") or {}).get("original_fp32_bytes") if isinstance(manifest.get("meta"), dict) \
+        else None
+    if isinstance(original, int) and not isinstance(original, bool) and original > 0:
+        total.update(original_fp32_bytes=original, compression_vs_original=original / file_bytes)
     return {"tensors": rows, "total": total, "manifest": manifest}
+
+
+# The parts of a file, in the order inspect and report.md list them.
+PARTS = ("manifest and table", "code streams", "index streams", "codebooks", "vectors", "raw tensors",
+         "container overhead")
+
+
+def is_vector(row: Mapping[str, Any]) -> bool:
+    """A tensor of at most one dimension: BatchNorm vectors, biases, scales, counters."""
+    return len(row["shape"]) <= 1
+
+
+def byte_budget(rows: list[dict[str, Any]], total: Mapping[str, Any], layout: Mapping[str, Any]) -> dict[str, int]:
+    """Where a file's bytes are, summing to its size: the manifest and the tensor table
+    (version 2: the compressed head; version 1: the JSON, the directory and the section
+    headers), Huffman code streams (quantized codes, CSR codebook indices), index
+    streams (CSR gaps and row counts), codebooks, small vectors (BatchNorm, biases,
+    scales), other tensors stored whole (raw, raw_z, csr_f32 values), and the rest:
+    the file header, CRCs and the fixed fields of sections."""
+    def stored_whole(r: Mapping[str, Any]) -> int:
+        return r["raw_bytes"] + r["deflate_bytes"] + r["values_bytes"]
+
+    if layout["version"] == 1:
+        table = layout["manifest_bytes"] + 4 + layout["table_bytes"] + sum(r["header_bytes"] for r in rows)
+    else:
+        table = layout["head_bytes"]
+    parts = {"manifest and table": table,
+             "code streams": sum(r["code_bytes"] for r in rows),
+             "index streams": sum(r["gap_bytes"] + r["rowcount_bytes"] for r in rows),
+             "codebooks": sum(r["codebook_bytes"] for r in rows),
+             "vectors": sum(stored_whole(r) for r in rows if is_vector(r)),
+             "raw tensors": sum(stored_whole(r) for r in rows if not is_vector(r))}
+    parts["container overhead"] = total["file_bytes"] - sum(parts.values())
+    return parts
 
 
 def inspect(path: PathLike, *, threads: int | None = None) -> dict[str, Any]:

@@ -76,3 +76,24 @@ def test_corrupt_or_foreign_files_are_clear_errors(resnet20, tmp_path, capsys):
     foreign = ppz.pack(tmp_path / "foreign.ppz", {"hello": "world"}, {"t": torch.zeros(3)})
     with pytest.raises(GraphFormatError, match="no pyprune model"):
         load_ppz(foreign)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "vgg11", "densenet40", "resnet164"])
+def test_a_model_packed_with_nothing_removed_is_smaller_than_its_fp32_bytes(arch, tmp_path):
+    """The lossless file (what compile writes when nothing meets the target): the
+    tensors' exponent bytes compress (raw_z) by more than the manifest and table cost."""
+    model = load_model(arch=arch)
+    path = save_model(model, tmp_path / "m.ppz")
+    total = ppz.inspect(path)["total"]
+    assert total["file_bytes"] < total["fp32_bytes"] == total["original_fp32_bytes"]
+    assert total["compression"] == total["compression_vs_original"] > 1.0
+    assert sum(total["parts"].values()) == total["file_bytes"] and total["parts"]["raw tensors"] > 0
+
+
+def test_the_published_resnet20_packed_losslessly_is_smaller_than_fp32(resnet20, tmp_path):
+    path = save_model(resnet20, tmp_path / "m.ppz")
+    total = ppz.inspect(path)["total"]
+    loaded = load_model(str(path))
+    x = example_input((3, 32, 32), batch=4)
+    assert torch.equal(loaded.module(x), resnet20.module.eval()(x))
+    assert total["file_bytes"] < 0.9 * total["fp32_bytes"]
