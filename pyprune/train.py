@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import ArrayDataset
+from .ir import inference_only
 from .passes.constraints import Hook, TrainHooks  # what passes ask of training; the engine runs it
 
 __all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "TrainConfig", "TrainHooks", "bn_gamma_l1",
@@ -139,6 +140,11 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
               config: TrainConfig, hooks: TrainHooks | None = None) -> list[EpochLog]:
     """Train ``model`` in place on ``train_set``; return one log entry per epoch
     (loss, accuracy and images/s over all processes)."""
+    folded = inference_only(model)
+    if folded:
+        raise ValueError(f"this model's BatchNorm was folded for inference ({len(folded)} ChannelAffine modules, "
+                         f"e.g. {folded[0]}): it cannot be fine-tuned. Fine-tune the model before folding "
+                         "(pyprune compile --keep-batchnorm writes the trainable form)")
     hooks = hooks or TrainHooks()
     after_backward = list(hooks.after_backward)
     if config.slim_l1 > 0:

@@ -118,6 +118,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--onnx-verify", type=int, default=api.DEFAULT_IMAGES, metavar="N",
                    help="validation images on which OUT/model.onnx (compact ONNX form) is checked against PyTorch "
                         "in onnxruntime (0: written unverified)")
+    g.add_argument("--keep-batchnorm", action="store_true",
+                   help="write model.ppz with its BatchNorm layers as they are (trainable) instead of folded for "
+                        "inference (into the layer before, or as a float16/float32 scale and shift after a layer "
+                        "whose weights share a codebook), which is the default where the target still holds")
     g.add_argument("--quiet", action="store_true", help="no progress bars and no per-candidate lines")
     g.add_argument("--json", action="store_true", help="end the output with one JSON line summarising the result")
     add_threads(p)
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         train=api.TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                               sync_batchnorm=not args.no_sync_bn),
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
-        quiet=args.quiet, onnx_verify=args.onnx_verify)
+        quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

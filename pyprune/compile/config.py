@@ -46,6 +46,7 @@ class CompileConfig:
     force: bool = False
     quiet: bool = False
     onnx_verify: int = 256
+    fold_batchnorm: bool = True  # write BatchNorm folded for inference (bnfold) where the target holds
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import distributed
 from ..data import ArrayDataset
-from ..ir import example_input, propagate_shapes, trace
+from ..ir import example_input, inference_only, propagate_shapes, trace
 from ..models import LoadedModel
 from ..search import (Budget, Candidate, EvalSettings, Evaluator, GridSearch, HeuristicSearch, Journal, SearchData,
                       SearchOutcome, Stage, State, explore_orders, last_passing)
@@ -68,6 +68,10 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     ``config.output``. See the module docstring for the order of work."""
     started = time.perf_counter()
     check_output(config.output, config.resume, config.force)
+    folded = inference_only(model.module)
+    if folded and (config.finetune_epochs > 0 or config.slim_l1 > 0):
+        raise ValueError(f"{model.name}'s BatchNorm was folded for inference ({folded[0]}, ...), so it cannot be "
+                         "fine-tuned: compile it with --finetune-epochs 0, or compile the model before folding")
     gm = propagate_shapes(trace(model.module, leaf_modules=model.leaf_modules), example_input(model.input_shape))
     data, test_set = _load_data(config, model)
     meta = model.meta()
@@ -160,7 +164,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             started: float) -> dict[str, Any]:
     out = config.output
     search_seconds = ev.budget.spent()
-    final = write_final(ev, base, outcome, test_set, out, target, meta)
+    final = write_final(ev, base, outcome, test_set, out, target, meta, config.fold_batchnorm)
     onnx = write_compact_onnx(final.decoded, out, ev.data.val, meta, config.onnx_verify) \
         if distributed.is_main() else None
     onnx = distributed.broadcast_object(onnx)

@@ -4,6 +4,7 @@ and sizes describe, so the report cannot speak of a model the file does not hold
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ from torch import fx
 
 from .. import distributed
 from ..data import ArrayDataset
-from ..encode import graph_state_dict, inspect, load_ppz, save_ppz
+from ..encode import graph_state_dict, inspect, load_ppz, ppz_bytes, save_ppz
 from ..encode.ppz import fp32_bytes as tensor_fp32_bytes
-from ..passes import read_codebooks
+from ..passes import create_pass, read_codebooks
 from ..search import Evaluator, SearchOutcome, State
 from ..train import evaluate
 
@@ -31,6 +32,7 @@ class FinalModel:
     test_accuracy: float
     baseline_test_accuracy: float
     inspection: dict[str, Any]  # model.ppz's per-tensor storage (pyprune inspect)
+    bnfold: dict[str, Any] | None = None  # what folding BatchNorm for inference saved, or why it did not
 
 
 def fp32_bytes(gm: torch.nn.Module) -> int:
@@ -40,10 +42,33 @@ def fp32_bytes(gm: torch.nn.Module) -> int:
     return sum(tensor_fp32_bytes(t.dtype, t.numel()) for t in state.values())
 
 
+def fold_for_inference(ev: Evaluator, state: State, target: float, meta: dict[str, Any],
+                       books: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """``state``'s model with BatchNorm folded (``bnfold``): with float16 vectors if the
+    result still meets ``target`` on val, else with float32 ones if that does, else as
+    it was. Returns the model to write and what was tried."""
+    shared = list(state.codebook_layers())
+    before = len(ppz_bytes(state.gm, meta, books))
+    record: dict[str, Any] = {"applied": False, "float16": False, "bytes_before": before, "bytes_after": before,
+                              "tried": []}
+    for float16 in (True, False):
+        gm = copy.deepcopy(state.gm)
+        gm = create_pass("bnfold", float16=float16, shared=shared)(gm).graph_module.eval()
+        accuracy = ev.accuracy(gm, ev.data.val)
+        size = len(ppz_bytes(gm, meta, books))
+        record["tried"].append({"float16": float16, "val_accuracy": accuracy, "bytes": size})
+        if accuracy >= target and size < before:
+            record.update(applied=True, float16=float16, bytes_after=size, val_accuracy=accuracy)
+            return gm, record
+    return state.gm, record
+
+
 def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: ArrayDataset, out: Path,
-                target: float, meta: dict[str, Any]) -> FinalModel:
+                target: float, meta: dict[str, Any], fold_batchnorm: bool = True) -> FinalModel:
     """Write ``out/model.ppz`` (rank 0) and measure it: val and test accuracy of the
-    decoded file, and the baseline's test accuracy for comparison."""
+    decoded file, and the baseline's test accuracy for comparison. A compressed result
+    is written with its BatchNorm folded for inference where the target still holds
+    (``fold_batchnorm``); the baseline fallback stays lossless."""
     final = outcome.final
     met = final is not base and final.candidate is not None and final.candidate.meets
     if not met:
@@ -51,13 +76,19 @@ def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: Ar
     books = read_codebooks(final.gm, final.codebook_layers())
     file_meta = {**meta, "original_fp32_bytes": fp32_bytes(base.gm),
                  "provenance": [{"compile": final.pipeline, "target": target}]}
+    written, bnfold = final.gm, None
+    if met and fold_batchnorm:
+        written, bnfold = fold_for_inference(ev, final, target, file_meta, books)
+        if bnfold["applied"]:
+            file_meta["provenance"][0]["bnfold"] = {"float16": bnfold["float16"]}
     path = out / "model.ppz"
     if distributed.is_main():
-        save_ppz(final.gm, path, file_meta, books, force=True)
+        save_ppz(written, path, file_meta, books, force=True)
     distributed.barrier()
     decoded, _ = load_ppz(path)  # measure what was written, not what is in memory
     mean, std = ev.data.mean, ev.data.std
     val_acc = evaluate(decoded, ev.data.val, mean, std, progress=False).accuracy
     test_acc = evaluate(decoded, test_set, mean, std, progress=False).accuracy
     base_test = evaluate(base.gm, test_set, mean, std, progress=False).accuracy
-    return FinalModel(final, met, decoded, path, path.stat().st_size, val_acc, test_acc, base_test, inspect(path))
+    return FinalModel(final, met, decoded, path, path.stat().st_size, val_acc, test_acc, base_test, inspect(path),
+                      bnfold)

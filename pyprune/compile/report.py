@@ -58,6 +58,7 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
             "budget_minutes": config.budget_minutes, "budget_exhausted": outcome.budget_exhausted,
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
         },
+        "bnfold": final.bnfold,
         "onnx": onnx,
         "layers": layer_table(base.gm, chosen.gm, final.inspection, set(chosen.codebook_layers())),
         "candidates": candidates,
@@ -163,6 +164,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['layer']} | {r['op']} | {r['in_before']} → {r['in_after']} | "
                      f"{r['out_before']} → {r['out_after']} | {r['sparsity']:.1%} | {r['bits']} | {r['bytes']:,} | "
                      f"{r['fp32_bytes_before']:,} |")
+    bnfold = report.get("bnfold")
+    if bnfold:
+        if bnfold["applied"]:
+            saved = bnfold["bytes_before"] - bnfold["bytes_after"]
+            lines += ["", f"BatchNorm folded for inference (`bnfold`, {'float16' if bnfold['float16'] else 'float32'} "
+                      f"scale and shift): {saved:,} bytes saved ({bnfold['bytes_before']:,} → "
+                      f"{bnfold['bytes_after']:,}), val top-1 {bnfold['val_accuracy']:.4f} still meets the target. "
+                      "The file is for inference; `--keep-batchnorm` writes the trainable form."]
+        else:
+            lines += ["", "BatchNorm kept: folding it missed the target or saved nothing ("
+                      + "; ".join(f"{'float16' if t['float16'] else 'float32'}: val {t['val_accuracy']:.4f}, "
+                                  f"{t['bytes']:,} bytes" for t in bnfold["tried"]) + ")."]
     parts = chosen.get("parts")
     if parts:
         lines += ["", "## Where the bytes are", "", "| part | bytes | share |", "| --- | ---: | ---: |"]

@@ -1,10 +1,11 @@
 """The graph IR: fx tracing, shape propagation, accounting and the pass manager."""
 
+from .modules import ChannelAffine, inference_only
 from .accounting import LayerStats, Totals, layer_stats, register_mac_counter, totals
 from .pass_manager import GraphPass, PassCheckError, PassManager, PassResult, PassStats, PipelineResult
 from .shape_prop import example_input, output_shape, propagate_shapes, tensor_meta
 from .trace import TraceError, trace
 
-__all__ = ["GraphPass", "LayerStats", "PassCheckError", "PassManager", "PassResult", "PassStats",
-           "PipelineResult", "Totals", "TraceError", "example_input", "layer_stats", "output_shape",
+__all__ = ["ChannelAffine", "GraphPass", "LayerStats", "PassCheckError", "PassManager", "PassResult", "PassStats",
+           "PipelineResult", "Totals", "TraceError", "example_input", "inference_only", "layer_stats", "output_shape",
            "propagate_shapes", "register_mac_counter", "tensor_meta", "totals", "trace"]

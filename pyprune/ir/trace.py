@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from .modules import LEAF_MODULES
+
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
 
@@ -67,7 +69,8 @@ class _PathTracer(fx.Tracer):
         self.scope_stack: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return self.leaves(m, module_qualified_name) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, LEAF_MODULES) or self.leaves(m, module_qualified_name) or \
+            super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.scope_stack.append((self.path_of_module(m), type(m).__name__))

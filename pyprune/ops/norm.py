@@ -1,6 +1,7 @@
 """Normalisation: BatchNorm (channel handler, on the ``_BatchNorm`` base; its |gamma|
-scores channel groups), and the serializable barriers LayerNorm, GroupNorm and
-``F.batch_norm``."""
+scores channel groups), and the serializable barriers LayerNorm, GroupNorm,
+``F.batch_norm`` and ChannelAffine (a BatchNorm folded for inference by ``bnfold``;
+folded models are not slimmed again)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.context import Context
+from ..ir.modules import ChannelAffine
 from .identity import PassThrough
 from .registry import BARRIER, INHERITED, OpSupport, function, module
 from .rewrite import Rewriter
@@ -59,4 +61,5 @@ OPS: tuple[OpSupport, ...] = (
     module(nn.LayerNorm, BARRIER, serializable=True),
     module(nn.GroupNorm, BARRIER, serializable=True),
     function("torch.nn.functional.batch_norm", F.batch_norm, BARRIER, serializable=True),
+    module(ChannelAffine, BARRIER, serializable=True),
 )

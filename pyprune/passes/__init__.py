@@ -26,3 +26,4 @@ __all__ = ["GraphPass", "Knob", "Option", "PASSES", "PassSpec", "PipelineSyntaxE
 from . import slim  # noqa: E402,F401
 from . import mask  # noqa: E402,F401
 from . import quant  # noqa: E402,F401
+from . import bnfold  # noqa: E402,F401

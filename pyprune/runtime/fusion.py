@@ -14,8 +14,10 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.experimental.optimization import fuse, replace_node_module
+from torch.fx.experimental.optimization import replace_node_module
 
+from ..passes import create_pass
+from ..passes.bnfold import fold_affine
 from .modules import dense_layer
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -23,17 +25,15 @@ _RELU_METHODS = ("relu", "relu_")
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
-    """A copy of ``gm`` in eval mode with every BatchNorm whose input is a Conv or
-    Linear output used by nothing else folded into that layer (torch's
-    ``fx.experimental.optimization.fuse``); also the names of the layers folded into."""
+    """A copy of ``gm`` in eval mode with every BatchNorm (or a ``bnfold`` ChannelAffine)
+    whose input is a Conv or Linear output used by nothing else folded into that layer,
+    shared weights included (the runtime keeps them as float32); the others become
+    ChannelAffine. Also the names of the layers folded into, in graph order."""
     gm = copy.deepcopy(gm).eval()
-    before = dict(gm.named_modules())
-    folded = fuse(gm, inplace=True, no_trace=True)
-    # fuse() puts a new module in place of each layer it folds into.
-    names = [name for name, m in folded.named_modules()
-             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and before.get(name) is not m]
-    folded.delete_all_unused_submodules()
-    return folded.eval(), names
+    record = create_pass("bnfold", shared=[])(gm).record
+    into = {**record["folded"], **fold_affine(gm)}
+    order = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    return gm.eval(), sorted(set(into.values()), key=order.index)
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from pyprune.api import load_model, save_model
 from pyprune.cli import main
+from pyprune.ir import ChannelAffine
 from pyprune.encode import (MODULE_TYPES, GraphFormatError, graph_from_json, graph_state_dict, graph_to_json,
                             is_graph_file, load_graph_module, module_config, save_graph_module)
 from pyprune.ir import trace
@@ -134,6 +135,7 @@ SAMPLES = {
     "MaxPool2d": nn.MaxPool2d(3, 2, 1, ceil_mode=True), "AvgPool2d": nn.AvgPool2d(2, count_include_pad=False),
     "AdaptiveAvgPool2d": nn.AdaptiveAvgPool2d((2, 3)), "AdaptiveMaxPool2d": nn.AdaptiveMaxPool2d(1),
     "ZeroPad2d": nn.ZeroPad2d((1, 0, 2, 0)), "Upsample": nn.Upsample(scale_factor=2.0, mode="nearest"),
+    "ChannelAffine": ChannelAffine(5),
 }
 
 

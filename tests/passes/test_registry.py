@@ -46,7 +46,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("name", ["slim", "mask", "quant"])
+@pytest.mark.parametrize("name", ["slim", "mask", "quant", "bnfold"])
 def test_declared_options_are_exactly_the_constructor_arguments(name):
     cls = PASSES[name]
     params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
