@@ -15,6 +15,7 @@ import torch
 
 from pyprune.data import DataSpec
 from pyprune.api import evaluate_model, inspect_file, load_model
+from pyprune.export import stored_codes
 
 from .test_cli import last_json, run_cli
 
@@ -88,12 +89,13 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsy
 
     stored = {t.name: onnx_lib.numpy_helper.to_array(t) for t in onnx_lib.load(str(out / "model.onnx")).graph.initializer}
     quantized = [r["layer"] for r in report["layers"] if r["codes"] is not None]
-    assert all(stored[f"{q}.weight.codes"].dtype == "uint8" and f"{q}.weight" not in stored for q in quantized)
     weights = model.module.state_dict()
-    coded = [name[:-len(".codes")] for name in stored if name.endswith(".codes")]
+    assert all(stored_codes(stored, f"{q}.weight", weights[f"{q}.weight"].shape).dtype == "uint8"
+               and f"{q}.weight" not in stored for q in quantized)
+    coded = [name[:-len(".codebook")] for name in stored if name.endswith(".codebook")]
     assert len(coded) == onnx["codebook_tensors"] > 0
     for name in coded:  # the codebook rebuilds the .ppz weight bit for bit
-        rebuilt = stored[f"{name}.codebook"][stored[f"{name}.codes"].astype("int64")]
+        rebuilt = stored[f"{name}.codebook"][stored_codes(stored, name, weights[name].shape).astype("int64")]
         assert rebuilt.tobytes() == weights[name].numpy().tobytes(), name
     images = load_dataset("cifar10", "test-search", data_root, limit=300)
     x = Normalize(model.mean, model.std)(images.images)

@@ -59,7 +59,7 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
         },
         "bnfold": final.bnfold,
-        "onnx": onnx,
+        "onnx": {**onnx, "bytes_vs_ppz": onnx["bytes"] / final.file_bytes} if onnx.get("bytes") else onnx,
         "layers": layer_table(base.gm, chosen.gm, final.inspection, set(chosen.codebook_layers())),
         "candidates": candidates,
     }
@@ -126,8 +126,9 @@ def _onnx_line(onnx: dict[str, Any] | None) -> str:
     v = onnx.get("verification")
     check = (f"verified in onnxruntime {v['onnxruntime']} on {v['data']}: max logit difference "
              f"{v['max_abs_diff']:.2g}, same top-1 on all {v['n']} images" if v else "not verified")
+    ratio = f", {onnx['bytes_vs_ppz']:.2f}x the `.ppz`" if "bytes_vs_ppz" in onnx else ""
     return (f"ONNX: `model.onnx`, compact form (codes + codebook for {onnx['codebook_tensors']} weights), "
-            f"{_kib(onnx['bytes'])}; {check}.")
+            f"{_kib(onnx['bytes'])}{ratio}; {check}.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:

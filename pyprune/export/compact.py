@@ -7,6 +7,15 @@ by ``Cast(codes -> int32) -> Gather(codebook, ., axis=0)`` in front of the Conv
 or Gemm. Zero, where present, is always code 0, so a codes tensor is sparse
 exactly where the weight is, which is what :func:`sparsify_initializers` uses.
 
+Where the codebook has at most 16 entries (3-bit quantization plus zero, say), two
+codes share a byte: ``packed`` (uint8, half as many elements, low nibble first) is
+unpacked in the graph by ``BitwiseAnd(packed, 15)`` and ``BitShift(packed, 4)``,
+interleaved (``Unsqueeze``, ``Concat``, ``Reshape``, ``Slice`` when the count is
+odd) and reshaped to the weight's shape, before the same Cast and Gather. These are
+opset-18 operators on constants, so onnxruntime folds them when it opens the
+session like the rest. (ONNX's own UINT4 type needs opset 21, above the export's
+default.)
+
 onnxruntime folds the rebuilt weights back into constants when it opens the
 session (graph optimization level "basic" and up), so the compact form runs
 like the dense one; only the file is smaller.
@@ -14,6 +23,7 @@ like the dense one; only the file is smaller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,15 +71,69 @@ def codebook_encoding(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     return values[order].astype(np.float32), codes
 
 
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Two codes (each < 16) per byte, the first in the low nibble; odd counts end with 0."""
+    flat = codes.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def stored_codes(initializers: Mapping[str, np.ndarray], name: str, shape: Sequence[int]) -> np.ndarray | None:
+    """The codes of coded weight ``name`` as a compact file stores them (one per byte,
+    or two per byte), in the weight's shape; None when the weight is not coded."""
+    if f"{name}.codes" in initializers:
+        return initializers[f"{name}.codes"]
+    if f"{name}.packed" not in initializers:
+        return None
+    packed = initializers[f"{name}.packed"]
+    n = int(np.prod(shape))
+    return np.stack([packed & 15, packed >> 4], 1).reshape(-1)[:n].reshape(shape).astype(np.uint8)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type, value.shape = ir.TensorType(value.const_value.dtype), value.const_value.shape
+    graph.register_initializer(value)
+    return value
+
+
+def _unpack_nodes(graph: ir.Graph, name: str, codes: np.ndarray) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes that rebuild ``codes`` (values < 16) from a packed initializer, and their output."""
+    n = codes.size
+    packed = _constant(graph, f"{name}.packed", pack_nibbles(codes))
+    nodes = [ir.node("BitwiseAnd", [packed, _constant(graph, f"{name}.mask", np.array(15, np.uint8))],
+                     name=f"{name}.low"),
+             ir.node("BitShift", [packed, _constant(graph, f"{name}.shift", np.array(4, np.uint8))],
+                     {"direction": "RIGHT"}, name=f"{name}.high")]
+    axis = _constant(graph, f"{name}.axis", np.array([1], np.int64))
+    nodes += [ir.node("Unsqueeze", [nodes[0].outputs[0], axis], name=f"{name}.low2"),
+              ir.node("Unsqueeze", [nodes[1].outputs[0], axis], name=f"{name}.high2")]
+    nodes.append(ir.node("Concat", [nodes[2].outputs[0], nodes[3].outputs[0]], {"axis": 1}, name=f"{name}.pairs"))
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], _constant(graph, f"{name}.flat", np.array([-1], np.int64))],
+                         name=f"{name}.interleave"))
+    if n % 2:
+        nodes.append(ir.node("Slice", [nodes[-1].outputs[0], _constant(graph, f"{name}.start", np.array([0], np.int64)),
+                                       _constant(graph, f"{name}.end", np.array([n], np.int64))], name=f"{name}.trim"))
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0],
+                                     _constant(graph, f"{name}.shape", np.array(codes.shape, np.int64))],
+                         name=f"{name}.unpack"))
+    for node_, suffix in zip(nodes, ("lo", "hi", "lo2", "hi2", "pairs", "interleaved", "trimmed", "codes")):
+        node_.outputs[0].name = f"{name}.{suffix}"
+    nodes[-1].outputs[0].name = f"{name}.codes"
+    return nodes, nodes[-1].outputs[0]
+
+
 def _should_encode(value: ir.Value) -> bool:
     return (value.is_initializer() and not value.is_graph_input() and value.const_value is not None
             and value.dtype == ir.DataType.FLOAT)
 
 
-def encode_codebooks(model: ir.Model) -> list[CompactTensor]:
+def encode_codebooks(model: ir.Model, nibbles: bool = True) -> list[CompactTensor]:
     """Replace, in place, every float32 weight initializer of a Conv/ConvTranspose/
     Gemm/MatMul (input 1) whose codebook form is smaller by codes + codebook +
-    Cast + Gather. Returns what was stored, in graph order."""
+    Cast + Gather; with ``nibbles``, codes of codebooks of at most 16 entries two per
+    byte. Returns what was stored, in graph order."""
     graph = model.graph
     done: list[CompactTensor] = []
     for node in list(graph):
@@ -84,11 +148,14 @@ def encode_codebooks(model: ir.Model) -> list[CompactTensor]:
             continue
         codebook, codes = encoded
         name = weight.name
-        codebook_value = ir.Value(name=f"{name}.codebook", const_value=ir.tensor(codebook, name=f"{name}.codebook"))
-        codes_value = ir.Value(name=f"{name}.codes", const_value=ir.tensor(codes, name=f"{name}.codes"))
-        for v in (codebook_value, codes_value):
-            v.type, v.shape = ir.TensorType(v.const_value.dtype), v.const_value.shape
-            graph.register_initializer(v)
+        codebook_value = _constant(graph, f"{name}.codebook", codebook)
+        unpack: list[ir.Node] = []
+        if nibbles and codebook.size <= 16 and codes.size >= 2:
+            unpack, codes_value = _unpack_nodes(graph, name, codes)
+            code_dtype, code_bytes = "uint4x2", (codes.size + 1) // 2
+        else:
+            codes_value = _constant(graph, f"{name}.codes", codes)
+            code_dtype, code_bytes = str(codes.dtype), codes.nbytes
         cast = ir.node("Cast", [codes_value], {"to": ir.DataType.INT32}, name=f"{name}.cast")
         cast.outputs[0].name = f"{name}.indices"
         gather = ir.node("Gather", [codebook_value, cast.outputs[0]], {"axis": 0}, name=f"{name}.gather")
@@ -100,10 +167,11 @@ def encode_codebooks(model: ir.Model) -> list[CompactTensor]:
         weight.replace_all_uses_with(rebuilt)
         graph.initializers.pop(name)
         rebuilt.name = name  # the rebuilt weight keeps the weight's name in the graph
-        cast.meta[REBUILDS_WEIGHT] = gather.meta[REBUILDS_WEIGHT] = True
-        graph.insert_before(first, [cast, gather])
-        done.append(CompactTensor(name, tuple(array.shape), int(codebook.size), str(codes.dtype),
-                                  array.size * 4, codes.nbytes + codebook.nbytes))
+        for node_ in (*unpack, cast, gather):
+            node_.meta[REBUILDS_WEIGHT] = True
+        graph.insert_before(first, [*unpack, cast, gather])
+        done.append(CompactTensor(name, tuple(array.shape), int(codebook.size), code_dtype,
+                                  array.size * 4, code_bytes + codebook.nbytes))
     return done
 
 

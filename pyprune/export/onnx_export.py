@@ -160,7 +160,8 @@ def export_onnx_forms(module: nn.Module, input_shape: Sequence[int], forms: Sequ
 def _finish(model: ir.Model, form: str, opset: int, meta: Mapping[str, Any] | None,
             sparse_initializers: bool) -> OnnxExport:
     """Optimize the raw export into ``form``, add the metadata, check it."""
-    compact = encode_codebooks(model) if form == "compact" else []
+    # sparse initializers hold one code per byte; otherwise small codebooks pack two per byte
+    compact = encode_codebooks(model, nibbles=not sparse_initializers) if form == "compact" else []
     # folding the rebuilt weights back into constants would undo the compact form
     optimize_ir(model, should_fold=lambda node: False if node.meta.get(REBUILDS_WEIGHT) else None)
     props = {"pyprune.version": __version__, "pyprune.form": form}

@@ -144,17 +144,19 @@ def kmeans_1d(values: torch.Tensor, k: int, init: str = "linear", iters: int = 1
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, init: str = "linear", iters: int = 100,
-                    seed: int = 0) -> list[float]:
-    """Replace the non-zero weights by their k-means centroids (k = 2**bits) in
-    place; zeros stay zero. Returns the sorted codebook: exactly the distinct
-    non-zero values now in ``weight``."""
+                    seed: int = 0, zero_code: bool = False) -> list[float]:
+    """Replace the non-zero weights by their k-means centroids (k = 2**bits, or
+    2**bits - 1 with ``zero_code`` when the weight has zeros: zero is then one of the
+    2**bits codes) in place; zeros stay zero. Returns the sorted codebook: exactly the
+    distinct non-zero values now in ``weight``."""
     with torch.no_grad():
         flat = weight.detach().reshape(-1)
         nonzero = torch.nonzero(flat).squeeze(1)
         if nonzero.numel() == 0:
             return []
         values = flat[nonzero]
-        centroids, labels = kmeans_1d(values, 2**bits, init, iters, seed)
+        k = 2**bits - (1 if zero_code and nonzero.numel() < flat.numel() and bits > 0 else 0)
+        centroids, labels = kmeans_1d(values, max(k, 1), init, iters, seed)
         code = centroids.to(weight.dtype)
         # A centroid can round to (or be) exactly 0: it would merge its cluster into the
         # mask. Use the member value nearest to zero instead, which is non-zero.
@@ -186,6 +188,8 @@ class QuantPass(GraphPass):
         Option("seed", int, 0, "seed of kmeans++ (with each layer's name)"),
         Option("layers", dict, None, "{layer: bits} overrides; 0 leaves a layer alone"),
         Option("grad", str, "mean", "centroid gradient in fine-tuning: mean or sum of its cluster's", choices=GRADS),
+        Option("zero_code", bool, False, "count zero as one of the 2**bits codes where a layer has zeros (deep "
+               "compression's dense form): 4-bit layers then pack two codes per byte in compact ONNX"),
     )
     knob = Knob("bits", (8, 7, 6, 5, 4, 3, 2), increasing=False, range=Range(1, MAX_BITS), flag="--bits-levels")
     training_constraint = "shared weights stay tied (each cluster trains as one value); zeros stay zero"
@@ -194,9 +198,10 @@ class QuantPass(GraphPass):
 
     def __init__(self, bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None,
                  init: str = "linear", iters: int = 100, seed: int = 0,
-                 layers: Mapping[str, int] | None = None, grad: str = "mean") -> None:
+                 layers: Mapping[str, int] | None = None, grad: str = "mean", zero_code: bool = False) -> None:
         self.check_options(dict(bits=bits, conv_bits=conv_bits, linear_bits=linear_bits, init=init, iters=iters,
-                                seed=seed, layers=layers, grad=grad))
+                                seed=seed, layers=layers, grad=grad, zero_code=zero_code))
+        self.zero_code = zero_code
         self.bits, self.conv_bits, self.linear_bits = bits, conv_bits, linear_bits
         self.init, self.iters, self.seed, self.grad = init, iters, int(seed), grad
         self.layers = {str(k): _check_bits(v, f"bits of layer {k!r}") for k, v in (layers or {}).items()}
@@ -227,7 +232,7 @@ class QuantPass(GraphPass):
         for name, bits in self.plan(gm).items():
             w = gm.get_submodule(name).weight
             before = w.detach().clone()
-            codebook = quantize_weight(w, bits, self.init, self.iters, _layer_seed(self.seed, name))
+            codebook = quantize_weight(w, bits, self.init, self.iters, _layer_seed(self.seed, name), self.zero_code)
             modified = modified or not torch.equal(before, w.detach())
             n = w.numel()
             zeros = int((w == 0).sum())

@@ -127,9 +127,10 @@ def assert_same_graph(actual, expected):
     assert (a_in, a_out) == (e_in, e_out)
 
 
-def encode(model: onnx.ModelProto):
+def encode(model: onnx.ModelProto, nibbles: bool = False):
+    """The byte form by default: most graphs below are its before/expected pairs."""
     ir_model = ir.serde.deserialize_model(model)
-    tensors = encode_codebooks(ir_model)
+    tensors = encode_codebooks(ir_model, nibbles=nibbles)
     return ir.serde.serialize_model(ir_model), tensors
 
 
@@ -311,3 +312,60 @@ def test_sparse_only_when_strictly_smaller(nonzero, moved):
     compact, tensors = encode(model)
     sparsify_initializers(compact, tensors)
     assert len(compact.graph.sparse_initializer) == int(moved) and tensors[0].sparse is moved
+
+
+def unpack(name, n, shape):
+    """The nodes that rebuild ``name``'s codes from two per byte, then Cast and Gather."""
+    v = lambda s: f"{name}.{s}"  # noqa: E731
+    nodes = [helper.make_node("BitwiseAnd", [v("packed"), v("mask")], [v("lo")]),
+             helper.make_node("BitShift", [v("packed"), v("shift")], [v("hi")], direction="RIGHT"),
+             helper.make_node("Unsqueeze", [v("lo"), v("axis")], [v("lo2")]),
+             helper.make_node("Unsqueeze", [v("hi"), v("axis")], [v("hi2")]),
+             helper.make_node("Concat", [v("lo2"), v("hi2")], [v("pairs")], axis=1),
+             helper.make_node("Reshape", [v("pairs"), v("flat")], [v("interleaved")])]
+    consts = [numpy_helper.from_array(np.array(15, np.uint8), f"{name}.mask"),
+              numpy_helper.from_array(np.array(4, np.uint8), f"{name}.shift"),
+              numpy_helper.from_array(np.array([1], np.int64), f"{name}.axis"),
+              numpy_helper.from_array(np.array([-1], np.int64), f"{name}.flat"),
+              numpy_helper.from_array(np.array(shape, np.int64), f"{name}.shape")]
+    last = v("interleaved")
+    if n % 2:
+        nodes.append(helper.make_node("Slice", [last, v("start"), v("end")], [v("trimmed")]))
+        consts += [numpy_helper.from_array(np.array([0], np.int64), v("start")),
+                   numpy_helper.from_array(np.array([n], np.int64), v("end"))]
+        last = v("trimmed")
+    nodes.append(helper.make_node("Reshape", [last, f"{name}.shape"], [f"{name}.codes"]))
+    return nodes + rebuild(name), consts
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 3, 3), (5, 3, 1, 1)])  # 72 codes; 15, an odd count
+def test_small_codebooks_pack_two_codes_per_byte(shape):
+    from pyprune.export.compact import pack_nibbles
+
+    w, codes = quantized(shape, BOOK, seed=6)
+    side = 3 - shape[2] + 1
+    io = ([tensor_info("x", ["N", shape[1], 3, 3])], [tensor_info("y", ["N", shape[0], side, side])])
+    before = make_model([helper.make_node("Conv", ["x", "W"], ["y"])], [numpy_helper.from_array(w, "W")], *io)
+    nodes, consts = unpack("W", codes.size, shape)
+    expected = make_model([*nodes, helper.make_node("Conv", ["x", "W"], ["y"])],
+                          [numpy_helper.from_array(pack_nibbles(codes), "W.packed"), *consts,
+                           numpy_helper.from_array(BOOK, "W.codebook")], *io)
+    after, tensors = encode(before, nibbles=True)
+    assert_same_graph(after, expected)
+    onnx.checker.check_model(after, full_check=True)
+    assert tensors[0].code_dtype == "uint4x2" and tensors[0].bytes == (codes.size + 1) // 2 + 4 * 4
+    packed = pack_nibbles(codes)
+    assert packed.size == (codes.size + 1) // 2
+    assert np.array_equal(np.stack([packed & 15, packed >> 4], 1).reshape(-1)[:codes.size], codes.reshape(-1))
+    x = np.random.default_rng(0).standard_normal((3, shape[1], 3, 3)).astype(np.float32)
+    run = lambda model: session(model.SerializeToString()).run(None, {"x": x})[0]  # noqa: E731
+    assert np.array_equal(run(after), run(before))  # onnxruntime unpacks exactly the weights
+
+
+def test_seventeen_values_stay_one_code_per_byte():
+    book = np.concatenate([[0.0], np.arange(1, 17)]).astype(np.float32)
+    w, _ = quantized((4, 4, 3, 3), book, seed=7)
+    before = make_model([helper.make_node("Conv", ["x", "W"], ["y"])], [numpy_helper.from_array(w, "W")],
+                        [tensor_info("x", ["N", 4, 3, 3])], [tensor_info("y", ["N", 4, 1, 1])])
+    _, tensors = encode(before, nibbles=True)
+    assert tensors[0].code_dtype == "uint8"

@@ -14,6 +14,7 @@ from torch import nn
 
 import pyprune
 from pyprune.api import LoadedModel, load_model
+from pyprune.export import stored_codes
 from pyprune.export import (FORMS, MIN_OPSET, OnnxExportError, export_onnx, export_onnx_forms, session,
                             verification_inputs, verify_onnx)
 from pyprune.models.registry import available_models
@@ -117,9 +118,12 @@ def test_zoo_compact_codes_decode_to_the_weights_bit_for_bit(zoo):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     weights = {layer: zoo.gm.get_submodule(layer).weight.detach().numpy() for layer in zoo.books}
-    # One byte per code (<= 2**4 + 1 values) plus 4 per codebook entry against 4 per
-    # weight: every quantized layer but the tiniest is smaller coded.
-    smaller = {f"{layer}.weight" for layer, w in weights.items() if w.size + 4 * np.unique(w).size < 4 * w.size}
+    # One byte per code (two per byte up to 16 values) plus 4 per codebook entry against
+    # 4 per weight: every quantized layer but the tiniest is smaller coded.
+    def code_bytes(w):
+        return (w.size + 1) // 2 if np.unique(w).size <= 16 else w.size
+
+    smaller = {f"{layer}.weight" for layer, w in weights.items() if code_bytes(w) + 4 * np.unique(w).size < 4 * w.size}
     assert {t.name for t in compact.compact} == smaller
     assert all(f"{layer}.weight" in smaller for layer, w in weights.items() if w.size >= 64)
     for layer, w in weights.items():
@@ -128,7 +132,7 @@ def test_zoo_compact_codes_decode_to_the_weights_bit_for_bit(zoo):
             assert np.array_equal(inits[name], w)
             continue
         assert name not in inits
-        codes, codebook = inits[f"{name}.codes"], inits[f"{name}.codebook"]
+        codes, codebook = stored_codes(inits, name, w.shape), inits[f"{name}.codebook"]
         assert codes.dtype == np.uint8 and codes.shape == w.shape and codebook.dtype == np.float32
         # the codebook is the quant pass's codebook, after a zero where the weight has zeros
         book = zoo.books[layer].numpy()
@@ -158,9 +162,11 @@ def test_zoo_compact_is_less_than_half_the_dense_bytes(zoo):
     coded = zoo.forms["compact"].compact
     assert sum(t.fp32_bytes for t in coded) >= 0.85 * dense
     inits = {t.name: t for t in zoo.forms["compact"].proto.graph.initializer}
-    codes = [inits[f"{t.name}.codes"] for t in coded]
+    codes = [inits.get(f"{t.name}.codes") or inits[f"{t.name}.packed"] for t in coded]
     assert all(c.data_type == onnx.TensorProto.UINT8 for c in codes)
-    assert sum(len(c.raw_data) for c in codes) == sum(int(np.prod(t.shape)) for t in coded)  # a byte a weight
+    # a byte a weight, or a byte per two weights where the codebook has at most 16 entries
+    assert sum(len(c.raw_data) for c in codes) == sum((int(np.prod(t.shape)) + 1) // 2 if t.code_dtype == "uint4x2"
+                                                      else int(np.prod(t.shape)) for t in coded)
     assert compact < dense / 2
 
 
