@@ -213,17 +213,19 @@ def plot_budget(report: dict[str, Any], path: Path) -> Path:
 
     chosen = report["chosen"]
     parts = {k: v for k, v in chosen["parts"].items() if v > 0}
-    fig, ax = plt.subplots(figsize=(7, 1.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 2.0), dpi=120)
     left = 0
     colors = plt.get_cmap("tab10").colors
     for (name, n), color in zip(parts.items(), colors):
         ax.barh(0, n / 1024, left=left / 1024, color=color, label=f"{name} ({n / chosen['file_bytes']:.0%})")
         left += n
     ax.set_yticks([])
-    ax.set_xlabel("KiB")
+    ax.set_xlim(0, chosen["file_bytes"] / 1024)
+    ax.set_xlabel("KiB", fontsize=7, labelpad=1)
+    ax.tick_params(labelsize=7)
     ax.set_title(f"model.ppz: {chosen['file_bytes']:,} bytes", fontsize=9)
-    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.55), frameon=False)
-    fig.tight_layout()
+    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.9), frameon=False)
+    fig.subplots_adjust(left=0.03, right=0.97, top=0.82, bottom=0.55)
     try:
         return atomic_write(path, lambda f: fig.savefig(f, format="png"), force=True)
     finally:
