@@ -248,7 +248,8 @@ def read_ppz(data: bytes) -> tuple[bytes, list[RefTensor]]:
     return manifest, tensors
 
 
-def _varint(b: bytes, p: int) -> tuple[int, int]:
+def read_varint(b: bytes, p: int) -> tuple[int, int]:
+    """An unsigned LEB128 varint at ``b[p]``: (value, position after it)."""
     v = shift = 0
     while True:
         byte = b[p]
@@ -267,22 +268,22 @@ def _read_v2(data: bytes, head_size: int, count: int) -> tuple[bytes, list[RefTe
     head = inflater.decompress(stored[8:], declared)
     if len(head) != declared or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise ValueError("head does not decompress to its declared size")
-    msize, p = _varint(head, 0)
+    msize, p = read_varint(head, 0)
     manifest = head[p:p + msize]
     p += msize
     offset = 32 + head_size + 4
     tensors = []
     for i in range(count):
-        name_len, p = _varint(head, p)
+        name_len, p = read_varint(head, p)
         name = head[p:p + name_len].decode("utf-8")
         p += name_len
         dtype, enc, ndim = head[p], head[p + 1], head[p + 2]
         p += 3
         shape = []
         for _ in range(ndim):
-            d, p = _varint(head, p)
+            d, p = read_varint(head, p)
             shape.append(d)
-        size, p = _varint(head, p)
+        size, p = read_varint(head, p)
         (crc,) = struct.unpack_from("<I", head, p)
         p += 4
         body = data[offset:offset + size]
@@ -341,7 +342,7 @@ def _read_body(s: bytes, p: int, name: str, dtype: int, enc: int, shape: tuple[i
             counts = []
             q, end = p, p + rc_bytes
             while q < end:
-                v, q = _varint(s, q)
+                v, q = read_varint(s, q)
                 counts.append(v)
             p = end
             if len(counts) != rows or sum(counts) != n_entries:

@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..ir import ChannelAffine, PassResult
+from ..ir import ChannelAffine, PassResult, call_counts
 from .base import GraphPass, Option
 from .registry import register_pass
 
@@ -65,14 +65,6 @@ def affine_of(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
     return s, t
 
 
-def _calls(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
-
-
 def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent, _, leaf = target.rpartition(".")
     setattr(gm.get_submodule(parent), leaf, module)
@@ -83,7 +75,7 @@ def fold_affine(gm: fx.GraphModule) -> dict[str, str]:
     reads into that layer (``w * s``, ``b * s + t``), whether or not its weights are
     shared: for the runtime, which keeps weights as float32 anyway. Returns
     ``{ChannelAffine: layer}``."""
-    calls = _calls(gm)
+    calls = call_counts(gm)
     folded = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ChannelAffine):
@@ -138,7 +130,7 @@ class BnFold(GraphPass):
         return looks_shared(gm.get_submodule(target).weight)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        calls = _calls(gm)
+        calls = call_counts(gm)
         folded: dict[str, str] = {}  # BatchNorm -> the layer it went into
         affine: list[str] = []
         kept: dict[str, str] = {}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.optimization import replace_node_module
 
+from ..ir import call_counts
 from ..passes import create_pass
 from ..passes.bnfold import fold_affine
 from .modules import dense_layer
@@ -42,15 +43,6 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def call_counts(gm: fx.GraphModule) -> dict[str, int]:
-    """How many ``call_module`` nodes call each module."""
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
 
 
 def fuse_relu(gm: fx.GraphModule) -> list[str]:

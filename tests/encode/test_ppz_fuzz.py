@@ -267,8 +267,9 @@ def test_every_truncation_of_a_last_section():
 
 # ----------------------------------------------------------------------------- hypothesis
 
-def _mutation():
-    n = len(small_file())
+def _mutation(n: int | None = None):
+    """Mutations of a file of ``n`` bytes (the small fuzz file by default)."""
+    n = len(small_file()) if n is None else n
     pos = st.integers(0, n - 1)
     return st.one_of(
         st.tuples(st.just("flip"), st.lists(st.tuples(pos, st.integers(0, 7)), min_size=1, max_size=8)),

@@ -22,7 +22,7 @@ from pyprune.encode import huffman_ref as ref
 from pyprune.encode import load_ppz
 from pyprune.encode.ppz import CorruptFileError, inspect_bytes, pack_bytes, unpack_bytes
 
-from .test_ppz_fuzz import build_file, check, extremes
+from .test_ppz_fuzz import _mutation, apply, build_file, check, extremes
 
 hypothesis = pytest.importorskip("hypothesis", reason="the decoder fuzz tests need hypothesis (test extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -75,16 +75,10 @@ def build(count: int, head: bytes, blob: bytes, declared: int | None = None, str
 
 
 def read_varint(b: bytes, p: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        if p >= len(b) or shift > 63:
-            raise IndexError
-        byte = b[p]
-        p += 1
-        v |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return v, p
+    """The reference reader's varint, refusing past 64 bits (the head may be mutated)."""
+    if p < len(b) and len(b[p:p + 10]) == 10 and all(x & 0x80 for x in b[p:p + 10]):
+        raise IndexError
+    return ref.read_varint(b, p)
 
 
 def table_fields(head: bytes, count: int) -> tuple[list[Field], list[tuple[int, int, int]]]:
@@ -375,39 +369,6 @@ def test_every_truncation_and_every_bit_flip_of_the_file_is_caught():
             b[i] ^= 1 << bit
 
 
-def _mutation(n: int):
-    pos = st.integers(0, max(n - 1, 0))
-    return st.one_of(
-        st.tuples(st.just("flip"), st.lists(st.tuples(pos, st.integers(0, 7)), min_size=1, max_size=8)),
-        st.tuples(st.just("bytes"), pos, st.binary(min_size=1, max_size=16)),
-        st.tuples(st.just("truncate"), pos),
-        st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
-        st.tuples(st.just("delete"), pos, st.integers(1, 64)),
-        st.tuples(st.just("insert"), pos, st.binary(min_size=1, max_size=32)),
-    )
-
-
-def _apply(b: bytes, m) -> bytes:
-    b = bytearray(b)
-    if not b:
-        return bytes(b)
-    kind = m[0]
-    if kind == "flip":
-        for i, bit in m[1]:
-            b[i % len(b)] ^= 1 << bit
-    elif kind == "bytes":
-        b[m[1] % len(b):m[1] % len(b) + len(m[2])] = m[2]
-    elif kind == "truncate":
-        del b[m[1] % len(b):]
-    elif kind == "append":
-        b += m[1]
-    elif kind == "delete":
-        del b[m[1] % len(b):m[1] % len(b) + m[2]]
-    elif kind == "insert":
-        b[m[1] % len(b):m[1] % len(b)] = m[2]
-    return bytes(b)
-
-
 TARGETS = st.sampled_from(["head", "blob", "stream", "file", "declared", "field"])
 
 
@@ -418,11 +379,12 @@ def _fuzz(plan) -> None:
     raw_mutations = []
     for target, m, value in plan:
         if target == "head":
-            head = _apply(head, m)
+            head = apply(head, m) if head else head
         elif target == "blob":
-            blob = _apply(blob, m)
+            blob = apply(blob, m) if blob else blob
         elif target == "stream":
-            stream = _apply(zlib.compress(head, 9) if stream is None else stream, m)
+            stream = zlib.compress(head, 9) if stream is None else stream
+            stream = apply(stream, m) if stream else stream
         elif target == "declared":
             declared = value
         elif target == "field":
@@ -433,7 +395,7 @@ def _fuzz(plan) -> None:
             raw_mutations.append(m)
     data = build(count, fix_table_crcs(head, count, blob), blob, declared=declared, stream=stream)
     for m in raw_mutations:  # the file as stored, CRCs stale
-        data = _apply(data, m)
+        data = apply(data, m) if data else data
     check(data)
 
 
