@@ -293,7 +293,7 @@ def test_manifest_round_trip_and_table():
     m, _ = unpack_bytes(pack_bytes(manifest, tensors))
     assert {k: v for k, v in m.items() if k != "tensors"} == manifest
     assert m["tensors"] == [{"name": "a", "dtype": "float32", "shape": [2], "encoding": "raw"},
-                            {"name": "b.weight", "dtype": "float32", "shape": [30, 30], "encoding": "raw_z"}]
+                            {"name": "b.weight", "dtype": "float32", "shape": [30, 30], "encoding": "csr_f32"}]
 
 
 def test_unicode_names_and_many_tensors():
