@@ -42,7 +42,7 @@ from .ir import inference_only
 from .passes.constraints import Hook, TrainHooks  # what passes ask of training; the engine runs it
 
 __all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "TrainConfig", "TrainHooks", "bn_gamma_l1",
-           "evaluate", "fine_tune", "recalibrate_bn", "seed_everything"]
+           "distillation_loss", "evaluate", "fine_tune", "recalibrate_bn", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -60,6 +60,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     slim_l1: float = 0.0  # network slimming's sparsity penalty on BatchNorm gammas
+    # Knowledge distillation from a teacher (fine_tune's ``teacher``): the share of the
+    # loss that is the teacher's softened outputs rather than the labels (0: labels only).
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     seed: int = 0
     augment: bool = True
     progress: bool = True
@@ -79,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.slim_l1 < 0:
             raise ValueError(f"--slim-l1 must be >= 0, got {self.slim_l1}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"--distill must be in [0, 1], got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
 
 
 class DivergenceError(RuntimeError):
@@ -115,6 +123,22 @@ def bn_gamma_l1(strength: float) -> Hook:
     return hook
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s knowledge distillation: ``(1 - weight)`` times the cross-entropy
+    with the labels plus ``weight`` times ``T**2`` times the KL divergence from the
+    teacher's to the student's distribution at temperature ``T``, averaged over the
+    batch. ``T**2`` keeps the soft term's gradients on the scale of the hard one's,
+    so the weight means the same at any temperature."""
+    hard = F.cross_entropy(logits, labels)
+    if weight == 0:
+        return hard
+    t = temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return (1.0 - weight) * hard + weight * soft
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False,
                 disable=not enabled, dynamic_ncols=True)
@@ -137,9 +161,12 @@ def _wrap(model: nn.Module, shard: distributed.Shard, device: torch.device) -> n
 
 
 def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], std: Sequence[float],
-              config: TrainConfig, hooks: TrainHooks | None = None) -> list[EpochLog]:
+              config: TrainConfig, hooks: TrainHooks | None = None,
+              teacher: nn.Module | None = None) -> list[EpochLog]:
     """Train ``model`` in place on ``train_set``; return one log entry per epoch
-    (loss, accuracy and images/s over all processes)."""
+    (loss, accuracy and images/s over all processes). With a ``teacher`` and
+    ``config.distill > 0`` the loss is :func:`distillation_loss` against the
+    teacher's outputs on the same (augmented) batch; the teacher is not changed."""
     folded = inference_only(model)
     if folded:
         raise ValueError(f"this model's BatchNorm was folded for inference ({len(folded)} ChannelAffine modules, "
@@ -168,6 +195,11 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     model.to(memory_format=memory_format)
     model.train()
     trained = _wrap(model, shard, device)
+    distil = teacher is not None and config.distill > 0
+    if distil:
+        teacher.to(device=device, memory_format=memory_format)
+        teacher_was_training = teacher.training
+        teacher.eval()
     show = config.progress and shard.rank == 0
     try:
         with distributed.synchronized_batchnorm(model) if config.sync_batchnorm else contextlib.nullcontext():
@@ -180,8 +212,14 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                     if i == steps:
                         break
                     x, y = x.to(device), y.to(device)
-                    logits = trained(x.contiguous(memory_format=memory_format))
-                    loss = F.cross_entropy(logits, y)
+                    x = x.contiguous(memory_format=memory_format)
+                    logits = trained(x)
+                    if distil:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        loss = distillation_loss(logits, teacher_logits, y, config.distill, config.distill_temperature)
+                    else:
+                        loss = F.cross_entropy(logits, y)
                     # every process must take the same decision, or the others wait forever
                     loss_value = distributed.all_reduce_max(loss.item()) if shard.distributed else loss.item()
                     if not math.isfinite(loss_value) or loss_value > config.divergence_loss:
@@ -211,6 +249,9 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     finally:
         # later passes slice weights as plain NCHW tensors on the CPU
         model.to(device="cpu", memory_format=torch.contiguous_format)
+        if distil:
+            teacher.to(device="cpu", memory_format=torch.contiguous_format)
+            teacher.train(teacher_was_training)
     if shard.distributed:
         # the statistics are global already; copying rank 0's buffers makes "equal on
         # every process" exact rather than equal up to the order of sums

@@ -235,7 +235,7 @@ def test_order_exploration_and_sparsity_training_are_reported(capsys, tiny_args,
     (["--max-drop", 0.01, "--order", "slim,slim"], "names a stage twice"),
     (["--max-drop", 0.01, "--order", "prune"], "unknown stage"),
     (["--max-drop", 0.01, "--val-limit", 0], "--val-limit must be positive"),
-    (["--max-drop", 0.01, "--search", "grid", "--explore-order"], "heuristic search"),
+    (["--max-drop", 0.01, "--search", "grid", "--explore-order"], "not to --search grid"),
 ])
 def test_bad_flags_fail_before_any_work_and_leave_nothing(capsys, tiny_args, tmp_path, extra, message):
     out = tmp_path / "out"
@@ -300,7 +300,7 @@ def test_tiny_compile_of_a_torchvision_model_on_an_image_folder(tmp_path, arch):
     config = CompileConfig(
         Target(max_drop=0.5), tmp_path / "out", levels={"slim": (0.3,), "mask": (0.5,), "quant": (6,)},
         finetune_epochs=1.0, val_from="test", screen_limit=9, recal_images=16, data=data, quiet=True,
-        train=TrainConfig(batch_size=8, lr=0.01, seed=0), onnx_verify=8)
+        train=TrainConfig(batch_size=8, lr=0.01, seed=0), onnx_verify=8, distill=0.0)  # loading, not recovery
     result = compile_model(model, config, log=lambda _: None)
     assert result.exit_code == 0
     report = result.report

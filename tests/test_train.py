@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pyprune.data import ArrayDataset, BatchLoader, Normalize
-from pyprune.train import TrainConfig, TrainHooks, bn_gamma_l1, evaluate, fine_tune
+from pyprune.train import TrainConfig, TrainHooks, bn_gamma_l1, distillation_loss, evaluate, fine_tune
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -144,3 +145,53 @@ def test_bn_recalibration_is_the_average_of_the_augmented_batch_statistics():
     assert used == 64 and not model.training and bn.momentum == 0.1
     assert torch.allclose(bn.running_mean, expected_mean, atol=1e-6)
     assert torch.allclose(bn.running_var, expected_var, atol=1e-5)
+
+
+def test_distillation_loss_is_the_hand_computed_mix_of_labels_and_soft_targets():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    weight, t = 0.3, 2.5
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    s, q = student.double().numpy(), teacher.double().numpy()
+    hard = -np.mean(np.log(softmax(s))[np.arange(5), labels.numpy()])
+    p_teacher, p_student = softmax(q / t), softmax(s / t)
+    kl = np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(p_student)), axis=1))
+    expected = (1 - weight) * hard + weight * t * t * kl
+    assert distillation_loss(student, teacher, labels, weight, t).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_loss(student, teacher, labels, 0.0, t).item() == pytest.approx(hard, rel=1e-5)
+
+
+def test_distillation_trains_towards_the_teacher_and_leaves_it_alone():
+    data, teacher = tiny_data(), tiny_net(seed=1)
+    with torch.no_grad():
+        teacher[-1].bias.copy_(torch.linspace(3, -3, 10))  # a teacher with strong views of its own
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    plain, distilled = tiny_net(), tiny_net()
+    fine_tune(plain, data, MEAN, STD, config(epochs=8))
+    fine_tune(distilled, data, MEAN, STD, config(epochs=8, distill=1.0, distill_temperature=1.0), teacher=teacher)
+    assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
+    assert teacher.training  # as it was given
+
+    def gap(model):  # KL divergence from the teacher's outputs, in eval mode
+        x = torch.cat([x for x, _ in data.batches(96, MEAN, STD)])
+        teacher.eval(), model.eval()
+        with torch.no_grad():
+            return F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(teacher(x), 1), log_target=True,
+                            reduction="batchmean").item()
+    assert gap(distilled) < 0.5 * gap(plain)
+    teacher.train()
+    # no teacher, or weight 0: the same weights as plain training
+    again = tiny_net()
+    fine_tune(again, data, MEAN, STD, config(epochs=8, distill=0.0), teacher=teacher)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
+
+
+def test_bad_distillation_settings_name_the_flag():
+    with pytest.raises(ValueError, match="--distill must"):
+        TrainConfig(distill=1.5)
+    with pytest.raises(ValueError, match="--distill-temperature"):
+        TrainConfig(distill_temperature=0)

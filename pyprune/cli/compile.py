@@ -68,9 +68,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="accuracy points the model may lose against its own validation accuracy, measured "
                         "first (0.01: 92.5%% -> 91.5%%)")
     g = p.add_argument_group("search")
-    g.add_argument("--search", choices=api.SEARCHES, default="heuristic",
-                   help="heuristic: bisection per stage, fine-tuning only near the boundary; grid: the brute-force "
-                        "baseline over every combination of the levels")
+    g.add_argument("--search", choices=api.SEARCHES, default="marginal",
+                   help="marginal: each technique alone, then all together, then moves that save the most bytes "
+                        "per point of accuracy (see README, 'How the search works'); heuristic: stage by stage, "
+                        "bisection per stage; grid: the brute-force baseline over every combination of the levels")
     g.add_argument("--order", default=",".join(api.DEFAULT_ORDER), metavar="STAGES",
                    help=f"stages in the order they run (any pass with a search knob: "
                         f"{', '.join(api.searchable_passes())}); Huffman storage is always last")
@@ -92,6 +93,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--finetune-epochs", type=float, default=0.1, metavar="E",
                    help="fine-tuning per deciding candidate (may be fractional; 0: recalibrate BatchNorm only)")
+    g.add_argument("--distill", type=float, default=0.5, metavar="W",
+                   help="knowledge distillation from the uncompressed model in every fine-tune: the share W of "
+                        "the loss taken from its softened outputs (default 0.5; 0 trains on labels only)")
+    g.add_argument("--no-distill", dest="distill", action="store_const", const=0.0, help="same as --distill 0")
+    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                   help="softmax temperature of distillation (default 4)")
+    g.add_argument("--final-epochs", type=float, default=0.0, metavar="E",
+                   help="fine-tune the chosen model E more epochs after the search, kept only if it still meets "
+                        "the target (the budget keeps time back for it)")
     g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
                    help="let the search try network slimming's sparsity training (L1 on BatchNorm gammas) first; "
                         "it is used only if it lets slimming go further")
@@ -153,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         train=api.TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                               sync_batchnorm=not args.no_sync_bn),
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
-        quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm)
+        quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
+        distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

@@ -4,7 +4,7 @@ and its fingerprint, which a resumed compile must match."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,16 @@ from ..train import TrainConfig
 DEFAULT_ORDER = ("slim", "mask", "quant")
 # --val-from: (the split the search validates on, the split the final model is tested on)
 VAL_FROM = {"train": ("val", "test"), "test": ("test-search", "test-report")}
-SEARCHES = ("heuristic", "grid")
+# marginal: the trade-off search (pyprune.search.marginal); heuristic: stage by stage,
+# each stage's boundary by bisection; grid: every combination (the brute-force baseline)
+SEARCHES = ("marginal", "heuristic", "grid")
 
 
 @dataclass
 class CompileConfig:
     target: Target
     output: Path
-    search: str = "heuristic"  # or "grid"
+    search: str = "marginal"  # or "heuristic", "grid"
     order: tuple[str, ...] = DEFAULT_ORDER
     explore_order: bool = False
     levels: dict[str, tuple[float | int, ...]] = field(default_factory=dict)
@@ -47,6 +49,11 @@ class CompileConfig:
     quiet: bool = False
     onnx_verify: int = 256
     fold_batchnorm: bool = True  # write BatchNorm folded for inference (bnfold) where the target holds
+    # Recovery: every fine-tune distils from the uncompressed model (0: labels only), and
+    # the chosen model gets final_epochs more, kept only if it still meets the target.
+    distill: float = 0.5
+    distill_temperature: float = 4.0
+    final_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -56,7 +63,7 @@ class CompileConfig:
         if self.val_from not in VAL_FROM:
             raise ValueError(f"--val-from must be train or test, got {self.val_from!r}")
         for flag, value in (("--finetune-epochs", self.finetune_epochs), ("--slim-l1", self.slim_l1),
-                            ("--recover-margin", self.margin)):
+                            ("--recover-margin", self.margin), ("--final-epochs", self.final_epochs)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         for flag, value in (("--val-limit", self.val_limit), ("--screen-limit", self.screen_limit),
@@ -75,7 +82,10 @@ class CompileConfig:
             raise ValueError("--slim-l1 schedules sparsity training for a stage that gains from it (network "
                              "slimming), but --order has no such stage")
         if self.search == "grid" and (self.explore_order or self.slim_l1 > 0):
-            raise ValueError("--explore-order and --slim-l1 belong to the heuristic search, not to --search grid")
+            raise ValueError("--explore-order and --slim-l1 belong to the heuristic and marginal searches, "
+                             "not to --search grid")
+        # checked here, before any work, with the flags' names
+        self.train = replace(self.train, distill=self.distill, distill_temperature=self.distill_temperature)
 
     @property
     def splits(self) -> tuple[str, str]:
@@ -99,6 +109,7 @@ class CompileConfig:
                 "slim_l1": self.slim_l1, "l1_epochs": self.l1_epochs, "val_from": self.val_from,
                 "val_limit": self.val_limit, "screen_limit": self.screen_limit, "train_limit": self.train_limit,
                 "recal_images": self.recal_images, "margin": self.margin, "data": self.data.name,
-                "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed,
+                "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "distill": self.distill,
+                "distill_temperature": self.distill_temperature, "final_epochs": self.final_epochs,
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

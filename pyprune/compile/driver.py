@@ -15,6 +15,8 @@ the exit code is 3.
 
 from __future__ import annotations
 
+import copy
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -27,11 +29,13 @@ from ..data import ArrayDataset
 from ..ir import example_input, inference_only, propagate_shapes, trace
 from ..models import LoadedModel
 from ..search import (Budget, Candidate, EvalSettings, Evaluator, GridSearch, HeuristicSearch, Journal, SearchData,
-                      SearchOutcome, Stage, State, explore_orders, last_passing)
+                      SearchOutcome, Stage, StageOutcome, State, explore_orders, last_passing)
+from ..search.marginal import MarginalSearch, Setting
+from ..search.marginal_oracle import EvaluatorOracle
 from ..search.progress import Progress
 from ..train import TrainConfig
 from .config import CompileConfig
-from .final import write_final
+from .final import recover, write_final
 from .outputs import STATE_DIR, check_output, clear_outputs, remove_state, write_compact_onnx, write_reports
 from .report import build_report
 
@@ -78,13 +82,15 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     main = distributed.is_main()  # under torchrun, only rank 0 writes and talks
     progress = Progress(config.quiet or not main)
     train = TrainConfig(**{**vars(config.train), "progress": not config.quiet and main})
-    settings = EvalSettings(config.finetune_epochs, train, config.recal_images)
+    settings = EvalSettings(config.finetune_epochs, train, config.recal_images, config.final_epochs)
     # The baseline is measured before out/ exists (the target may refuse it), so into a
     # journal in memory; the evaluator moves to the real one once the target is known.
     scratch = Journal()
     ev = Evaluator(data, settings, float("-inf"), scratch, Budget(config.budget_minutes, scratch), progress, meta,
                    search=config.search)
     base = State(gm)
+    if config.distill > 0:
+        ev.teacher = copy.deepcopy(gm)  # the uncompressed model, which fine-tuning never changes
     try:
         baseline = ev.baseline(base)
         base.candidate, base.val_accuracy = baseline, baseline.accuracy
@@ -133,9 +139,31 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
     if config.explore_order and len(stages) > 1:
         stages, orders = explore_orders(ev, start, stages, config.margin)
         ev.progress.say(f"order chosen on the screen-only proxy: {' -> '.join(s.name for s in stages)}")
-    outcome = HeuristicSearch(ev, stages, config.margin).run(start)
+    if config.search == "marginal":
+        outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0)
+    else:
+        outcome = HeuristicSearch(ev, stages, config.margin).run(start)
     outcome.l1, outcome.orders = l1_record, orders
     return outcome
+
+
+def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float) -> SearchOutcome:
+    oracle = EvaluatorOracle(ev, stages, start)
+    names, ladders = [s.name for s in stages], [s.levels for s in stages]
+    ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
+    result = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names).run()
+    final = oracle.state(result.best.setting) if result.best is not None else start
+    chosen = result.best.setting.index if result.best is not None else (-1,) * len(stages)
+    rows = [StageOutcome(s.name, s.levels[c] if c >= 0 else None,
+                         s.levels[result.singles[i]] if result.singles.get(i, -1) >= 0 else None, None, margin,
+                         screens=sum(m.phase == "alone" and names[i] in m.kind for m in result.moves))
+            for i, (s, c) in enumerate(zip(stages, chosen))]
+    if result.budget_exhausted:
+        ev.progress.say(f"time budget spent: keeping {final.pipeline or 'the baseline'}"
+                        + (" (verified after the budget ran out)" if result.kept_on_screen else ""))
+    return SearchOutcome(final, tuple(names), rows, result.budget_exhausted,
+                         moves=[{**m.to_dict(), "levels": Setting(m.setting).describe(names, ladders)}
+                                for m in result.moves], kept_on_screen=result.kept_on_screen)
 
 
 def _decide_l1(ev: Evaluator, base: State, config: CompileConfig, stage: Stage) -> tuple[State, dict[str, Any]]:
@@ -164,13 +192,24 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             started: float) -> dict[str, Any]:
     out = config.output
     search_seconds = ev.budget.spent()
+    say = ev.progress.say
+    recovery = None
+    chosen = outcome.final
+    if config.final_epochs > 0 and chosen is not base and chosen.candidate is not None and chosen.candidate.meets:
+        say(f"final recovery: fine-tuning {chosen.pipeline} for {config.final_epochs:g} epochs")
+        outcome.final, recovery = recover(ev, chosen, config.final_epochs, target)
+        say(f"final recovery: val {recovery['val_after']}" if recovery["kept"] else
+            f"final recovery not kept: {recovery['reason']}")
+    say(f"writing {out / 'model.ppz'} and measuring it on {ev.data.val.name} and {test_set.name}")
     final = write_final(ev, base, outcome, test_set, out, target, meta, config.fold_batchnorm)
+    say(f"exporting {out / 'model.onnx'}" + (" and verifying it in onnxruntime" if config.onnx_verify else ""))
     onnx = write_compact_onnx(final.decoded, out, ev.data.val, meta, config.onnx_verify) \
         if distributed.is_main() else None
     onnx = distributed.broadcast_object(onnx)
     report = build_report(ev, base, baseline, outcome, final, onnx, config, test_set, target, settings,
                           search_seconds, time.perf_counter() - started + ev.journal.replayed_seconds,
                           distributed.current().world)
+    report["search"]["final_recovery"] = recovery
     if distributed.is_main():
         write_reports(report, out)
     return report

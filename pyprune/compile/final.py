@@ -5,6 +5,7 @@ and sizes describe, so the report cannot speak of a model the file does not hold
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ..encode import graph_state_dict, inspect, load_ppz, ppz_bytes, save_ppz
 from ..encode.ppz import fp32_bytes as tensor_fp32_bytes
 from ..passes import create_pass, read_codebooks
 from ..search import Evaluator, SearchOutcome, State
-from ..train import evaluate
+from ..train import DivergenceError, evaluate
 
 
 @dataclass
@@ -61,6 +62,31 @@ def fold_for_inference(ev: Evaluator, state: State, target: float, meta: dict[st
             record.update(applied=True, float16=float16, bytes_after=size, val_accuracy=accuracy)
             return gm, record
     return state.gm, record
+
+
+def recover(ev: Evaluator, state: State, epochs: float, target: float) -> tuple[State, dict[str, Any]]:
+    """The chosen model fine-tuned ``epochs`` more (keeping its passes' constraints,
+    distilling like every fine-tune of the search), kept only if it still meets
+    ``target`` on val and is no worse than before; otherwise ``state`` as it was."""
+    record: dict[str, Any] = {"epochs": epochs, "val_before": state.val_accuracy, "val_after": None, "kept": False,
+                              "reason": ""}
+    start = time.perf_counter()
+    try:
+        tuned = ev.finetune(state, epochs, key=f"{state.key}>final({epochs!r})@ft")
+    except DivergenceError as exc:
+        record["reason"] = f"rolled back: {exc}"
+        return state, record
+    accuracy = ev.accuracy(tuned.gm, ev.data.val)
+    record["val_after"], record["seconds"] = accuracy, time.perf_counter() - start
+    if accuracy < target:
+        record["reason"] = f"val {accuracy:.4f} below the target {target:.4f}: kept the model from before"
+        return state, record
+    if state.val_accuracy is not None and accuracy < state.val_accuracy:
+        record["reason"] = f"val {accuracy:.4f} below {state.val_accuracy:.4f} before it: kept the model from before"
+        return state, record
+    tuned.candidate, tuned.val_accuracy = state.candidate, accuracy
+    record["kept"] = True
+    return tuned, record
 
 
 def write_final(ev: Evaluator, base: State, outcome: SearchOutcome, test_set: ArrayDataset, out: Path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
             "cache_hits": ev.journal.hits, "seconds": search_seconds,
             "budget_minutes": config.budget_minutes, "budget_exhausted": outcome.budget_exhausted,
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
+            "moves": outcome.moves, "kept_on_screen": outcome.kept_on_screen,
         },
         "bnfold": final.bnfold,
         "onnx": {**onnx, "bytes_vs_ppz": onnx["bytes"] / final.file_bytes} if onnx.get("bytes") else onnx,
@@ -189,10 +191,18 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"{search['failed']} failed); cache hits: {search['cache_hits']}",
               f"- search time {search['seconds']:.1f}s, total {report['total_seconds']:.1f}s"
               + (" — **time budget exhausted**" if search["budget_exhausted"] else "")]
-    for s in search.get("stages", []):
-        lines.append(f"- {s['stage']}: chose {s['level'] if s['level'] is not None else 'none'} "
-                     f"(screened boundary {s['screened']}, recoverable bound {s['recoverable']}, "
-                     f"margin {s['margin']:.3f}; {s['measured']} deciding measurements)")
+    if search.get("moves") is not None:
+        lines += _marginal_lines(search)
+    else:
+        for s in search.get("stages", []):
+            lines.append(f"- {s['stage']}: chose {s['level'] if s['level'] is not None else 'none'} "
+                         f"(screened boundary {s['screened']}, recoverable bound {s['recoverable']}, "
+                         f"margin {s['margin']:.3f}; {s['measured']} deciding measurements)")
+    recovery = search.get("final_recovery")
+    if recovery:
+        lines.append(f"- final recovery ({recovery['epochs']:g} epochs): val {recovery['val_before']:.4f} -> "
+                     + (f"{recovery['val_after']:.4f}, kept" if recovery["kept"] else
+                        f"not kept ({recovery['reason']})"))
     if search.get("l1"):
         l1 = search["l1"]
         lines.append(f"- sparsity training (L1 {l1['strength']:g}, {l1['epochs']:g} epochs): slim boundary "
@@ -202,6 +212,34 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- order {' → '.join(o['order'])} on the screen-only proxy: {_kib(o['size_bytes'])}")
     lines += ["", "![size against accuracy](pareto.png)", ""]
     return "\n".join(lines)
+
+
+_PHASES = {"alone": "each technique alone (screened boundary)", "together": "all together at a common share",
+           "trade": "one stage further, best bytes per point first", "swap": "one stage backed off, another further",
+           "settle": "a smaller screened answer verified"}
+
+
+def _marginal_lines(search: dict[str, Any]) -> list[str]:
+    """The marginal search's trail: what each phase tried and what it accepted."""
+    lines = []
+    for s in search.get("stages", []):
+        lines.append(f"- {s['stage']}: alone up to {s['screened'] if s['screened'] is not None else 'nothing'} "
+                     f"on the screen; chose {s['level'] if s['level'] is not None else 'off'}")
+    lines += ["", "| phase | move | setting | val (estimate if screened) | KiB | measured | accepted | "
+                  "bytes per point |", "| --- | --- | --- | ---: | ---: | --- | --- | ---: |"]
+    for m in search["moves"]:
+        if m["phase"] == "alone" and not m["verified"]:
+            continue  # the bisection's screens: summed up by the stage lines above
+        acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "failed"
+        rate = f"{m['rate']:,.0f}" if m.get("rate") is not None else ""
+        lines.append(f"| {m['phase']} | {m['kind']} | {m.get('levels', m['setting'])} | {acc} | {m['bytes'] / 1024:.1f} | "
+                     f"{'yes' if m['verified'] else 'screen'} | {'yes' if m['accepted'] else ''} | {rate} |")
+    lines += [""] + [f"- {phase}: {what}" for phase, what in _PHASES.items()
+                     if any(m["phase"] == phase for m in search["moves"])]
+    if search.get("kept_on_screen"):
+        lines.append("- the budget ran out before any setting was verified; the smallest screened answer was "
+                     "verified after it")
+    return lines
 
 
 def plot_budget(report: dict[str, Any], path: Path) -> Path:
@@ -237,6 +275,21 @@ def _val(candidate: dict[str, Any]) -> float:
     return candidate.get("extra", {}).get("estimate", candidate["accuracy"])
 
 
+def pareto_front(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates no other beats on both size and accuracy, smallest first
+    (ties in size keep the more accurate one)."""
+    front: list[dict[str, Any]] = []
+    for c in sorted(candidates, key=lambda c: (c["size_bytes"], -c["accuracy"])):
+        if not front or c["accuracy"] > front[-1]["accuracy"]:
+            front.append(c)
+    return front
+
+
+def _short(pipeline: str) -> str:
+    """A pipeline's settings without pass option names, for a plot label."""
+    return re.sub(r"\w+=", "", pipeline or "")
+
+
 def plot_pareto(report: dict[str, Any], path: Path) -> Path:
     """Every candidate, size against val accuracy, with the target line and the
     chosen model marked."""
@@ -263,6 +316,15 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
                label=f"chosen ({chosen['compression']:.1f}x)", zorder=4)
     ax.axhline(report["target"]["accuracy"], color="tab:red", linestyle="--", linewidth=1,
                label=f"target {report['target']['accuracy']:.4f}")
+    front = pareto_front([c for c in ok if c["phase"] != "screen"])
+    if front:
+        ax.step([c["size_bytes"] / 1024 for c in front], [c["accuracy"] for c in front], where="post",
+                color="tab:blue", linewidth=1, alpha=0.6, label="front of the measured candidates")
+        for c in front:
+            ax.annotate(_short(c["pipeline"]), (c["size_bytes"] / 1024, c["accuracy"]), fontsize=5,
+                        xytext=(3, 3), textcoords="offset points", color="tab:blue")
+    ax.annotate(_short(chosen["pipeline"]) or "baseline", (chosen["file_bytes"] / 1024, chosen["val_accuracy"]),
+                fontsize=6, xytext=(4, -9), textcoords="offset points", color="tab:red")
     ax.set_xscale("log")
     ax.set_xlabel("model file size (KiB, log scale)")
     ax.set_ylabel("val top-1")
@@ -270,7 +332,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
     accs = [_val(c) for c in ok] + [report["target"]["accuracy"]]
     ax.set_ylim(max(0.0, min(accs) - 0.02), min(1.0, max(accs) + 0.02))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    # outside the axes, so that it hides no point
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
 
     def write(f) -> None:

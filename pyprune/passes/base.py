@@ -130,13 +130,21 @@ class Knob:
     for options where fewer is more (bits). ``range`` narrows the option's own range
     to the settings worth searching (``quant(bits=0)`` is valid but means "off", so
     its knob starts at 1). ``flag`` is an extra compile flag for this ladder besides
-    ``--levels NAME=...`` (kept for the flags users already have in scripts)."""
+    ``--levels NAME=...`` (kept for the flags users already have in scripts).
+
+    ``absolute``: the setting names the result, not a change, so applying a more
+    aggressive setting to a model already at a milder one gives that setting
+    (``mask(sparsity=0.8)`` on a 70%-sparse model leaves it 80% sparse). A search may
+    then push such a stage further on an already compressed, fine-tuned model. A
+    relative knob (slim's ratio: a share of the channels still there) must be
+    applied once, to a model where the stage is off."""
 
     option: str
     ladder: tuple[Any, ...]
     increasing: bool = True
     range: Range | None = None
     flag: str | None = None
+    absolute: bool = True
 
     def aggressiveness(self, value: Any) -> Any:
         """A sort key: the least aggressive setting sorts first."""

@@ -299,7 +299,8 @@ class Slim(GraphPass):
     )
     # Bisection makes long ladders cheap: 18 ratios cost about 5 screens, not 18.
     knob = Knob("ratio", tuple(round(0.05 * i, 2) for i in range(1, 19)),
-                range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--slim-levels")
+                range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--slim-levels",
+                absolute=False)  # a share of the channels still there
     gains_from_sparsity_training = True
     examples = (("slim(ratio=0.4)", "remove the 40% of channel groups with the smallest BatchNorm |gamma|"),
                 ("slim(ratio=0.5,combine=sum,min_keep=0.1)", "score groups by summed |gamma|; keep 10% of each layer"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,24 +30,39 @@ class BudgetExhausted(Exception):
 
 class Budget:
     """Wall-clock budget of a search, counting the time earlier runs spent on the
-    candidates a resumed run replays from the journal."""
+    candidates a resumed run replays from the journal.
 
-    def __init__(self, minutes: float | None, journal: Journal) -> None:
+    A measurement starts only if it is expected to end within the budget, with
+    ``reserve`` seconds left for the work after the search (the final fine-tune):
+    ``check(expected)`` refuses it otherwise, so a budget is overrun by at most the
+    error of that expectation, not by a whole measurement started at the last second."""
+
+    def __init__(self, minutes: float | None, journal: Journal, clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds = None if minutes is None else minutes * 60.0
         self.journal = journal
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
+        self.reserve = 0.0
 
     def spent(self) -> float:
-        return time.perf_counter() - self.start + self.journal.replayed_seconds
+        return self.clock() - self.start + self.journal.replayed_seconds
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - self.spent()
+
+    def exhausted_for(self, expected: float = 0.0) -> bool:
+        over = self.seconds is not None and self.spent() + expected + self.reserve >= self.seconds
+        # rank 0's clock decides for every process, which must all stop at the same candidate
+        return bool(distributed.broadcast_object(over))
 
     @property
     def exhausted(self) -> bool:
-        # rank 0's clock decides for every process, which must all stop at the same candidate
-        return bool(distributed.broadcast_object(self.seconds is not None and self.spent() >= self.seconds))
+        return self.exhausted_for(0.0)
 
-    def check(self) -> None:
-        if self.exhausted:
-            raise BudgetExhausted(f"time budget of {self.seconds / 60:g} min spent")
+    def check(self, expected: float = 0.0) -> None:
+        if self.exhausted_for(expected):
+            raise BudgetExhausted(f"time budget of {self.seconds / 60:g} min spent"
+                                  + (f" (the next step needs about {expected:.0f}s)" if expected else ""))
 
 
 @dataclass
@@ -65,6 +80,7 @@ class EvalSettings:
     finetune_epochs: float
     train: TrainConfig  # lr, batch size, seed and progress of every fine-tune
     recal_images: int = 1024
+    final_epochs: float = 0.0  # the recovery fine-tune after the search, whose time the budget keeps back
 
 
 class Evaluator:
@@ -83,6 +99,8 @@ class Evaluator:
         self.measured = 0  # candidates measured in this run (not replayed)
         self._states: dict[str, State] = {}  # fine-tuned states of this run, by key
         self._offsets: dict[str, float] = {}  # state key -> val accuracy minus screen-subset accuracy
+        self._seconds: dict[str, list[float]] = {}  # phase -> how long its measurements in this run took
+        self.teacher: fx.GraphModule | None = None  # what fine-tunes distil from (the uncompressed model)
 
     def begin(self, target: float, journal: Journal, baseline: Candidate | None = None) -> None:
         """Measure against ``target`` from now on, recording into ``journal`` (with
@@ -97,14 +115,16 @@ class Evaluator:
     def _example(self):
         return example_input(self.data.input_shape)
 
-    def apply(self, parent: State, specs: Sequence[str]) -> State:
+    def apply(self, parent: State, specs: Sequence[str], steps: Sequence[str] | None = None) -> State:
         """``specs`` applied to a copy of ``parent`` (graph checked after each pass),
-        then BatchNorm statistics recalibrated on training images."""
+        then BatchNorm statistics recalibrated on training images. ``steps``: the
+        pipeline the child stands for, when it is not ``parent``'s followed by ``specs``
+        (a stage pushed further on a model where it already ran)."""
         gm = copy.deepcopy(parent.gm)
         passes = [create_pass(s.name, **s.options) for s in parse_pipeline(",".join(specs))]
         gm = PassManager(passes, (self._example(),)).run(gm).graph_module
         recalibrate_bn(gm, self.data.train, self.data.mean, self.data.std, self.settings.recal_images)
-        steps = (*parent.steps, *specs)
+        steps = tuple(steps) if steps is not None else (*parent.steps, *specs)
         key = f"{parent.key}>{','.join(specs)}@bn"
         return State(gm, steps, key, parent.prefix)
 
@@ -123,7 +143,7 @@ class Evaluator:
         gm = copy.deepcopy(state.gm)
         config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1)
         fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
-                  hooks=constraint_hooks(state.passes(), gm))
+                  hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
         return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
 
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
@@ -135,10 +155,23 @@ class Evaluator:
         extra = {"estimate": estimate} if estimate is not None else {}
         c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
                       accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason, extra)
+        self._took(phase, c.seconds)
         self.measured += 1
         self.journal.put(c)
         self.progress.done(c, cached=False)
         return c
+
+    def _took(self, phase: str, seconds: float) -> None:
+        self._seconds.setdefault(phase, []).append(seconds)
+        tunes = self._seconds.get("finetune")
+        if tunes and self.settings.final_epochs > 0 and self.settings.finetune_epochs > 0:
+            per_epoch = sorted(tunes)[len(tunes) // 2] / self.settings.finetune_epochs
+            self.budget.reserve = per_epoch * self.settings.final_epochs
+
+    def expected_seconds(self, phase: str) -> float:
+        """How long the next measurement of ``phase`` should take: the longest of the
+        last three in this run (0 before the first)."""
+        return max(self._seconds.get(phase, [])[-3:], default=0.0)
 
     def _cached(self, key: str) -> Candidate | None:
         c = self.journal.get(key)
@@ -150,16 +183,20 @@ class Evaluator:
 
     def screen(self, parent: State, stage: Stage, level: Any) -> Candidate:
         """Cheap: recalibrated accuracy on the screening subset of val."""
-        spec = stage.spec(level)
-        key = f"{parent.key}>{spec}@bn#screen"
+        return self.screen_pipeline(parent, [stage.spec(level)], stage.name, level)
+
+    def screen_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
+                        steps: Sequence[str] | None = None) -> Candidate:
+        """:meth:`screen` of several passes applied to ``parent`` at once."""
+        key = f"{parent.key}>{','.join(specs)}@bn#screen"
         c = self._cached(key)
         if c is not None:
             return c
-        self.budget.check()
+        self.budget.check(self.expected_seconds("screen"))
         start = time.perf_counter()
-        child = self.apply(parent, [spec])
+        child = self.apply(parent, specs, steps)
         accuracy = self.accuracy(child.gm, self.data.screen)
-        return self._record(key, child, stage.name, level, "screen", accuracy, len(self.data.screen), 0.0, start,
+        return self._record(key, child, stage, level, "screen", accuracy, len(self.data.screen), 0.0, start,
                             estimate=accuracy + self._offset(parent))
 
     def _offset(self, parent: State) -> float:
@@ -190,16 +227,21 @@ class Evaluator:
         and measured on all of val."""
         return self.measure_pipeline(parent, [stage.spec(level)], stage.name, level)
 
-    def measure_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any) -> Candidate:
+    def measure_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
+                         steps: Sequence[str] | None = None, within_budget: bool = True) -> Candidate:
+        """:meth:`measure` of several passes applied to ``parent`` at once. With
+        ``within_budget`` False it runs even when the budget is spent (the search's
+        one measurement that keeps a screened answer)."""
         epochs = self.settings.finetune_epochs
         base_key = f"{parent.key}>{','.join(specs)}"
         key = f"{base_key}@ft#val" if epochs > 0 else f"{base_key}@bn#val"
         c = self._cached(key)
         if c is not None:
             return c
-        self.budget.check()
+        if within_budget:
+            self.budget.check(self.expected_seconds("finetune" if epochs > 0 else "val"))
         start = time.perf_counter()
-        child = self.apply(parent, specs)
+        child = self.apply(parent, specs, steps)
         if epochs > 0:
             try:
                 child = self.finetune(child, epochs)
@@ -211,21 +253,23 @@ class Evaluator:
         return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",
                             self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start)
 
-    def state_of(self, parent: State, specs: Sequence[str], candidate: Candidate) -> State:
+    def state_of(self, parent: State, specs: Sequence[str], candidate: Candidate,
+                 steps: Sequence[str] | None = None) -> State:
         """The model a measured candidate stands for: fine-tuned weights from
         memory or the journal's folder, or the recalibrated child rebuilt (the
         passes and the recalibration are deterministic)."""
+        steps = tuple(steps) if steps is not None else (*parent.steps, *specs)
         if candidate.phase == "finetune":
             key = candidate.key.removesuffix("#val")
             state = self._states.get(key)
             if state is None:
                 gm = self.journal.load_weights(key)
                 if gm is not None:
-                    state = State(gm, (*parent.steps, *specs), key, parent.prefix)
+                    state = State(gm, steps, key, parent.prefix)
             if state is None:  # weights lost (e.g. a journal without its folder): redo the work
-                state = self.finetune(self.apply(parent, specs), candidate.finetune_epochs, key=key)
+                state = self.finetune(self.apply(parent, specs, steps), candidate.finetune_epochs, key=key)
         else:
-            state = self.apply(parent, specs)
+            state = self.apply(parent, specs, steps)
         state.candidate = candidate
         state.val_accuracy = candidate.accuracy if candidate.phase != "screen" else \
             self.screen_estimate(parent, candidate)

@@ -63,6 +63,8 @@ class SearchOutcome:
     budget_exhausted: bool = False
     l1: dict[str, Any] | None = None
     orders: list[dict[str, Any]] | None = None
+    moves: list[dict[str, Any]] | None = None  # the marginal search's trail (pyprune.search.marginal.Move)
+    kept_on_screen: bool = False  # the answer was verified after the budget ran out
 
 
 def _level(stage: Stage, i: int) -> float | int | None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyprune.search.candidates import Stage
-from pyprune.search.evaluator import BudgetExhausted
+from pyprune.search.evaluator import Budget, BudgetExhausted
 from pyprune.search.journal import Journal, ResumeMismatch
 
 from .tiny import tiny_base, tiny_evaluator
@@ -77,3 +77,25 @@ def test_journal_persists_and_refuses_other_settings(tmp_path):
         Journal(tmp_path, {"lr": 0.1}, resume=True)
     fresh = Journal(tmp_path, {"lr": 0.05})  # not resuming: starts a new journal
     assert len(fresh) == 0 and math.isclose(fresh.replayed_seconds, 0.0)
+
+
+def test_a_step_starts_only_if_it_is_expected_to_end_within_the_budget():
+    """Overrun is bounded by how wrong the expectation is, not by a whole step."""
+    now = [0.0]
+    budget = Budget(1.0, Journal(), clock=lambda: now[0])  # 60 s
+    budget.reserve = 10.0  # kept back for the final fine-tune
+    durations, last = [7.0, 9.0, 8.0, 9.5, 8.5, 7.5, 9.0, 8.0], 0.0
+    ran = 0
+    for d in durations:
+        try:
+            budget.check(expected=last)
+        except BudgetExhausted as exc:
+            assert "needs about" in str(exc)
+            break
+        now[0] += d
+        last, ran = max(last, d), ran + 1
+    # 7 + 9 + 8 + 9.5 = 33.5; the next (expected 9.5) would reach 43 + 10 reserved < 60: it runs;
+    # then 42 + 9.5 + 10 = 61.5 >= 60 stops
+    assert ran == 5 and now[0] == pytest.approx(42.0)
+    assert now[0] + budget.reserve <= 60.0
+    assert budget.left() == pytest.approx(18.0)

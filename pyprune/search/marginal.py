@@ -1,0 +1,322 @@
+"""The marginal-rate search: spend the accuracy budget where it buys the most bytes.
+
+A *setting* gives every technique (stage) one position on its ladder, ``-1``
+meaning "off". Accuracy falls and the file shrinks as any position grows. The
+search works in three phases, so that any time budget ends with a model that uses
+every technique that pays:
+
+1. **Alone.** Each stage's screened boundary with the others off, by bisection
+   over its ladder (BatchNorm recalibration plus a screening subset: no training).
+   These are the single-technique endpoints.
+2. **Together, cheaply.** The same fraction of every stage's boundary, the
+   largest fraction whose screen still meets the target (bisection over
+   :data:`FRACTIONS`), then verified by the deciding measurement (fine-tuning,
+   all of val). A verified model using every technique exists after a handful of
+   screens and one fine-tune.
+3. **Trade.** From the accepted setting, screen one move per stage: that stage
+   ``k`` positions further (``k`` doubles after a stage's move is accepted and
+   halves after one fails). Among moves whose screen estimate is within the
+   recovery margin of the target, measure the one that saves the most bytes per
+   point of estimated accuracy lost; accept it if it meets the target. A stage
+   whose one-position move failed is done. When no stage can move, try *swaps*:
+   one stage backed off one position while another goes one or two further, and
+   take the swap that ends smallest. This is how a technique that costs more
+   accuracy than it saves gives its budget away, down to being dropped.
+
+The answer is the smallest setting that passed a deciding measurement, so the
+search can never return more bytes than any endpoint it verified, a single
+technique's included. Before it ends (or when the budget runs out) any screened
+setting that met the target and is smaller than that answer, a single-technique
+endpoint for example, is verified too, smallest first, so a cheap answer found
+on a screen is never lost to the baseline only because time ran out.
+
+The search sees the model only through a :class:`SettingOracle`; tests drive it
+with functions of the setting, and :mod:`.marginal_oracle` connects it to the
+:class:`~.evaluator.Evaluator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .evaluator import BudgetExhausted
+
+#: Phase 2's shares of each stage's own boundary, bisected; 1.0 is every stage at its
+#: single-technique boundary at once, which seldom meets the target.
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+MAX_STEP = 4  # the furthest a phase-3 move goes in one measurement, in ladder positions
+# A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
+# of accuracy, ranks such moves by their bytes instead.
+MIN_COST = 1e-4
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One ladder position per stage, ``-1`` for off."""
+
+    index: tuple[int, ...]
+
+    @classmethod
+    def off(cls, stages: int) -> "Setting":
+        return cls((-1,) * stages)
+
+    def moved(self, stage: int, by: int) -> "Setting":
+        index = list(self.index)
+        index[stage] += by
+        return Setting(tuple(index))
+
+    def at_most(self, other: "Setting") -> bool:
+        return all(a <= b for a, b in zip(self.index, other.index))
+
+    @property
+    def stages_on(self) -> int:
+        return sum(i >= 0 for i in self.index)
+
+    def describe(self, names: Sequence[str], ladders: Sequence[Sequence[Any]]) -> str:
+        parts = [f"{n}={ladder[i]!r}" for n, ladder, i in zip(names, ladders, self.index) if i >= 0]
+        return ",".join(parts) or "baseline"
+
+
+@dataclass
+class Point:
+    """What the oracle said of one setting: ``accuracy`` is a screen estimate of the
+    val accuracy (``verified`` False) or the deciding measurement (True)."""
+
+    setting: Setting
+    accuracy: float | None  # None: training diverged
+    bytes: int
+    meets: bool
+    verified: bool
+
+
+class SettingOracle(Protocol):
+    """What the search asks of a model. Both methods may raise
+    :class:`~.evaluator.BudgetExhausted` before doing any work, except
+    ``measure(..., final=True)``, which the search uses at most once, to keep a
+    screened answer when the budget ran out before anything was verified."""
+
+    target: float
+
+    def screen(self, setting: Setting) -> Point: ...
+
+    def measure(self, setting: Setting, final: bool = False) -> Point: ...
+
+
+@dataclass
+class Move:
+    """One row of the search's trail (``report.json``'s ``search.moves``)."""
+
+    phase: str  # alone, together, trade, swap, settle
+    kind: str  # what was tried, e.g. "mask+2" or "slim-1,quant+1"
+    setting: tuple[int, ...]
+    accuracy: float | None
+    bytes: int
+    verified: bool
+    accepted: bool
+    rate: float | None = None  # bytes saved per point of estimated accuracy lost
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class MarginalOutcome:
+    best: Point | None  # the smallest verified setting that met the target; None: the baseline
+    singles: dict[int, int] = field(default_factory=dict)  # stage -> screened boundary alone (-1: none)
+    fraction: float | None = None  # phase 2's share of the boundaries
+    moves: list[Move] = field(default_factory=list)
+    budget_exhausted: bool = False
+    kept_on_screen: bool = False  # the budget ran out and the answer was verified after it
+
+
+class MarginalSearch:
+    """See the module docstring. ``ladders[i]`` is the number of positions of stage
+    ``i``; ``margin`` (points of accuracy) is how far below the target a screen may
+    estimate a move and still have it measured, since fine-tuning recovers; with
+    ``screen_only`` nothing is fine-tuned and screens decide."""
+
+    def __init__(self, oracle: SettingOracle, ladders: Sequence[int], margin: float = 0.0,
+                 names: Sequence[str] | None = None) -> None:
+        self.oracle = oracle
+        self.ladders = tuple(ladders)
+        self.margin = margin
+        self.names = tuple(names) if names else tuple(f"stage{i}" for i in range(len(self.ladders)))
+        self.screens: dict[Setting, Point] = {}
+        self.measured: dict[Setting, Point] = {}
+        self.outcome = MarginalOutcome(None)
+
+    # -- bookkeeping
+
+    @property
+    def target(self) -> float:
+        return self.oracle.target
+
+    def screen(self, setting: Setting) -> Point:
+        if setting not in self.screens:
+            self.screens[setting] = self.oracle.screen(setting)
+        return self.screens[setting]
+
+    def measure(self, setting: Setting, final: bool = False) -> Point:
+        if setting not in self.measured:
+            point = self.oracle.measure(setting, final=final)
+            self.measured[setting] = point
+            if point.meets and setting.stages_on and (self.outcome.best is None or point.bytes < self.outcome.best.bytes):
+                self.outcome.best = point
+        return self.measured[setting]
+
+    def _log(self, phase: str, kind: str, point: Point, accepted: bool, rate: float | None = None) -> None:
+        self.outcome.moves.append(Move(phase, kind, point.setting.index, point.accuracy, point.bytes,
+                                       point.verified, accepted, rate))
+
+    def _valid(self, setting: Setting) -> bool:
+        return all(-1 <= i < n for i, n in zip(setting.index, self.ladders))
+
+    # -- the phases
+
+    def run(self) -> MarginalOutcome:
+        current = Setting.off(len(self.ladders))
+        try:
+            self.measure(current)  # the baseline: meets by definition, and where phase 3 starts if phase 2 fails
+            self.alone()
+            current = self.together()
+            self.trade(current)
+            self.settle(final=False)
+        except BudgetExhausted:
+            self.outcome.budget_exhausted = True
+            self.settle(final=True)
+        return self.outcome
+
+    def alone(self) -> None:
+        """Phase 1: each stage's screened boundary with the others off."""
+        off = Setting.off(len(self.ladders))
+        for i, n in enumerate(self.ladders):
+            lo, hi = -1, n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                point = self.screen(off.moved(i, mid + 1))
+                self._log("alone", f"{self.names[i]}@{mid}", point, point.meets)
+                lo, hi = (mid, hi) if point.meets else (lo, mid)
+            self.outcome.singles[i] = lo
+
+    def _share(self, fraction: float) -> Setting:
+        return Setting(tuple(round(fraction * (s + 1)) - 1 for s in
+                             (self.outcome.singles[i] for i in range(len(self.ladders)))))
+
+    def together(self) -> Setting:
+        """Phase 2: the largest common share of the boundaries that meets on a
+        screen, then verified (backing off by halving the share if it misses)."""
+        off = Setting.off(len(self.ladders))
+        lo, hi = -1, len(FRACTIONS)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            setting = self._share(FRACTIONS[mid])
+            point = self.screen(setting) if setting != off else None
+            if point is not None:
+                self._log("together", f"share {FRACTIONS[mid]:g}", point, point.meets)
+            lo, hi = (mid, hi) if point is not None and point.meets else (lo, mid)
+        while lo >= 0:
+            setting = self._share(FRACTIONS[lo])
+            if setting == off:
+                break
+            point = self.measure(setting)
+            self._log("together", f"share {FRACTIONS[lo]:g}", point, point.meets)
+            if point.meets:
+                self.outcome.fraction = FRACTIONS[lo]
+                return setting
+            lo = lo // 2 if lo > 0 else -1
+        return off
+
+    @staticmethod
+    def _rate(frm: Point, to: Point) -> float:
+        return (frm.bytes - to.bytes) / max(frm.accuracy - to.accuracy, MIN_COST)
+
+    def _recoverable(self, point: Point) -> bool:
+        return point.accuracy is not None and point.accuracy >= self.target - self.margin
+
+    def trade(self, current: Setting) -> Setting:
+        """Phase 3: marginal moves, then swaps, until no move is accepted."""
+        step = [1] * len(self.ladders)
+        done: set[int] = set()
+        tried_swaps: set[Setting] = set()
+        while True:
+            here = self.measured[current]
+            moves = []
+            for i in range(len(self.ladders)):
+                by = min(step[i], self.ladders[i] - 1 - current.index[i])
+                while i not in done and by > 0:
+                    point = self.screen(current.moved(i, by))
+                    if self._recoverable(point) and point.bytes < here.bytes:
+                        moves.append((self._rate(here, point), i, by, point))
+                        break
+                    self._log("trade", f"{self.names[i]}+{by}", point, False)
+                    by //= 2
+                    step[i] = max(1, by)
+                if by <= 0:
+                    done.add(i)
+            if moves:
+                rate, i, by, screened = max(moves, key=lambda m: (m[0], -m[1]))
+                point = self.measure(screened.setting)
+                self._log("trade", f"{self.names[i]}+{by}", point, point.meets, rate)
+                if point.meets:
+                    current = point.setting
+                    step[i] = min(MAX_STEP, 2 * by)
+                elif by == 1:
+                    done.add(i)
+                else:
+                    step[i] = max(1, by // 2)
+                continue
+            swapped = self._swap(current, tried_swaps)
+            if swapped is None:
+                return current
+            current = swapped
+            done.clear()
+            step = [1] * len(self.ladders)
+
+    def _swap(self, current: Setting, tried: set[Setting]) -> Setting | None:
+        here = self.measured[current]
+        options = []
+        for a in range(len(self.ladders)):
+            if current.index[a] < 0:
+                continue
+            for b in range(len(self.ladders)):
+                if b == a:
+                    continue
+                for by in (1, 2):
+                    setting = current.moved(a, -1).moved(b, by)
+                    if not self._valid(setting) or setting in tried:
+                        continue
+                    tried.add(setting)
+                    point = self.screen(setting)
+                    kind = f"{self.names[a]}-1,{self.names[b]}+{by}"
+                    if self._recoverable(point) and point.bytes < here.bytes:
+                        options.append((point.bytes, kind, point))
+                    else:
+                        self._log("swap", kind, point, False)
+        for _, kind, screened in sorted(options, key=lambda o: (o[0], o[1])):
+            point = self.measure(screened.setting)
+            self._log("swap", kind, point, point.meets)
+            if point.meets:
+                return point.setting
+        return None
+
+    def settle(self, final: bool) -> None:
+        """Verify screened settings that met the target and are smaller than the
+        best verified one, smallest first, until one holds. With ``final`` (the
+        budget is spent) only when nothing is verified yet, and only one."""
+        if final and self.outcome.best is not None:
+            return
+        best = self.outcome.best.bytes if self.outcome.best is not None else float("inf")
+        waiting = sorted((p for s, p in self.screens.items() if p.meets and p.bytes < best and s not in self.measured),
+                         key=lambda p: (p.bytes, p.setting))
+        for screened in waiting[:1] if final else waiting:
+            try:
+                point = self.measure(screened.setting, final=final)
+            except BudgetExhausted:
+                self.outcome.budget_exhausted = True
+                return self.settle(final=True)
+            self._log("settle", "screened answer verified", point, point.meets)
+            if point.meets:
+                self.outcome.kept_on_screen = final
+                return

@@ -1,0 +1,93 @@
+"""The marginal-rate search's view of a real model: a setting (one ladder position
+per stage) becomes a pass pipeline applied to the closest model already measured.
+
+A setting's model is reached from a *parent*: the baseline, or a setting verified
+earlier (fine-tuned, so its weights carry that training forward). A parent fits
+when it is at most the setting in every stage and every stage whose knob is not
+absolute (slim's ratio is a share of the channels still there) is either off in
+the parent or at the same position. From the first stage where the two differ,
+the setting's passes run again in order, so a later stage's invariant holds
+after an earlier one moved (quantization after more masking); a relative stage
+at its parent's position is not run twice: its effect is already in the weights.
+Of the fitting parents the most compressed one is used, which makes a move from
+the accepted model cheap and exact, and a swap (one stage backed off) start from
+an earlier model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..passes import pass_class
+from .candidates import Candidate, Stage, State
+from .evaluator import Evaluator
+from .marginal import Point, Setting
+
+
+class EvaluatorOracle:
+    """:class:`~.marginal.SettingOracle` over an :class:`Evaluator`; ``base`` is the
+    model every setting starts from (the baseline, or a sparsity-trained copy)."""
+
+    def __init__(self, ev: Evaluator, stages: Sequence[Stage], base: State) -> None:
+        self.ev = ev
+        self.stages = list(stages)
+        self.base = base
+        off = Setting.off(len(self.stages))
+        self.states: dict[Setting, State] = {off: base}
+        self.absolute = [pass_class(s.name).knob.absolute for s in self.stages]
+
+    @property
+    def target(self) -> float:
+        return self.ev.target
+
+    def steps(self, setting: Setting) -> tuple[str, ...]:
+        """The pipeline text a setting stands for, stage by stage in the search's order."""
+        return tuple(s.spec(s.levels[i]) for s, i in zip(self.stages, setting.index) if i >= 0)
+
+    def fits(self, parent: Setting, setting: Setting) -> bool:
+        return parent.at_most(setting) and all(
+            absolute or p < 0 or p == t for absolute, p, t in zip(self.absolute, parent.index, setting.index))
+
+    def parent(self, setting: Setting) -> tuple[State, list[str]]:
+        """The state to start from, and the passes that take it to ``setting``."""
+        fitting = [p for p in self.states if self.fits(p, setting)]
+        chosen = max(fitting, key=lambda p: (sum(i + 1 for i in p.index), p))
+        differ = next((k for k, (p, t) in enumerate(zip(chosen.index, setting.index)) if p != t), len(self.stages))
+        specs = [stage.spec(stage.levels[t]) for k, (stage, p, t) in
+                 enumerate(zip(self.stages, chosen.index, setting.index))
+                 if k >= differ and t >= 0 and (k == differ or self.absolute[k] or p < 0)]
+        return self.states[chosen], specs
+
+    def _label(self, parent: State, setting: Setting) -> tuple[str, object]:
+        moved = [(s, i) for s, i, p in zip(self.stages, setting.index, self._index_of(parent)) if i != p]
+        stage = "+".join(s.name for s, _ in moved) or "baseline"
+        return stage, (moved[0][0].levels[moved[0][1]] if len(moved) == 1 and moved[0][1] >= 0 else None)
+
+    def _index_of(self, state: State) -> tuple[int, ...]:
+        return next(s.index for s, st in self.states.items() if st is state)
+
+    def _point(self, setting: Setting, c: Candidate, verified: bool) -> Point:
+        accuracy = c.extra.get("estimate", c.accuracy) if c.status == "ok" else None
+        return Point(setting, accuracy, c.size_bytes, c.meets, verified)
+
+    def screen(self, setting: Setting) -> Point:
+        parent, specs = self.parent(setting)
+        stage, level = self._label(parent, setting)
+        c = self.ev.screen_pipeline(parent, specs, stage, level, steps=self.steps(setting))
+        return self._point(setting, c, verified=False)
+
+    def measure(self, setting: Setting, final: bool = False) -> Point:
+        if setting == Setting.off(len(self.stages)):
+            c = self.base.candidate
+            return Point(setting, c.accuracy, c.size_bytes, True, True)
+        parent, specs = self.parent(setting)
+        stage, level = self._label(parent, setting)
+        steps = self.steps(setting)
+        c = self.ev.measure_pipeline(parent, specs, stage, level, steps=steps, within_budget=not final)
+        if c.meets:
+            state = self.ev.state_of(parent, specs, c, steps=steps)
+            self.states[setting] = state
+        return self._point(setting, c, verified=True)
+
+    def state(self, setting: Setting) -> State:
+        return self.states[setting]

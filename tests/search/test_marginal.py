@@ -1,0 +1,161 @@
+"""The marginal-rate search's decision rules, on fake models whose accuracy and
+size are functions of the setting (so every expectation is computed by hand)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyprune.search.evaluator import BudgetExhausted
+from pyprune.search.marginal import MarginalSearch, Point, Setting
+
+
+class FakeOracle:
+    """``accuracy(index)`` and ``size(index)`` define the model; a screen sees
+    ``accuracy - screen_gap`` (fine-tuning recovers that much)."""
+
+    def __init__(self, accuracy: Callable[[tuple[int, ...]], float], size: Callable[[tuple[int, ...]], int],
+                 target: float, screen_gap: float = 0.0, calls: int | None = None) -> None:
+        self.accuracy, self.size, self.target, self.gap = accuracy, size, target, screen_gap
+        self.calls = calls  # BudgetExhausted after this many screens and measurements
+        self.screened: list[tuple[int, ...]] = []
+        self.measured: list[tuple[tuple[int, ...], bool]] = []  # (setting, final)
+
+    def _spend(self, final: bool) -> None:
+        if self.calls is not None and not final:
+            if self.calls <= 0:
+                raise BudgetExhausted("fake budget")
+            self.calls -= 1
+
+    def screen(self, setting: Setting) -> Point:
+        self._spend(False)
+        self.screened.append(setting.index)
+        a = self.accuracy(setting.index) - self.gap
+        return Point(setting, a, self.size(setting.index), a >= self.target, False)
+
+    def measure(self, setting: Setting, final: bool = False) -> Point:
+        if setting.stages_on:
+            self._spend(final)
+            self.measured.append((setting.index, final))
+        a = self.accuracy(setting.index)
+        return Point(setting, a, self.size(setting.index), a >= self.target or not setting.stages_on, True)
+
+
+def linear(costs: tuple[float, ...], gains: tuple[int, ...], full: int = 10_000):
+    """Each position of stage i costs ``costs[i]`` accuracy and saves ``gains[i]`` bytes."""
+    def accuracy(index):
+        return 1.0 - sum(c * (i + 1) for c, i in zip(costs, index))
+
+    def size(index):
+        return full - sum(g * (i + 1) for g, i in zip(gains, index))
+    return accuracy, size
+
+
+def start_at(search: MarginalSearch, index: tuple[int, ...]) -> Setting:
+    setting = Setting(index)
+    assert search.measure(setting).meets
+    return setting
+
+
+def test_a_move_goes_to_the_stage_with_the_most_bytes_per_point():
+    # stage 0: 100 bytes for 0.01 (10,000 per point); stage 1: 50 bytes for 0.001 (50,000 per point)
+    oracle = FakeOracle(*linear((0.01, 0.001), (100, 50)), target=0.9)
+    search = MarginalSearch(oracle, (8, 8), names=("a", "b"))
+    search.trade(start_at(search, (0, 0)))
+    first = next(m for m in search.outcome.moves if m.phase == "trade" and m.verified)
+    assert first.kind == "b+1" and first.setting == (0, 1) and first.accepted
+    assert first.rate == pytest.approx(50 / 0.001)
+
+
+def test_a_stage_that_buys_less_than_it_costs_is_backed_off_by_a_swap():
+    # From (2, 1) neither stage can go further; trading a position of the costly,
+    # cheap-in-bytes stage 0 for two of stage 1 saves bytes at the same target.
+    oracle = FakeOracle(*linear((0.02, 0.005), (10, 100), full=1000), target=0.93)
+    search = MarginalSearch(oracle, (8, 8), names=("a", "b"))
+    end = search.trade(start_at(search, (2, 1)))
+    swaps = [m for m in search.outcome.moves if m.phase == "swap" and m.accepted]
+    assert swaps and swaps[0].kind == "a-1,b+2" and swaps[0].setting == (1, 3)
+    assert end.index[0] < 2 and search.measured[end].bytes < 770
+    # by hand: stage 1 at the end of its ladder (1 - 0.005 * 8 = 0.96), then stage 0 one position
+    # (0.94); two would be 0.92 < 0.93
+    assert end == Setting((0, 7))
+
+
+def test_dropping_a_technique_altogether_is_reachable():
+    # stage 0 costs a lot and saves almost nothing: the best answer has it off
+    oracle = FakeOracle(*linear((0.03, 0.01), (1, 100), full=2000), target=0.9)
+    outcome = MarginalSearch(oracle, (6, 12), names=("a", "b")).run()
+    assert outcome.best.setting.index == (-1, 9)  # 1 - 0.01 * 10 = 0.90 meets; 11 positions would not
+
+
+def test_every_technique_is_on_after_a_few_screens_and_one_fine_tune():
+    oracle = FakeOracle(*linear((0.004, 0.004, 0.004), (100, 100, 100)), target=0.95, screen_gap=0.01)
+    search = MarginalSearch(oracle, (8, 8, 8), margin=0.02)
+    search.measure(Setting.off(3))
+    search.alone()
+    together = search.together()
+    assert together.stages_on == 3 and search.measured[together].meets
+    assert len(oracle.measured) == 1 and len(oracle.screened) <= 3 * 4 + 3
+
+
+def test_the_answer_is_never_larger_than_a_single_technique_endpoint():
+    # Techniques that clash: together they lose far more than apart.
+    def accuracy(index):
+        on = [i for i in index if i >= 0]
+        return 1.0 - 0.01 * sum(i + 1 for i in on) - (0.2 if len(on) > 1 else 0.0)
+
+    def size(index):
+        return 10_000 - 300 * (index[0] + 1) - 200 * (index[1] + 1)
+    oracle = FakeOracle(accuracy, size, target=0.95)
+    outcome = MarginalSearch(oracle, (8, 8)).run()
+    singles = [size(s) for s, _ in oracle.measured if sum(i >= 0 for i in s) == 1 and accuracy(s) >= 0.95]
+    assert outcome.best is not None and singles and outcome.best.bytes <= min(singles)
+    assert outcome.best.setting.index == (4, -1)  # 5 positions of the stage that saves more
+
+
+@settings(max_examples=60, deadline=None)
+@given(costs=st.lists(st.floats(0.001, 0.05), min_size=2, max_size=3),
+       gains=st.lists(st.integers(1, 400), min_size=3, max_size=3),
+       clash=st.floats(0.0, 0.1), target=st.floats(0.85, 0.99))
+def test_property_never_above_any_screened_setting_that_met(costs, gains, clash, target):
+    n = len(costs)
+
+    def accuracy(index):
+        on = sum(i >= 0 for i in index)
+        return 1.0 - sum(c * (i + 1) for c, i in zip(costs, index)) - clash * max(0, on - 1)
+
+    def size(index):
+        return 20_000 - sum(g * (i + 1) for g, i in zip(gains, index))
+    oracle = FakeOracle(accuracy, size, target)
+    search = MarginalSearch(oracle, (6,) * n)
+    outcome = search.run()
+    met = [p.bytes for s, p in search.screens.items() if p.meets]
+    if met:
+        assert outcome.best is not None and outcome.best.bytes <= min(met)
+    if outcome.best is not None:
+        assert accuracy(outcome.best.setting.index) >= target
+
+
+def test_when_the_budget_runs_out_a_screened_answer_is_verified_not_dropped():
+    oracle = FakeOracle(*linear((0.01, 0.01), (100, 100)), target=0.95, calls=4)  # 4 screens, no measurement
+    outcome = MarginalSearch(oracle, (8, 8)).run()
+    assert outcome.budget_exhausted and outcome.kept_on_screen
+    assert outcome.best is not None and outcome.best.meets
+    assert [final for _, final in oracle.measured] == [True]  # exactly one measurement past the budget
+    smallest_met = min((oracle.size(s) for s in oracle.screened if oracle.accuracy(s) >= 0.95))
+    assert outcome.best.bytes == smallest_met
+
+
+def test_with_a_verified_answer_a_spent_budget_measures_nothing_more():
+    oracle = FakeOracle(*linear((0.01, 0.01), (100, 100)), target=0.95)
+    search = MarginalSearch(oracle, (8, 8))
+    search.measure(Setting.off(2))
+    search.alone()
+    together = search.together()
+    oracle.calls = 0
+    search.outcome.budget_exhausted = True
+    search.settle(final=True)
+    assert search.outcome.best.setting == together and all(not f for _, f in oracle.measured)
