@@ -26,7 +26,7 @@ export MAX_JOBS ?= 2
 STAMP := $(VENV)/.pyprune-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: install demo test test-all bench asan clean
+.PHONY: install demo test test-all bench baselines asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/search_vs_grid.py
 	$(PY) bench/single_vs_combined.py
+	$(PY) bench/paper_table.py
+
+# Checkpoints adapted to the JPEG copy of CIFAR-10 (the recipe of ../shared/models/README.md),
+# for the models ../shared/models has none of; cached outside the repo (bench/_checkpoints.py).
+baselines: install
+	$(PY) bench/_checkpoints.py --arch resnet20 --arch resnet56
 
 # The container decoder and its fuzz tests under AddressSanitizer, built in a copy of
 # the tree so the normal extension is left alone (docs/format.md, "Fuzzing under ASan").

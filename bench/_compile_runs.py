@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pyprune.api import load_model
+from _checkpoints import add_checkpoint_args, load_checkpoint
 from pyprune.compile import CompileConfig, compile_model
 from pyprune.data import DataSpec
 from pyprune.search.target import Target
@@ -27,6 +27,10 @@ def add_common_args(p: argparse.ArgumentParser, finetune_epochs: float) -> None:
     p.add_argument("--train-limit", type=int, help="fine-tune on the first N training images only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-root", help="default: $PYPRUNE_DATA, else ./data")
+    p.add_argument("--budget-minutes", type=float, help="the same wall-clock budget for every run")
+    p.add_argument("--distill", type=float, default=0.5, help="compile's --distill (0: labels only)")
+    p.add_argument("--final-epochs", type=float, default=0.0, help="compile's --final-epochs")
+    add_checkpoint_args(p)
 
 
 @dataclass
@@ -47,13 +51,16 @@ HEADERS = ["search", "candidates", "fine-tuned", "seconds", "chosen pipeline", "
 
 def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
     torch.set_num_threads(args.threads)
-    model = load_model(arch=args.arch, pretrained=True)
+    model, checkpoint = load_checkpoint(args)
+    settings = {"budget_minutes": args.budget_minutes, "distill": args.distill, "final_epochs": args.final_epochs,
+                **settings}
     with tempfile.TemporaryDirectory() as tmp:
         config = CompileConfig(Target(max_drop=args.max_drop), Path(tmp) / "out",
                                finetune_epochs=args.finetune_epochs, val_from="test", val_limit=args.val_limit,
                                screen_limit=args.screen_limit, train_limit=args.train_limit,
                                train=TrainConfig(), data=DataSpec(root=args.data_root), quiet=True, **settings)
         result = compile_model(model, config, log=lambda s: None)
+    result.report["checkpoint"] = checkpoint
     print(f"  {label}: {result.report['chosen']['pipeline'] or '(baseline)'}, "
           f"{result.report['search']['seconds']:.0f}s", flush=True)
     return Run(label, result.report)

@@ -24,8 +24,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, finetune_epochs=0.1)
     args = p.parse_args()
-    print(f"{args.arch}, target: val top-1 >= baseline - {args.max_drop}; fine-tuning {args.finetune_epochs} "
-          f"epoch per deciding candidate; val {args.val_limit} images (screen {args.screen_limit})", flush=True)
+    print(f"{args.arch} ({args.weights or args.checkpoint} checkpoint), target: val top-1 >= baseline - "
+          f"{args.max_drop}; fine-tuning {args.finetune_epochs} epoch per deciding candidate (distill "
+          f"{args.distill}); val {args.val_limit} images (screen {args.screen_limit}); budget "
+          f"{args.budget_minutes or 'none'} min per run", flush=True)
     runs = [compile_run(args, "slimming only", order=("slim",)),
             compile_run(args, "deep compression only", order=("mask", "quant")),
             compile_run(args, "combined", order=("slim", "mask", "quant"))]

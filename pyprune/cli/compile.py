@@ -99,6 +99,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-distill", dest="distill", action="store_const", const=0.0, help="same as --distill 0")
     g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
                    help="softmax temperature of distillation (default 4)")
+    g.add_argument("--max-effort", type=int, metavar="K",
+                   help="when no move is left and the budget is not spent, retry the untaken moves with 2x, 4x, "
+                        "... up to K times --finetune-epochs (a power of two; 1: never; default 8 with "
+                        "--budget-minutes, 1 without)")
     g.add_argument("--final-epochs", type=float, default=0.0, metavar="E",
                    help="fine-tune the chosen model E more epochs after the search, kept only if it still meets "
                         "the target (the budget keeps time back for it)")
@@ -164,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                               sync_batchnorm=not args.no_sync_bn),
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
-        distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs)
+        distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
+        max_effort=args.max_effort)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

@@ -54,6 +54,10 @@ class CompileConfig:
     distill: float = 0.5
     distill_temperature: float = 4.0
     final_epochs: float = 0.0
+    # The marginal search's last phase retries untaken moves with 2x, 4x ... this many
+    # times --finetune-epochs, while the budget lasts (1: never). None: 8 when there is
+    # a budget to spend, 1 without one (so an unbounded compile does not run for hours).
+    max_effort: int | None = None
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -71,6 +75,10 @@ class CompileConfig:
                             ("--recal-images", self.recal_images)):
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
+        if self.max_effort is None:
+            self.max_effort = 8 if self.budget_minutes is not None else 1
+        if self.max_effort < 1 or self.max_effort & (self.max_effort - 1):
+            raise ValueError(f"--max-effort must be a power of two >= 1, got {self.max_effort}")
         if self.onnx_verify < 0:
             raise ValueError(f"--onnx-verify must be >= 0, got {self.onnx_verify}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
@@ -111,5 +119,6 @@ class CompileConfig:
                 "recal_images": self.recal_images, "margin": self.margin, "data": self.data.name,
                 "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "distill": self.distill,
                 "distill_temperature": self.distill_temperature, "final_epochs": self.final_epochs,
+                "max_effort": self.max_effort,
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

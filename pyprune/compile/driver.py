@@ -140,18 +140,19 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
         stages, orders = explore_orders(ev, start, stages, config.margin)
         ev.progress.say(f"order chosen on the screen-only proxy: {' -> '.join(s.name for s in stages)}")
     if config.search == "marginal":
-        outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0)
+        outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0,
+                            config.max_effort if config.finetune_epochs > 0 else 1)
     else:
         outcome = HeuristicSearch(ev, stages, config.margin).run(start)
     outcome.l1, outcome.orders = l1_record, orders
     return outcome
 
 
-def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float) -> SearchOutcome:
+def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, max_effort: int) -> SearchOutcome:
     oracle = EvaluatorOracle(ev, stages, start)
     names, ladders = [s.name for s in stages], [s.levels for s in stages]
     ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
-    result = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names).run()
+    result = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort).run()
     final = oracle.state(result.best.setting) if result.best is not None else start
     chosen = result.best.setting.index if result.best is not None else (-1,) * len(stages)
     rows = [StageOutcome(s.name, s.levels[c] if c >= 0 else None,

@@ -155,7 +155,9 @@ class Evaluator:
         extra = {"estimate": estimate} if estimate is not None else {}
         c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
                       accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason, extra)
-        self._took(phase, c.seconds)
+        # fine-tunes by the time of one of the configured length, so efforts compare
+        units = epochs / self.settings.finetune_epochs if phase == "finetune" and epochs > 0 else 1.0
+        self._took(phase, c.seconds / units)
         self.measured += 1
         self.journal.put(c)
         self.progress.done(c, cached=False)
@@ -170,7 +172,8 @@ class Evaluator:
 
     def expected_seconds(self, phase: str) -> float:
         """How long the next measurement of ``phase`` should take: the longest of the
-        last three in this run (0 before the first)."""
+        last three in this run (0 before the first); for ``finetune``, one of
+        ``finetune_epochs``."""
         return max(self._seconds.get(phase, [])[-3:], default=0.0)
 
     def _cached(self, key: str) -> Candidate | None:
@@ -228,23 +231,27 @@ class Evaluator:
         return self.measure_pipeline(parent, [stage.spec(level)], stage.name, level)
 
     def measure_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
-                         steps: Sequence[str] | None = None, within_budget: bool = True) -> Candidate:
-        """:meth:`measure` of several passes applied to ``parent`` at once. With
-        ``within_budget`` False it runs even when the budget is spent (the search's
-        one measurement that keeps a screened answer)."""
-        epochs = self.settings.finetune_epochs
+                         steps: Sequence[str] | None = None, within_budget: bool = True,
+                         effort: int = 1) -> Candidate:
+        """:meth:`measure` of several passes applied to ``parent`` at once, fine-tuned
+        ``effort`` times the configured epochs. With ``within_budget`` False it runs
+        even when the budget is spent (the search's one measurement that keeps a
+        screened answer)."""
+        epochs = self.settings.finetune_epochs * effort
         base_key = f"{parent.key}>{','.join(specs)}"
-        key = f"{base_key}@ft#val" if epochs > 0 else f"{base_key}@bn#val"
+        tuned = "@ft" if effort == 1 else f"@ft{epochs!r}"
+        key = f"{base_key}{tuned}#val" if epochs > 0 else f"{base_key}@bn#val"
         c = self._cached(key)
         if c is not None:
             return c
         if within_budget:
-            self.budget.check(self.expected_seconds("finetune" if epochs > 0 else "val"))
+            self.budget.check(self.expected_seconds("finetune") * effort if epochs > 0 else
+                              self.expected_seconds("val"))
         start = time.perf_counter()
         child = self.apply(parent, specs, steps)
         if epochs > 0:
             try:
-                child = self.finetune(child, epochs)
+                child = self.finetune(child, epochs, key=base_key + tuned)
             except DivergenceError as exc:
                 return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
                                     status="failed", reason=f"rolled back: {exc}", pipeline=child.pipeline)

@@ -19,9 +19,17 @@ every technique that pays:
    recovery margin of the target, measure the one that saves the most bytes per
    point of estimated accuracy lost; accept it if it meets the target. A stage
    whose one-position move failed is done. When no stage can move, try *swaps*:
-   one stage backed off one position while another goes one or two further, and
-   take the swap that ends smallest. This is how a technique that costs more
+   one stage backed off one position while another goes one or two further, or
+   all the others one further; the (at most :data:`MAX_SWAPS`) best by bytes per
+   point are measured, and the first that meets is taken. The recovery margin
+   adapts: after two deciding measurements it is 1.5 times the most that
+   fine-tuning recovered over a screen. This is how a technique that costs more
    accuracy than it saves gives its budget away, down to being dropped.
+
+4. **Recover more.** When no move is left and time is, phase 3 runs again with
+   twice the fine-tuning per deciding measurement (up to ``max_effort`` times the
+   configured epochs): moves that missed the target by a little are bought with
+   training rather than given up.
 
 The answer is the smallest setting that passed a deciding measurement, so the
 search can never return more bytes than any endpoint it verified, a single
@@ -47,6 +55,8 @@ from .evaluator import BudgetExhausted
 #: single-technique boundary at once, which seldom meets the target.
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 MAX_STEP = 4  # the furthest a phase-3 move goes in one measurement, in ladder positions
+MAX_SWAPS = 3  # swaps measured (fine-tuned) each time no move is left
+MIN_MARGIN = 0.005  # the narrowest recovery margin, in points of accuracy
 # A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
 # of accuracy, ranks such moves by their bytes instead.
 MIN_COST = 1e-4
@@ -95,13 +105,15 @@ class SettingOracle(Protocol):
     """What the search asks of a model. Both methods may raise
     :class:`~.evaluator.BudgetExhausted` before doing any work, except
     ``measure(..., final=True)``, which the search uses at most once, to keep a
-    screened answer when the budget ran out before anything was verified."""
+    screened answer when the budget ran out before anything was verified.
+    ``measure(Setting.off(n))`` is the baseline. ``effort`` multiplies the
+    fine-tuning of a deciding measurement."""
 
     target: float
 
     def screen(self, setting: Setting) -> Point: ...
 
-    def measure(self, setting: Setting, final: bool = False) -> Point: ...
+    def measure(self, setting: Setting, final: bool = False, effort: int = 1) -> Point: ...
 
 
 @dataclass
@@ -138,13 +150,17 @@ class MarginalSearch:
     ``screen_only`` nothing is fine-tuned and screens decide."""
 
     def __init__(self, oracle: SettingOracle, ladders: Sequence[int], margin: float = 0.0,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, max_effort: int = 1) -> None:
         self.oracle = oracle
         self.ladders = tuple(ladders)
-        self.margin = margin
+        self.initial_margin = margin
+        self.max_effort = max_effort
+        self.recoveries: dict[int, list[float]] = {}  # effort -> measured minus screen estimate
         self.names = tuple(names) if names else tuple(f"stage{i}" for i in range(len(self.ladders)))
         self.screens: dict[Setting, Point] = {}
-        self.measured: dict[Setting, Point] = {}
+        self.measured: dict[Setting, Point] = {}  # the latest deciding measurement of each setting
+        self.effort = 1  # fine-tuning of a deciding measurement, in multiples of the configured epochs
+        self._by_effort: dict[tuple[Setting, int], Point] = {}
         self.outcome = MarginalOutcome(None)
 
     # -- bookkeeping
@@ -159,12 +175,18 @@ class MarginalSearch:
         return self.screens[setting]
 
     def measure(self, setting: Setting, final: bool = False) -> Point:
-        if setting not in self.measured:
-            point = self.oracle.measure(setting, final=final)
-            self.measured[setting] = point
+        known = self.measured.get(setting)
+        if known is not None and (known.meets or not setting.stages_on):
+            return known  # met the target: more fine-tuning is not needed to accept it
+        if (setting, self.effort) not in self._by_effort:
+            point = self.oracle.measure(setting, final=final, effort=self.effort)
+            screened = self.screens.get(setting)
+            if screened is not None and screened.accuracy is not None and point.accuracy is not None:
+                self.recoveries.setdefault(self.effort, []).append(point.accuracy - screened.accuracy)
+            self._by_effort[setting, self.effort] = self.measured[setting] = point
             if point.meets and setting.stages_on and (self.outcome.best is None or point.bytes < self.outcome.best.bytes):
                 self.outcome.best = point
-        return self.measured[setting]
+        return self._by_effort[setting, self.effort]
 
     def _log(self, phase: str, kind: str, point: Point, accepted: bool, rate: float | None = None) -> None:
         self.outcome.moves.append(Move(phase, kind, point.setting.index, point.accuracy, point.bytes,
@@ -181,8 +203,13 @@ class MarginalSearch:
             self.measure(current)  # the baseline: meets by definition, and where phase 3 starts if phase 2 fails
             self.alone()
             current = self.together()
-            self.trade(current)
+            current = self.trade(current)
             self.settle(final=False)
+            while self.effort < self.max_effort:
+                # moves left untaken: the budget that remains buys them more fine-tuning
+                self.effort *= 2
+                current = self.trade(current)
+                self.settle(final=False)
         except BudgetExhausted:
             self.outcome.budget_exhausted = True
             self.settle(final=True)
@@ -232,6 +259,17 @@ class MarginalSearch:
     def _rate(frm: Point, to: Point) -> float:
         return (frm.bytes - to.bytes) / max(frm.accuracy - to.accuracy, MIN_COST)
 
+    @property
+    def margin(self) -> float:
+        """How far below the target a screen may estimate a move that is still worth
+        fine-tuning: ``margin`` until two measurements at this effort showed what
+        fine-tuning recovers, then 1.5 times the most it recovered (never below
+        :data:`MIN_MARGIN`)."""
+        seen = self.recoveries.get(self.effort, [])
+        if len(seen) < 2:
+            return self.initial_margin
+        return min(self.initial_margin, max(MIN_MARGIN, 1.5 * max(seen)))
+
     def _recoverable(self, point: Point) -> bool:
         return point.accuracy is not None and point.accuracy >= self.target - self.margin
 
@@ -280,21 +318,25 @@ class MarginalSearch:
         for a in range(len(self.ladders)):
             if current.index[a] < 0:
                 continue
-            for b in range(len(self.ladders)):
-                if b == a:
+            others = [b for b in range(len(self.ladders)) if b != a]
+            # another stage one or two further, or every other stage one further (the
+            # accuracy one stage gives back may be worth most when all share it)
+            pushes = [{b: by} for b in others for by in (1, 2)] + ([dict.fromkeys(others, 1)] if len(others) > 1 else [])
+            for push in pushes:
+                setting = current.moved(a, -1)
+                for b, by in push.items():
+                    setting = setting.moved(b, by)
+                if not self._valid(setting) or setting in tried:
                     continue
-                for by in (1, 2):
-                    setting = current.moved(a, -1).moved(b, by)
-                    if not self._valid(setting) or setting in tried:
-                        continue
-                    tried.add(setting)
-                    point = self.screen(setting)
-                    kind = f"{self.names[a]}-1,{self.names[b]}+{by}"
-                    if self._recoverable(point) and point.bytes < here.bytes:
-                        options.append((point.bytes, kind, point))
-                    else:
-                        self._log("swap", kind, point, False)
-        for _, kind, screened in sorted(options, key=lambda o: (o[0], o[1])):
+                tried.add(setting)
+                point = self.screen(setting)
+                kind = ",".join([f"{self.names[a]}-1"] + [f"{self.names[b]}+{by}" for b, by in push.items()])
+                if self._recoverable(point) and point.bytes < here.bytes:
+                    options.append((self._rate(here, point), kind, point))
+                else:
+                    self._log("swap", kind, point, False)
+        # best bytes per point first; a stuck search measures only a few of them
+        for _, kind, screened in sorted(options, key=lambda o: (-o[0], o[1]))[:MAX_SWAPS]:
             point = self.measure(screened.setting)
             self._log("swap", kind, point, point.meets)
             if point.meets:

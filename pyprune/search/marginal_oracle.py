@@ -76,14 +76,15 @@ class EvaluatorOracle:
         c = self.ev.screen_pipeline(parent, specs, stage, level, steps=self.steps(setting))
         return self._point(setting, c, verified=False)
 
-    def measure(self, setting: Setting, final: bool = False) -> Point:
+    def measure(self, setting: Setting, final: bool = False, effort: int = 1) -> Point:
         if setting == Setting.off(len(self.stages)):
             c = self.base.candidate
             return Point(setting, c.accuracy, c.size_bytes, True, True)
         parent, specs = self.parent(setting)
         stage, level = self._label(parent, setting)
         steps = self.steps(setting)
-        c = self.ev.measure_pipeline(parent, specs, stage, level, steps=steps, within_budget=not final)
+        c = self.ev.measure_pipeline(parent, specs, stage, level, steps=steps, within_budget=not final,
+                                     effort=effort)
         if c.meets:
             state = self.ev.state_of(parent, specs, c, steps=steps)
             self.states[setting] = state

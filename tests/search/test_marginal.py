@@ -23,6 +23,8 @@ class FakeOracle:
         self.calls = calls  # BudgetExhausted after this many screens and measurements
         self.screened: list[tuple[int, ...]] = []
         self.measured: list[tuple[tuple[int, ...], bool]] = []  # (setting, final)
+        self.efforts: list[int] = []
+        self.recovery = 0.0  # accuracy each extra unit of fine-tuning effort adds
 
     def _spend(self, final: bool) -> None:
         if self.calls is not None and not final:
@@ -36,11 +38,12 @@ class FakeOracle:
         a = self.accuracy(setting.index) - self.gap
         return Point(setting, a, self.size(setting.index), a >= self.target, False)
 
-    def measure(self, setting: Setting, final: bool = False) -> Point:
+    def measure(self, setting: Setting, final: bool = False, effort: int = 1) -> Point:
         if setting.stages_on:
             self._spend(final)
             self.measured.append((setting.index, final))
-        a = self.accuracy(setting.index)
+            self.efforts.append(effort)
+        a = self.accuracy(setting.index) + self.recovery * (effort - 1)
         return Point(setting, a, self.size(setting.index), a >= self.target or not setting.stages_on, True)
 
 
@@ -159,3 +162,16 @@ def test_with_a_verified_answer_a_spent_budget_measures_nothing_more():
     search.outcome.budget_exhausted = True
     search.settle(final=True)
     assert search.outcome.best.setting == together and all(not f for _, f in oracle.measured)
+
+
+def test_untaken_moves_are_retried_with_more_fine_tuning_while_there_is_effort_left():
+    # one stage, 0.006 a position: 0.994, 0.988, 0.982, 0.976 against 0.985; each doubling
+    # of fine-tuning recovers 0.005 more, so position 2 meets at effort 2, position 3 never
+    oracle = FakeOracle(*linear((0.006,), (100,)), target=0.985)
+    oracle.recovery = 0.005
+    once = MarginalSearch(oracle, (4,), margin=0.01, max_effort=1).run()
+    assert once.best.setting.index == (1,) and set(oracle.efforts) == {1}
+    oracle.efforts.clear()
+    twice = MarginalSearch(oracle, (4,), margin=0.01, max_effort=2).run()
+    assert twice.best.setting.index == (2,) and twice.best.bytes < once.best.bytes
+    assert set(oracle.efforts) == {1, 2}
