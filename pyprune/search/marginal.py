@@ -242,7 +242,8 @@ class MarginalSearch:
             point = self.screen(setting) if setting != off else None
             if point is not None:
                 self._log("together", f"share {FRACTIONS[mid]:g}", point, point.meets)
-            lo, hi = (mid, hi) if point is not None and point.meets else (lo, mid)
+            # a share that rounds every stage off is the baseline, which meets by definition
+            lo, hi = (mid, hi) if point is None or point.meets else (lo, mid)
         while lo >= 0:
             setting = self._share(FRACTIONS[lo])
             if setting == off:

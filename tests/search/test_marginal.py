@@ -175,3 +175,13 @@ def test_untaken_moves_are_retried_with_more_fine_tuning_while_there_is_effort_l
     twice = MarginalSearch(oracle, (4,), margin=0.01, max_effort=2).run()
     assert twice.best.setting.index == (2,) and twice.best.bytes < once.best.bytes
     assert set(oracle.efforts) == {1, 2}
+
+
+def test_short_ladders_still_go_together_in_one_fine_tune():
+    # one setting per stage: every share below 1/2 rounds each stage off (the baseline),
+    # which must not stop the bisection from reaching all three on
+    oracle = FakeOracle(*linear((0.01, 0.01, 0.01), (100, 100, 100)), target=0.9)
+    search = MarginalSearch(oracle, (1, 1, 1))
+    search.measure(Setting.off(3))
+    search.alone()
+    assert search.together() == Setting((0, 0, 0)) and len(oracle.measured) == 1
