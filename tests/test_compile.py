@@ -29,7 +29,8 @@ def tiny_args(data_root, models_dir):
     return ["--arch", "resnet20", "--weights", weights, "--data-root", data_root, "--val-from", "test",
             "--val-limit", 300, "--screen-limit", 200, "--test-limit", 300, "--train-limit", 512,
             "--recal-images", 256, "--finetune-epochs", 0.25, "--batch-size", 64,
-            "--slim-levels", "0.1,0.3", "--mask-levels", "0.5,0.8", "--bits-levels", "6,3", "--quiet"]
+            "--slim-levels", "0.1,0.3", "--mask-levels", "0.5,0.8", "--bits-levels", "6,3", "--quiet",
+            "--no-per-layer"]  # per-layer settings screen every layer (tests/search/test_layerwise.py)
 
 
 def report_of(out):

@@ -103,6 +103,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="when no move is left and the budget is not spent, retry the untaken moves with 2x, 4x, "
                         "... up to K times --finetune-epochs (a power of two; 1: never; default 8 with "
                         "--budget-minutes, 1 without)")
+    g.add_argument("--no-per-layer", dest="per_layer", action="store_false",
+                   help="keep one setting per technique: do not push single layers further after the search "
+                        "(by default every layer but the stem, the classifier and 1x1 convolutions is screened "
+                        "one step further, and the best bytes per point are measured together)")
     g.add_argument("--final-epochs", type=float, default=0.0, metavar="E",
                    help="fine-tune the chosen model E more epochs after the search, kept only if it still meets "
                         "the target (the budget keeps time back for it)")
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
-        max_effort=args.max_effort)
+        max_effort=args.max_effort, per_layer=args.per_layer)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

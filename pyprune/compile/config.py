@@ -58,6 +58,7 @@ class CompileConfig:
     # times --finetune-epochs, while the budget lasts (1: never). None: 8 when there is
     # a budget to spend, 1 without one (so an unbounded compile does not run for hours).
     max_effort: int | None = None
+    per_layer: bool = True  # after the marginal search, push single layers further (pyprune.search.layerwise)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -119,6 +120,6 @@ class CompileConfig:
                 "recal_images": self.recal_images, "margin": self.margin, "data": self.data.name,
                 "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "distill": self.distill,
                 "distill_temperature": self.distill_temperature, "final_epochs": self.final_epochs,
-                "max_effort": self.max_effort,
+                "max_effort": self.max_effort, "per_layer": self.per_layer,
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

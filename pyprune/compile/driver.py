@@ -30,6 +30,7 @@ from ..ir import example_input, inference_only, propagate_shapes, trace
 from ..models import LoadedModel
 from ..search import (Budget, Candidate, EvalSettings, Evaluator, GridSearch, HeuristicSearch, Journal, SearchData,
                       SearchOutcome, Stage, StageOutcome, State, explore_orders, last_passing)
+from ..search.layerwise import LayerRefinement
 from ..search.marginal import MarginalSearch, Setting
 from ..search.marginal_oracle import EvaluatorOracle
 from ..search.progress import Progress
@@ -141,19 +142,34 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
         ev.progress.say(f"order chosen on the screen-only proxy: {' -> '.join(s.name for s in stages)}")
     if config.search == "marginal":
         outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0,
-                            config.max_effort if config.finetune_epochs > 0 else 1)
+                            config.max_effort if config.finetune_epochs > 0 else 1, config.per_layer)
     else:
         outcome = HeuristicSearch(ev, stages, config.margin).run(start)
     outcome.l1, outcome.orders = l1_record, orders
     return outcome
 
 
-def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, max_effort: int) -> SearchOutcome:
+def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, max_effort: int,
+              per_layer: bool) -> SearchOutcome:
     oracle = EvaluatorOracle(ev, stages, start)
     names, ladders = [s.name for s in stages], [s.levels for s in stages]
     ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
-    result = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort).run()
+    search = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort)
+    result = search.run(recover_more=False)
+    layer_moves: list[dict] = []
+    refined = None
+    if per_layer and result.best is not None and not result.budget_exhausted:
+        # per-layer settings before phase 4, so that a budget spent on more fine-tuning still leaves them a turn
+        ev.progress.say("per-layer settings: screening each layer one step further than the rest")
+        refinement = LayerRefinement(ev, oracle, margin).run(result.best.setting)
+        result.budget_exhausted = refinement.budget_exhausted
+        layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]
+        refined = refinement.state
+    result = search.recover_more()
     final = oracle.state(result.best.setting) if result.best is not None else start
+    if refined is not None and refined.candidate.size_bytes < final.candidate.size_bytes:
+        final = refined
+        ev.progress.say(f"per-layer settings kept: {final.pipeline}")
     chosen = result.best.setting.index if result.best is not None else (-1,) * len(stages)
     rows = [StageOutcome(s.name, s.levels[c] if c >= 0 else None,
                          s.levels[result.singles[i]] if result.singles.get(i, -1) >= 0 else None, None, margin,
@@ -164,7 +180,7 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
                         + (" (verified after the budget ran out)" if result.kept_on_screen else ""))
     return SearchOutcome(final, tuple(names), rows, result.budget_exhausted,
                          moves=[{**m.to_dict(), "levels": Setting(m.setting).describe(names, ladders)}
-                                for m in result.moves], kept_on_screen=result.kept_on_screen)
+                                for m in result.moves] + layer_moves, kept_on_screen=result.kept_on_screen)
 
 
 def _decide_l1(ev: Evaluator, base: State, config: CompileConfig, stage: Stage) -> tuple[State, dict[str, Any]]:

@@ -208,8 +208,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- sparsity training (L1 {l1['strength']:g}, {l1['epochs']:g} epochs): slim boundary "
                      f"{l1['boundary_without']} without vs {l1['boundary_with']} with; "
                      f"{'paid off, used' if l1['paid_off'] else 'did not pay off, not used'}")
-    for o in search.get("orders") or []:
-        lines.append(f"- order {' → '.join(o['order'])} on the screen-only proxy: {_kib(o['size_bytes'])}")
+    orders = search.get("orders") or []
+    if orders:
+        best = min(orders, key=lambda o: o["size_bytes"])
+        lines.append(f"- order chosen: {' → '.join(search['order'])}, because on the screen-only proxy (each stage "
+                     f"as far as its screen meets the target, no training) it ended smallest, "
+                     f"{_kib(best['size_bytes'])} of {len(orders)} orders tried:")
+    elif search.get("kind") != "grid":
+        lines.append(f"- order: {' → '.join(search['order'])}, as given (--order; --explore-order compares them all)")
+    for o in orders:
+        lines.append(f"  - {' → '.join(o['order'])}: {_kib(o['size_bytes'])}")
     lines += ["", "![size against accuracy](pareto.png)", ""]
     return "\n".join(lines)
 

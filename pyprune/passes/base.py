@@ -145,6 +145,9 @@ class Knob:
     range: Range | None = None
     flag: str | None = None
     absolute: bool = True
+    # The option of {layer: value} overrides that set single layers apart from the
+    # knob's one value (None: the pass has none), for per-layer searches.
+    per_layer: str | None = None
 
     def aggressiveness(self, value: Any) -> Any:
         """A sort key: the least aggressive setting sorts first."""

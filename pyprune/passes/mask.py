@@ -95,7 +95,8 @@ class MaskPass(GraphPass):
     )
     # Bisection makes long ladders cheap: 16 sparsities cost about 4 screens.
     knob = Knob("sparsity", (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
-                             0.98), range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--mask-levels")
+                             0.98), range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--mask-levels",
+                per_layer="layers")
     training_constraint = "masked weights stay exactly zero"
     examples = (("mask(sparsity=0.8)", "zero the 80% smallest |w| of all conv/linear weights (one global threshold)"),
                 ("mask(sparsity=0.7,scope=layer,layers={'linear':0.9})", "70% of every layer, 90% of 'linear'"))

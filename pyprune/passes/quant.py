@@ -191,7 +191,8 @@ class QuantPass(GraphPass):
         Option("zero_code", bool, False, "count zero as one of the 2**bits codes where a layer has zeros (deep "
                "compression's dense form): 4-bit layers then pack two codes per byte in compact ONNX"),
     )
-    knob = Knob("bits", (8, 7, 6, 5, 4, 3, 2), increasing=False, range=Range(1, MAX_BITS), flag="--bits-levels")
+    knob = Knob("bits", (8, 7, 6, 5, 4, 3, 2), increasing=False, range=Range(1, MAX_BITS), flag="--bits-levels",
+                per_layer="layers")
     training_constraint = "shared weights stay tied (each cluster trains as one value); zeros stay zero"
     examples = (("quant(bits=5)", "share weights: per-layer k-means on the non-zero weights, 2^5 codes"),
                 ("quant(conv_bits=8,linear_bits=5,init=density)", "deep compression's bits, quantile initialisation"))

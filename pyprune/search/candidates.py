@@ -30,9 +30,16 @@ class Stage:
     def option(self) -> str:
         return pass_class(self.name).knob.option
 
-    def spec(self, level: float | int) -> str:
-        """The pass pipeline text of one setting."""
-        return f"{self.name}({self.option}={level!r})"
+    def spec(self, level: float | int, layers: dict[str, float | int] | None = None) -> str:
+        """The pass pipeline text of one setting, with ``layers`` set apart from it
+        (``{layer: level}``, for a pass whose knob has a per-layer option)."""
+        if not layers:
+            return f"{self.name}({self.option}={level!r})"
+        return f"{self.name}({self.option}={level!r},{self.per_layer}={dict(sorted(layers.items()))!r})"
+
+    @property
+    def per_layer(self) -> str | None:
+        return pass_class(self.name).knob.per_layer
 
 
 def make_stages(order: tuple[str, ...] | list[str],

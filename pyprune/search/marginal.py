@@ -197,16 +197,28 @@ class MarginalSearch:
 
     # -- the phases
 
-    def run(self) -> MarginalOutcome:
+    def run(self, recover_more: bool = True) -> MarginalOutcome:
+        """Phases 1-3, then phase 4 unless ``recover_more`` is False (a caller that
+        does other work first calls :meth:`recover_more` itself)."""
         current = Setting.off(len(self.ladders))
         try:
             self.measure(current)  # the baseline: meets by definition, and where phase 3 starts if phase 2 fails
             self.alone()
             current = self.together()
-            current = self.trade(current)
+            self.trade(current)
             self.settle(final=False)
+        except BudgetExhausted:
+            self.outcome.budget_exhausted = True
+            self.settle(final=True)
+        return self.recover_more() if recover_more else self.outcome
+
+    def recover_more(self) -> MarginalOutcome:
+        """Phase 4: moves left untaken get twice the fine-tuning, while the budget lasts."""
+        if self.outcome.budget_exhausted:
+            return self.outcome
+        current = self.outcome.best.setting if self.outcome.best is not None else Setting.off(len(self.ladders))
+        try:
             while self.effort < self.max_effort:
-                # moves left untaken: the budget that remains buys them more fine-tuning
                 self.effort *= 2
                 current = self.trade(current)
                 self.settle(final=False)

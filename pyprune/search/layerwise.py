@@ -1,0 +1,139 @@
+"""Per-layer settings: after the marginal search, what is left of the accuracy
+budget is spent layer by layer, where it buys the most bytes.
+
+For each stage whose knob has a per-layer option (quantization's and masking's
+``layers``) and that is on in the chosen setting with a further position on its
+ladder, every layer but the *floors* is screened one position further than the
+rest (BatchNorm recalibration, screening subset): what it costs (estimated points
+of val accuracy) and what it saves (bytes). :func:`allocate` takes layers by bytes
+per point until their summed cost uses the slack: the chosen model's val accuracy
+minus the target, plus the recovery margin. The allocation is then measured like
+any candidate (fine-tuned, all of val) and kept if it meets the target and is
+smaller; when it misses, the first half of it is measured instead, twice at most.
+
+Floors are the stem (the first weight layer), the classifier (the last) and 1x1
+convolutions (the shortcuts): small layers whose errors reach every later layer.
+They keep the stage's own setting, which is more than the layers pushed further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from ..passes import weight_layers
+from .candidates import State
+from .evaluator import BudgetExhausted, Evaluator
+from .marginal import MIN_COST, Move, Setting
+from .marginal_oracle import EvaluatorOracle
+
+MAX_TRIES = 3  # measurements of one stage's allocation: all of it, then halves
+
+
+def floor_layers(gm: fx.GraphModule) -> set[str]:
+    """The stem, the classifier and every 1x1 convolution of ``gm``."""
+    layers = weight_layers(gm)
+    floors = {layers[0], layers[-1]} if layers else set()
+    for name in layers:
+        m = gm.get_submodule(name)
+        if isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size):
+            floors.add(name)
+    return floors
+
+
+def allocate(gains: Mapping[str, int], costs: Mapping[str, float], slack: float,
+             floors: set[str] = frozenset()) -> list[str]:
+    """Layers to push one position further, best bytes per point first, while their
+    summed cost (each at least 0) stays within ``slack``. Floors and layers that save
+    nothing are never chosen; a layer that does not fit is skipped and the next
+    ones are still tried (greedy knapsack)."""
+    ranked = sorted((name for name in gains if name not in floors and gains[name] > 0),
+                    key=lambda n: (-gains[n] / max(costs[n], MIN_COST), n))
+    chosen, spent = [], 0.0
+    for name in ranked:
+        cost = max(costs[name], 0.0)
+        if spent + cost <= slack:
+            chosen.append(name)
+            spent += cost
+    return chosen
+
+
+@dataclass
+class LayerOutcome:
+    state: State | None  # the smaller model that met the target, or None
+    moves: list[Move] = field(default_factory=list)
+    budget_exhausted: bool = False
+
+
+class LayerRefinement:
+    """See the module docstring; ``setting`` is what the marginal search chose."""
+
+    def __init__(self, ev: Evaluator, oracle: EvaluatorOracle, margin: float) -> None:
+        self.ev = ev
+        self.oracle = oracle
+        self.margin = margin
+
+    def _specs(self, setting: Setting, overrides: Mapping[int, dict[str, Any]], k: int) -> tuple[list[str], list[str]]:
+        """(passes to run on the chosen model, the pipeline the result stands for)
+        with ``overrides`` per stage; stage ``k`` changed, so it and the absolute
+        stages after it run again."""
+        specs, steps = [], []
+        for j, (stage, t) in enumerate(zip(self.oracle.stages, setting.index)):
+            if t < 0:
+                continue
+            spec = stage.spec(stage.levels[t], overrides.get(j))
+            steps.append(spec)
+            if j == k or (j > k and self.oracle.absolute[j]):
+                specs.append(spec)
+        return specs, steps
+
+    def run(self, setting: Setting) -> LayerOutcome:
+        outcome = LayerOutcome(None)
+        parent = self.oracle.state(setting)
+        best_bytes = parent.candidate.size_bytes
+        floors = floor_layers(parent.gm)
+        overrides: dict[int, dict[str, Any]] = {}
+        try:
+            for k, stage in enumerate(self.oracle.stages):
+                i = setting.index[k]
+                if i < 0 or i + 1 >= len(stage.levels) or stage.per_layer is None:
+                    continue
+                further = stage.levels[i + 1]
+                gains, costs = {}, {}
+                for name in weight_layers(parent.gm):
+                    if name in floors:
+                        continue
+                    specs, steps = self._specs(setting, {**overrides, k: {**overrides.get(k, {}), name: further}}, k)
+                    c = self.ev.screen_pipeline(parent, specs, stage.name, further, steps=steps)
+                    estimate = self.ev.screen_estimate(parent, c)
+                    if estimate is None:
+                        continue
+                    gains[name], costs[name] = best_bytes - c.size_bytes, parent.val_accuracy - estimate
+                    self._log(outcome, "layers", f"{stage.name} {name}+1", c, estimate, False)
+                slack = parent.val_accuracy - self.ev.target + self.margin
+                chosen = allocate(gains, costs, slack, floors)
+                for _ in range(MAX_TRIES):
+                    if not chosen:
+                        break
+                    trial = {**overrides, k: {**overrides.get(k, {}), **dict.fromkeys(chosen, further)}}
+                    specs, steps = self._specs(setting, trial, k)
+                    c = self.ev.measure_pipeline(parent, specs, stage.name, further, steps=steps)
+                    accepted = c.meets and c.size_bytes < best_bytes
+                    self._log(outcome, "layers", f"{stage.name}: {len(chosen)} layers +1", c, c.accuracy, accepted)
+                    if accepted:
+                        # the next stage's layers start from this model, its overrides in the weights
+                        outcome.state = parent = self.ev.state_of(parent, specs, c, steps=steps)
+                        best_bytes, overrides = c.size_bytes, trial
+                        break
+                    chosen = chosen[:len(chosen) // 2]
+        except BudgetExhausted:
+            outcome.budget_exhausted = True
+        return outcome
+
+    @staticmethod
+    def _log(outcome: LayerOutcome, phase: str, kind: str, c: Any, accuracy: float | None, accepted: bool) -> None:
+        outcome.moves.append(Move(phase, kind, (), accuracy, c.size_bytes, c.phase != "screen", accepted))
+
