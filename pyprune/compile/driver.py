@@ -156,20 +156,24 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
     search = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort)
     result = search.run(recover_more=False)
-    layer_moves: list[dict] = []
-    refined = None
-    if per_layer and result.best is not None and not result.budget_exhausted:
-        # per-layer settings before phase 4, so that a budget spent on more fine-tuning still leaves them a turn
-        ev.progress.say("per-layer settings: screening each layer one step further than the rest")
-        refinement = LayerRefinement(ev, oracle, margin).run(result.best.setting)
-        result.budget_exhausted = refinement.budget_exhausted
-        layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]
-        refined = refinement.state
-    result = search.recover_more()
+    layers = LayerRefinement(ev, oracle, margin)
+    kept_back = layers.expected_seconds(result.best.setting) if per_layer and result.best is not None else 0.0
+    # phase 4 (more fine-tuning) stops early enough to leave the per-layer step its time
+    ev.budget.reserve += kept_back
+    try:
+        result = search.recover_more()
+    finally:
+        ev.budget.reserve -= kept_back
     final = oracle.state(result.best.setting) if result.best is not None else start
-    if refined is not None and refined.candidate.size_bytes < final.candidate.size_bytes:
-        final = refined
-        ev.progress.say(f"per-layer settings kept: {final.pipeline}")
+    layer_moves: list[dict] = []
+    if per_layer and result.best is not None and not (result.budget_exhausted and not kept_back):
+        ev.progress.say("per-layer settings: screening each layer one step further than the rest")
+        refinement = layers.run(result.best.setting)
+        result.budget_exhausted = result.budget_exhausted or refinement.budget_exhausted
+        layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]
+        if refinement.state is not None:
+            final = refinement.state
+            ev.progress.say(f"per-layer settings kept: {final.pipeline}")
     chosen = result.best.setting.index if result.best is not None else (-1,) * len(stages)
     rows = [StageOutcome(s.name, s.levels[c] if c >= 0 else None,
                          s.levels[result.singles[i]] if result.singles.get(i, -1) >= 0 else None, None, margin,

@@ -1,5 +1,6 @@
 """Per-layer settings: after the marginal search, what is left of the accuracy
-budget is spent layer by layer, where it buys the most bytes.
+budget is spent layer by layer, where it buys the most bytes. The search keeps
+time back for this step (:meth:`LayerRefinement.expected_seconds`).
 
 For each stage whose knob has a per-layer option (quantization's and masking's
 ``layers``) and that is on in the chosen setting with a further position on its
@@ -90,6 +91,18 @@ class LayerRefinement:
                 specs.append(spec)
         return specs, steps
 
+    def _stages(self, setting: Setting) -> list[int]:
+        """The stages that can go one step further per layer from ``setting``."""
+        return [k for k, stage in enumerate(self.oracle.stages)
+                if 0 <= setting.index[k] < len(stage.levels) - 1 and stage.per_layer is not None]
+
+    def expected_seconds(self, setting: Setting) -> float:
+        """About how long :meth:`run` takes: a screen per layer and two deciding
+        measurements per stage, at this run's pace."""
+        layers = len(weight_layers(self.oracle.state(setting).gm))
+        return len(self._stages(setting)) * (layers * self.ev.expected_seconds("screen")
+                                             + 2 * self.ev.expected_seconds("finetune"))
+
     def run(self, setting: Setting) -> LayerOutcome:
         outcome = LayerOutcome(None)
         parent = self.oracle.state(setting)
@@ -97,11 +110,9 @@ class LayerRefinement:
         floors = floor_layers(parent.gm)
         overrides: dict[int, dict[str, Any]] = {}
         try:
-            for k, stage in enumerate(self.oracle.stages):
-                i = setting.index[k]
-                if i < 0 or i + 1 >= len(stage.levels) or stage.per_layer is None:
-                    continue
-                further = stage.levels[i + 1]
+            for k in self._stages(setting):
+                stage = self.oracle.stages[k]
+                further = stage.levels[setting.index[k] + 1]
                 gains, costs = {}, {}
                 for name in weight_layers(parent.gm):
                     if name in floors:
