@@ -1,10 +1,10 @@
-"""The heuristic search against the brute-force grid, in one run, on the same
-model, target, levels and per-candidate fine-tuning.
+"""The compile's search (the marginal one, the default) against the brute-force
+grid, in one run, on the same model, target, levels and per-candidate fine-tuning.
 
 The grid measures every combination of (slim ratio or off) x (mask sparsity or
 off) x (codebook bits or off), each with BatchNorm recalibration, fine-tuning
-for --finetune-epochs and accuracy on val; the heuristic searches the same
-levels stage by stage (docs: pyprune/search/heuristic.py). Printed: candidates
+for --finetune-epochs and accuracy on val; the marginal search explores the
+same levels (docs: pyprune/search/marginal.py). Printed: candidates
 measured and fine-tuned, wall time, chosen pipeline, file size and compression
 (fp32 bytes / file bytes), val and test accuracy (val and test are the two fixed
 halves of the CIFAR-10 test set, --val-from test), then the ratios.
@@ -39,7 +39,7 @@ def main() -> None:
           f"{args.mask} x bits {args.bits} (each also off) = {size} pipelines; fine-tuning "
           f"{args.finetune_epochs} epoch per candidate; val {args.val_limit} images (screen {args.screen_limit})",
           flush=True)
-    heuristic = compile_run(args, "heuristic", levels=levels)
+    heuristic = compile_run(args, "marginal", levels=levels)  # the default search (--search marginal)
     grid = compile_run(args, "grid", levels=levels, search="grid")
     print()
     print(table(HEADERS, [heuristic.row(), grid.row()]))
