@@ -177,7 +177,7 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     chosen = result.best.setting.index if result.best is not None else (-1,) * len(stages)
     rows = [StageOutcome(s.name, s.levels[c] if c >= 0 else None,
                          s.levels[result.singles[i]] if result.singles.get(i, -1) >= 0 else None, None, margin,
-                         screens=sum(m.phase == "alone" and names[i] in m.kind for m in result.moves))
+                         screens=sum(m.phase == "alone" and m.kind.startswith(f"{s.name}@") for m in result.moves))
             for i, (s, c) in enumerate(zip(stages, chosen))]
     if result.budget_exhausted:
         ev.progress.say(f"time budget spent: keeping {final.pipeline or 'the baseline'}"

@@ -48,23 +48,21 @@ class EvaluatorOracle:
         return parent.at_most(setting) and all(
             absolute or p < 0 or p == t for absolute, p, t in zip(self.absolute, parent.index, setting.index))
 
-    def parent(self, setting: Setting) -> tuple[State, list[str]]:
-        """The state to start from, and the passes that take it to ``setting``."""
+    def parent(self, setting: Setting) -> tuple[Setting, list[str]]:
+        """The setting of the state to start from, and the passes that take it to ``setting``."""
         fitting = [p for p in self.states if self.fits(p, setting)]
         chosen = max(fitting, key=lambda p: (sum(i + 1 for i in p.index), p))
         differ = next((k for k, (p, t) in enumerate(zip(chosen.index, setting.index)) if p != t), len(self.stages))
         specs = [stage.spec(stage.levels[t]) for k, (stage, p, t) in
                  enumerate(zip(self.stages, chosen.index, setting.index))
                  if k >= differ and t >= 0 and (k == differ or self.absolute[k] or p < 0)]
-        return self.states[chosen], specs
+        return chosen, specs
 
-    def _label(self, parent: State, setting: Setting) -> tuple[str, object]:
-        moved = [(s, i) for s, i, p in zip(self.stages, setting.index, self._index_of(parent)) if i != p]
+    def _label(self, parent: Setting, setting: Setting) -> tuple[str, object]:
+        """(the stages that moved, joined by "+"; the level, when one stage moved)."""
+        moved = [(s, i) for s, i, p in zip(self.stages, setting.index, parent.index) if i != p]
         stage = "+".join(s.name for s, _ in moved) or "baseline"
         return stage, (moved[0][0].levels[moved[0][1]] if len(moved) == 1 and moved[0][1] >= 0 else None)
-
-    def _index_of(self, state: State) -> tuple[int, ...]:
-        return next(s.index for s, st in self.states.items() if st is state)
 
     def _point(self, setting: Setting, c: Candidate, verified: bool) -> Point:
         accuracy = c.extra.get("estimate", c.accuracy) if c.status == "ok" else None
@@ -73,7 +71,7 @@ class EvaluatorOracle:
     def screen(self, setting: Setting) -> Point:
         parent, specs = self.parent(setting)
         stage, level = self._label(parent, setting)
-        c = self.ev.screen_pipeline(parent, specs, stage, level, steps=self.steps(setting))
+        c = self.ev.screen_pipeline(self.states[parent], specs, stage, level, steps=self.steps(setting))
         return self._point(setting, c, verified=False)
 
     def measure(self, setting: Setting, final: bool = False, effort: int = 1) -> Point:
@@ -83,10 +81,10 @@ class EvaluatorOracle:
         parent, specs = self.parent(setting)
         stage, level = self._label(parent, setting)
         steps = self.steps(setting)
-        c = self.ev.measure_pipeline(parent, specs, stage, level, steps=steps, within_budget=not final,
+        c = self.ev.measure_pipeline(self.states[parent], specs, stage, level, steps=steps, within_budget=not final,
                                      effort=effort)
         if c.meets:
-            state = self.ev.state_of(parent, specs, c, steps=steps)
+            state = self.ev.state_of(self.states[parent], specs, c, steps=steps)
             self.states[setting] = state
         return self._point(setting, c, verified=True)
 
