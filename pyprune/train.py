@@ -5,7 +5,8 @@ in-memory batches, with two hook points that later passes use to keep their
 invariants: ``after_backward`` (edit gradients before the step, for example the
 L1 subgradient on BatchNorm gammas or zeroing masked gradients) and
 ``after_step`` (restore invariants on the weights, for example re-applying masks
-or tying shared weights). Runs are seeded, so the same seed replays the same
+or tying shared weights), plus ``on_start``, told the number of steps before the
+first (for schedules over the fine-tune, such as gradual pruning). Runs are seeded, so the same seed replays the same
 batches, augmentations and initialisations.
 
 Under ``torchrun`` (see :mod:`pyprune.distributed`) the same functions run in
@@ -184,6 +185,8 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     loader = train_set.batches(config.batch_size, mean, std, shuffle=True, augment=config.augment, seed=config.seed,
                                drop_last=len(train_set) >= config.batch_size, shard=shard)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    for start_hook in hooks.on_start:
+        start_hook(total_steps)
     device = _training_device(shard)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

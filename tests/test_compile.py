@@ -2,6 +2,8 @@
 outputs, reproducibility of the report from the written file, resume after a
 kill, and every error path."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import torch
 
 from pyprune.data import DataSpec
 from pyprune.api import evaluate_model, inspect_file, load_model
+from pyprune.cli import main
 from pyprune.export import stored_codes
 
 from .test_cli import last_json, run_cli
@@ -37,9 +40,19 @@ def report_of(out):
     return json.loads((out / "report.json").read_text())
 
 
-def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(capsys, tiny_args, data_root, tmp_path):
-    out = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, "compile", *tiny_args, "--max-drop", 0.02, "-o", out, "--json")
+@pytest.fixture(scope="module")
+def clean_compile(tiny_args, tmp_path_factory):
+    """One uninterrupted tiny compile at a 2-point target, shared by the tests that read
+    its outputs and the resume test that must reproduce it: (exit code, stdout, out/)."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([str(a) for a in ["compile", *tiny_args, "--max-drop", 0.02, "-o", out, "--json"]])
+    return code, stdout.getvalue(), out
+
+
+def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(clean_compile, data_root):
+    code, stdout, out = clean_compile
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["bytes.png", "model.onnx", "model.ppz", "pareto.png", "report.json",
                                                      "report.md"]
@@ -125,7 +138,8 @@ def _wait_for_candidates(proc, journal, n, timeout=120):
     pytest.fail("no progress in the journal")
 
 
-def test_a_killed_compile_resumes_without_redoing_candidates_and_matches_a_clean_run(capsys, tiny_args, tmp_path):
+def test_a_killed_compile_resumes_without_redoing_candidates_and_matches_a_clean_run(capsys, tiny_args, tmp_path,
+                                                                                   clean_compile):
     args = [*tiny_args, "--max-drop", 0.02]
     out = tmp_path / "killed"
     proc = _compile_process(args, out)
@@ -145,8 +159,8 @@ def test_a_killed_compile_resumes_without_redoing_candidates_and_matches_a_clean
     assert set(done_before) <= set(keys) and len(keys) == len(set(keys))  # nothing measured twice
     assert resumed["search"]["cache_hits"] >= len(done_before) - 1
 
-    code, _, _ = run_cli(capsys, "compile", *args, "-o", tmp_path / "clean")
-    clean = report_of(tmp_path / "clean")
+    code, _, clean_out = clean_compile
+    clean = report_of(clean_out)
     assert code == 0 and resumed["chosen"]["pipeline"] == clean["chosen"]["pipeline"]
     assert resumed["chosen"]["val_accuracy"] == clean["chosen"]["val_accuracy"]
     assert [(c["key"], c["accuracy"]) for c in resumed["candidates"]] == \
@@ -276,7 +290,9 @@ def test_a_non_empty_output_folder_needs_resume_or_force(capsys, tiny_args, tmp_
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("arch", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+# MobileNetV2 compiles in 22 s: its loading and slimming are checked in tests/models/test_torchvision.py.
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", pytest.param("torchvision:mobilenet_v2",
+                                                                       marks=pytest.mark.slow)])
 def test_tiny_compile_of_a_torchvision_model_on_an_image_folder(tmp_path, arch):
     """A torchvision ImageNet architecture, from the user's own weights file, on a
     generated ImageFolder tree: the whole compile runs and its .ppz, loaded back and

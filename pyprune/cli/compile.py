@@ -103,6 +103,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="when no move is left and the budget is not spent, retry the untaken moves with 2x, 4x, "
                         "... up to K times --finetune-epochs (a power of two; 1: never; default 8 with "
                         "--budget-minutes, 1 without)")
+    g.add_argument("--gradual-mask", action=argparse.BooleanOptionalAction, default=False,
+                   help="a deciding candidate that masks reaches its zeros during its fine-tune, on Zhu & Gupta's "
+                        "cubic schedule, instead of all at once before it; passes after the mask then get half "
+                        "the epochs (bench/gradual_mask.py compares the two; default: off)")
     g.add_argument("--no-per-layer", dest="per_layer", action="store_false",
                    help="keep one setting per technique: do not push single layers further after the search "
                         "(by default every layer but the stem, the classifier and 1x1 convolutions is screened "
@@ -173,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
-        max_effort=args.max_effort, per_layer=args.per_layer)
+        max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

@@ -59,6 +59,7 @@ class CompileConfig:
     # a budget to spend, 1 without one (so an unbounded compile does not run for hours).
     max_effort: int | None = None
     per_layer: bool = True  # after the marginal search, push single layers further (pyprune.search.layerwise)
+    gradual_mask: bool = False  # deciding candidates reach their mask during fine-tuning (EvalSettings)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -121,5 +122,6 @@ class CompileConfig:
                 "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "distill": self.distill,
                 "distill_temperature": self.distill_temperature, "final_epochs": self.final_epochs,
                 "max_effort": self.max_effort, "per_layer": self.per_layer,
+                **({"gradual_mask": True} if self.gradual_mask else {}),
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

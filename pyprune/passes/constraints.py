@@ -25,10 +25,14 @@ Hook = Callable[[nn.Module], None]
 class TrainHooks:
     after_backward: list[Hook] = field(default_factory=list)
     after_step: list[Hook] = field(default_factory=list)
+    # told the number of optimizer steps the fine-tune will take, before the first one
+    # (a schedule over the fine-tune, such as gradual pruning, needs its length)
+    on_start: list[Callable[[int], None]] = field(default_factory=list)
 
     def extend(self, other: "TrainHooks") -> "TrainHooks":
         self.after_backward.extend(other.after_backward)
         self.after_step.extend(other.after_step)
+        self.on_start.extend(other.on_start)
         return self
 
 

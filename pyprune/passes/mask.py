@@ -24,8 +24,10 @@ Refuses: sparsity outside ``[0, 1]``, unknown scopes or layer kinds, and names i
 Fine-tuning: :meth:`MaskPass.training_hooks` (or :func:`mask_hooks`) returns
 :class:`~pyprune.passes.constraints.TrainHooks` that zero the masked gradients after backward
 and re-apply the mask after every optimizer step, so masked weights stay exactly
-zero under SGD with momentum and weight decay. :func:`sensitivity_scan` prunes one
-layer at a time to find how much each tolerates.
+zero under SGD with momentum and weight decay. :class:`GradualMask` reaches the
+pass's zeros during fine-tuning instead, on Zhu & Gupta's cubic schedule
+(:func:`cubic_sparsity`). :func:`sensitivity_scan` prunes one layer at a time to find
+how much each tolerates.
 """
 
 from __future__ import annotations
@@ -200,6 +202,95 @@ def mask_hooks(gm: nn.Module, layer_names: Iterable[str]) -> TrainHooks:
                 w.masked_fill_(_check(n, w, zero), 0.0)
 
     return TrainHooks(after_backward=[after_backward], after_step=[after_step])
+
+
+def cubic_sparsity(initial: float, final: float, progress: float) -> float:
+    """Zhu & Gupta's (2017) schedule: ``final + (initial - final) * (1 - progress)**3``,
+    ``progress`` clipped to [0, 1]. It prunes fast while many weights are redundant and
+    slowly near the end, where each weight costs more."""
+    t = min(max(float(progress), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - t) ** 3
+
+
+def _zero_share(weights: Sequence[torch.Tensor]) -> float:
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / max(total, 1)
+
+
+class GradualMask:
+    """``mask``'s zeros reached during fine-tuning rather than before it (gradual
+    magnitude pruning): every few steps of the first ``ramp`` share of the fine-tune,
+    the layers are pruned to :func:`cubic_sparsity` of the way from the zeros they
+    have at the start to ``mask``'s sparsities (global threshold or per layer, with
+    the same overrides); at the end of the ramp ``mask`` itself runs, so the result
+    has exactly the pass's zeros on the weights as trained. Zeros are never given
+    back: between prunings the masked weights and their gradients stay zero.
+
+    Use :meth:`hooks` in :func:`~pyprune.train.fine_tune`, then read ``record`` (the
+    pass's own record, once it has run)."""
+
+    def __init__(self, mask: MaskPass, gm: fx.GraphModule, ramp: float = 0.75, prunings: int = 8) -> None:
+        if not 0.0 < ramp <= 1.0:
+            raise ValueError(f"the ramp must be a share of the fine-tune in (0, 1], got {ramp}")
+        if prunings < 1:
+            raise ValueError(f"prunings must be at least 1, got {prunings}")
+        self.mask = mask
+        self.ramp = float(ramp)
+        self.prunings = int(prunings)
+        ruled, overridden = mask.select(gm)
+        weights = lambda names: [gm.get_submodule(n).weight.detach() for n in names]  # noqa: E731
+        self._start = {"": _zero_share(weights(ruled)), **{n: _zero_share(weights([n])) for n in overridden}}
+        self._names = [*ruled, *overridden]
+        self._ends: list[int] = []  # the step after which each pruning runs
+        self._step = 0
+        self._zero: dict[str, torch.Tensor] = {}
+        self.record: dict[str, Any] | None = None
+        self._capture(gm)
+
+    def _capture(self, model: nn.Module) -> None:
+        self._zero = {n: model.get_submodule(n).weight.detach() == 0 for n in self._names}
+
+    def _begin(self, total_steps: int) -> None:
+        ramp_steps = max(1, int(round(self.ramp * total_steps)))
+        n = min(self.prunings, ramp_steps)
+        self._ends = sorted({max(1, round(ramp_steps * (i + 1) / n)) for i in range(n)})
+
+    def _prune(self, model: nn.Module, progress: float) -> None:
+        if progress >= 1.0:
+            self.record = self.mask.call(model).record
+        else:
+            step = MaskPass(cubic_sparsity(self._start[""], self.mask.sparsity, progress), self.mask.scope,
+                            {n: cubic_sparsity(self._start[n], s, progress) for n, s in self.mask.layers.items()
+                             if n in self._start},
+                            self.mask.include, self.mask.min_params)
+            step.call(model)
+        self._capture(model)
+
+    def _after_backward(self, model: nn.Module) -> None:
+        for n, zero in self._zero.items():
+            w = model.get_submodule(n).weight
+            if w.grad is not None:
+                w.grad.masked_fill_(zero.to(w.grad.device), 0.0)
+
+    def _after_step(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for n, zero in self._zero.items():
+                w = model.get_submodule(n).weight
+                w.masked_fill_(zero.to(w.device), 0.0)
+        self._step += 1
+        if self._step in self._ends:
+            self._prune(model, self._step / self._ends[-1])  # 1.0 at the last: the pass itself
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(after_backward=[self._after_backward], after_step=[self._after_step],
+                          on_start=[self._begin])
+
+    def finish(self, gm: fx.GraphModule) -> dict[str, Any]:
+        """Run ``mask`` now if the fine-tune ended before the ramp did (a diverged or
+        cut run), and return its record."""
+        if self.record is None:
+            self._prune(gm, 1.0)
+        return self.record
 
 
 def sensitivity_scan(gm: nn.Module, evaluate_fn: Callable[[nn.Module], float],

@@ -18,6 +18,7 @@ from ..data import ArrayDataset
 from ..encode import ppz_bytes
 from ..ir import PassManager, example_input
 from ..passes import constraint_hooks, create_pass, parse_pipeline, read_codebooks
+from ..passes.mask import GradualMask
 from ..train import DivergenceError, TrainConfig, evaluate, fine_tune, recalibrate_bn
 from .candidates import Candidate, Stage, State
 from .journal import Journal
@@ -81,6 +82,11 @@ class EvalSettings:
     train: TrainConfig  # lr, batch size, seed and progress of every fine-tune
     recal_images: int = 1024
     final_epochs: float = 0.0  # the recovery fine-tune after the search, whose time the budget keeps back
+    # A measured candidate that masks reaches its zeros during its fine-tune (cubic
+    # schedule, pyprune.passes.mask.GradualMask) rather than all at once before it; the
+    # passes after the mask then run, and get this share of the epochs to recover.
+    gradual_mask: bool = False
+    after_mask_share: float = 0.5
 
 
 class Evaluator:
@@ -145,6 +151,38 @@ class Evaluator:
         fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
                   hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
         return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
+
+    def _gradual_mask_at(self, specs: Sequence[str], epochs: float) -> int | None:
+        """Where in ``specs`` the mask is that a fine-tune should reach gradually, if any."""
+        if not (self.settings.gradual_mask and epochs > 0):
+            return None
+        return next((i for i, spec in enumerate(parse_pipeline(",".join(specs))) if spec.name == "mask"), None)
+
+    def finetune_masking(self, parent: State, specs: Sequence[str], mask_at: int, steps: Sequence[str] | None,
+                         epochs: float, key: str) -> State:
+        """``specs`` applied to ``parent`` with the mask at ``mask_at`` reached during
+        fine-tuning: the passes before it run, then a fine-tune prunes gradually to the
+        mask's exact zeros, keeping the constraints of the passes before the mask in
+        the child's pipeline (earlier masks' zeros are never given back); then the
+        passes after it run, and the rest of ``epochs`` recovers with every
+        constraint. Raises :class:`DivergenceError` (``parent`` is untouched)."""
+        steps = tuple(steps) if steps is not None else (*parent.steps, *specs)
+        mask_spec = specs[mask_at]
+        before_mask = steps[:len(steps) - 1 - steps[::-1].index(mask_spec)]  # specs end the pipeline
+        child = self.apply(parent, specs[:mask_at], steps=before_mask) if mask_at else \
+            State(copy.deepcopy(parent.gm), before_mask, parent.key, parent.prefix)
+        after = specs[mask_at + 1:]
+        ramp_epochs = epochs * (1.0 - self.settings.after_mask_share) if after else epochs
+        (spec,) = parse_pipeline(mask_spec)
+        gradual = GradualMask(create_pass(spec.name, **spec.options), child.gm)
+        hooks = constraint_hooks(child.passes(), child.gm).extend(gradual.hooks())
+        config = replace(self.settings.train, epochs=ramp_epochs, slim_l1=0.0)
+        fine_tune(child.gm, self.data.train, self.data.mean, self.data.std, config, hooks=hooks, teacher=self.teacher)
+        gradual.finish(child.gm)
+        masked = State(child.gm, (*before_mask, mask_spec), child.key, parent.prefix)
+        if not after:
+            return State(child.gm, steps, key, parent.prefix)
+        return self.finetune(self.apply(masked, after, steps=steps), epochs - ramp_epochs, key=key)
 
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
                 n: int, epochs: float, start: float, status: str = "ok", reason: str = "",
@@ -248,13 +286,18 @@ class Evaluator:
             self.budget.check(self.expected_seconds("finetune") * effort if epochs > 0 else
                               self.expected_seconds("val"))
         start = time.perf_counter()
-        child = self.apply(parent, specs, steps)
+        mask_at = self._gradual_mask_at(specs, epochs)
+        child = self.apply(parent, specs, steps) if mask_at is None else None
         if epochs > 0:
             try:
-                child = self.finetune(child, epochs, key=base_key + tuned)
+                if mask_at is None:
+                    child = self.finetune(child, epochs, key=base_key + tuned)
+                else:
+                    child = self.finetune_masking(parent, specs, mask_at, steps, epochs, key=base_key + tuned)
             except DivergenceError as exc:
+                pipeline = ",".join(s for s in (parent.prefix, *(steps or (*parent.steps, *specs))) if s)
                 return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
-                                    status="failed", reason=f"rolled back: {exc}", pipeline=child.pipeline)
+                                    status="failed", reason=f"rolled back: {exc}", pipeline=pipeline)
             self.journal.save_weights(child.key, child.gm)
             self._states[child.key] = child
         return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",

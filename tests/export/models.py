@@ -86,3 +86,17 @@ class Probe(nn.Module):
 def probe() -> nn.Module:
     torch.manual_seed(0)
     return Probe()
+
+
+def preresnet29() -> nn.Module:
+    """ResNet-164's pre-activation bottleneck blocks, three per stage instead of 18."""
+    from pyprune.models.preresnet import preresnet
+
+    return preresnet(29)
+
+
+def densenet_bc_shallow() -> nn.Module:
+    """DenseNet-BC-100's bottleneck layers and 0.5 transitions, six per block instead of 16."""
+    from pyprune.models.densenet import DenseNet
+
+    return DenseNet(6, growth_rate=12, bottleneck=True, compression=0.5, stem_channels=24)

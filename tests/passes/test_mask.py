@@ -10,7 +10,7 @@ from pyprune.encode import load_graph_module, save_graph_module
 from pyprune.ir import PassManager, example_input, trace
 from pyprune.models import build_model
 from pyprune.passes import build_pipeline, create_pass
-from pyprune.passes.mask import mask_hooks, sensitivity_scan, weight_layers
+from pyprune.passes.mask import GradualMask, MaskPass, cubic_sparsity, mask_hooks, sensitivity_scan, weight_layers
 from pyprune.train import TrainConfig, fine_tune
 
 ZOO = ["resnet20", "vgg11", "densenet40"]
@@ -238,3 +238,74 @@ def test_mask_and_quant_reach_the_layers_inside_a_leaf_module():
     assert torch.unique(inner[inner != 0]).numel() <= 4 and int((inner == 0).sum()) == round(0.5 * inner.numel())
     bn_group = analyze_channels(gm).group_of("bn1", 0)
     assert not bn_group.prunable and "barrier 'gated' (GatedConv)" in bn_group.reason
+
+
+def test_cubic_schedule_by_hand():
+    assert cubic_sparsity(0.0, 0.8, 0.0) == 0.0 and cubic_sparsity(0.0, 0.8, 1.0) == 0.8
+    assert cubic_sparsity(0.0, 0.8, 0.5) == pytest.approx(0.8 - 0.8 * 0.5 ** 3)
+    assert cubic_sparsity(0.4, 0.8, 0.25) == pytest.approx(0.8 - 0.4 * 0.75 ** 3)
+    assert cubic_sparsity(0.2, 0.6, -1.0) == 0.2 and cubic_sparsity(0.2, 0.6, 2.0) == 0.6  # clipped
+
+
+def zero_sets(gm):
+    return {n: w == 0 for n, w in weights(gm).items()}
+
+
+def test_gradual_mask_follows_the_cubic_schedule_and_never_gives_zeros_back():
+    """16 steps, the first 12 a ramp with 4 prunings (after steps 3, 6, 9, 12): after
+    each, the global zero count is round(cubic * N) exactly, the zeros so far stay
+    zero, and from step 12 on the zeros are the pass's own (round(0.8 N))."""
+    gm = zoo_graph("resnet20")
+    names = weight_layers(gm)
+    total = sum(gm.get_submodule(n).weight.numel() for n in names)
+    gradual = GradualMask(MaskPass(0.8), gm, ramp=0.75, prunings=4)
+    seen = []
+    hooks = gradual.hooks()
+    hooks.after_step.append(lambda model: seen.append(zero_sets(model)))
+    tune(gm, hooks=hooks, epochs=8)  # 64 images, batch 32: 16 steps
+    assert len(seen) == 16
+    counts = [sum(int(z.sum()) for z in step.values()) for step in seen]
+    want = {3: cubic_sparsity(0, 0.8, 0.25), 6: cubic_sparsity(0, 0.8, 0.5), 9: cubic_sparsity(0, 0.8, 0.75),
+            12: 0.8}
+    for step, share in want.items():
+        assert counts[step - 1] == round(share * total), step
+    assert counts[:2] == [0, 0] and len(set(counts[11:])) == 1  # nothing before the first pruning or after the last
+    for before, after in zip(seen, seen[1:]):
+        assert all(torch.all(after[n][z]) for n, z in before.items())  # a zero stays a zero
+    assert gradual.record["zeros"] == round(0.8 * total) and gradual.finish(gm) is gradual.record
+
+
+def test_gradual_mask_with_one_pruning_at_the_end_is_training_then_the_pass():
+    a, b = zoo_graph("resnet20"), zoo_graph("resnet20")
+    gradual = GradualMask(MaskPass(0.6, scope="layer"), a, ramp=1.0, prunings=1)
+    tune(a, hooks=gradual.hooks(), epochs=2)
+    tune(b, epochs=2)
+    MaskPass(0.6, scope="layer").call(b)
+    for n, w in weights(b).items():
+        assert torch.equal(weights(a)[n], w), n
+
+
+def test_gradual_mask_starts_from_the_zeros_there_and_ramps_overrides_to_their_own_count():
+    gm = zoo_graph("resnet20")
+    MaskPass(0.3).call(gm)
+    start = zero_sets(gm)
+    gradual = GradualMask(MaskPass(0.7, layers={"linear": 0.9}), gm, prunings=3)
+    first = []
+    hooks = gradual.hooks()
+    hooks.after_step.append(lambda model: first.append(int((model.linear.weight == 0).sum())) if not first else None)
+    tune(gm, hooks=hooks, epochs=8)
+    end = zero_sets(gm)
+    assert all(torch.all(end[n][z]) for n, z in start.items())
+    n_linear = gm.linear.weight.numel()
+    assert int(end["linear"].sum()) == round(0.9 * n_linear)
+    assert first == [int(start["linear"].sum())]  # the first step prunes nothing: the ramp starts where it is
+    ruled = [n for n in end if n != "linear"]
+    assert sum(int(end[n].sum()) for n in ruled) == round(0.7 * sum(end[n].numel() for n in ruled))
+
+
+def test_gradual_mask_refusals():
+    gm = zoo_graph("resnet20")
+    with pytest.raises(ValueError, match="ramp"):
+        GradualMask(MaskPass(0.5), gm, ramp=0.0)
+    with pytest.raises(ValueError, match="prunings"):
+        GradualMask(MaskPass(0.5), gm, prunings=0)

@@ -47,6 +47,25 @@ def test_the_accepted_state_is_the_measured_model(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state.gm.state_dict().values(), again.gm.state_dict().values()))
 
 
+def test_a_gradual_mask_candidate_has_the_pass_exact_zeros_and_then_the_quantizer_codebooks():
+    """Masked during its fine-tune (8 of 16 steps), quantized after: the same global
+    zero count as masking at once, at most 2**3 values a layer, and other weights."""
+    specs = ["mask(sparsity=0.6)", "quant(bits=3)"]
+    layers = ("conv1", "conv2", "fc")
+    states = {}
+    for gradual in (True, False):
+        ev, base = tiny_evaluator(finetune_epochs=2.0, gradual_mask=gradual), tiny_base()
+        c = ev.measure_pipeline(base, specs, "mask+quant", None)
+        state = ev.state_of(base, specs, c)
+        assert c.phase == "finetune" and ev.accuracy(state.gm, ev.data.val) == c.accuracy
+        weights = [state.gm.get_submodule(n).weight.detach() for n in layers]
+        assert sum(int((w == 0).sum()) for w in weights) == round(0.6 * sum(w.numel() for w in weights))
+        assert all(len(torch.unique(w[w != 0])) <= 8 for w in weights)
+        assert state.pipeline == ",".join(specs)
+        states[gradual] = weights
+    assert not all(torch.equal(a, b) for a, b in zip(states[True], states[False]))
+
+
 def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
     ev, base = tiny_evaluator(lr=1e12), tiny_base()
     before = {k: v.clone() for k, v in base.gm.state_dict().items()}
