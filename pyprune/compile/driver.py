@@ -169,6 +169,7 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     layer_moves: list[dict] = []
     if per_layer and result.best is not None and not (result.budget_exhausted and not kept_back):
         ev.progress.say("per-layer settings: screening each layer one step further than the rest")
+        layers.margin = search.margin_at(1)  # what one fine-tune of the configured length recovers
         refinement = layers.run(result.best.setting)
         result.budget_exhausted = result.budget_exhausted or refinement.budget_exhausted
         layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]

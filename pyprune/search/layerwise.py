@@ -8,13 +8,20 @@ ladder, every layer but the *floors* is screened one position further than the
 rest (BatchNorm recalibration, screening subset): what it costs (estimated points
 of val accuracy) and what it saves (bytes). :func:`allocate` takes layers by bytes
 per point until their summed cost uses the slack: the chosen model's val accuracy
-minus the target, plus the recovery margin. The allocation is then measured like
-any candidate (fine-tuned, all of val) and kept if it meets the target and is
-smaller; when it misses, the first half of it is measured instead, twice at most.
+minus the target, plus the recovery margin (what fine-tuning has been seen to
+recover). Single-layer costs do not add up (two layers pushed together cost more
+than the two alone), so the allocation is screened as a whole first and halved,
+best layers kept, until that joint screen is within the margin of the target. Only
+then is it measured like any candidate (fine-tuned, all of val), and kept if it
+meets the target and is smaller; when it misses, the first half of it is screened
+and measured again, twice at most.
 
 Floors are the stem (the first weight layer), the classifier (the last) and 1x1
 convolutions (the shortcuts): small layers whose errors reach every later layer.
-They keep the stage's own setting, which is more than the layers pushed further.
+They are never pushed further. Where the stage's ladder allows it, they are first
+screened one position *less* compressed than the rest (more bits, fewer zeros): if
+that estimates better than the chosen model, they keep that position, and the
+accuracy it buys back (for a few bytes) joins the slack of the other layers.
 """
 
 from __future__ import annotations
@@ -97,10 +104,10 @@ class LayerRefinement:
                 if 0 <= setting.index[k] < len(stage.levels) - 1 and stage.per_layer is not None]
 
     def expected_seconds(self, setting: Setting) -> float:
-        """About how long :meth:`run` takes: a screen per layer and two deciding
-        measurements per stage, at this run's pace."""
+        """About how long :meth:`run` takes: per stage, a screen per layer, one for the
+        floors, a few joint screens and two deciding measurements, at this run's pace."""
         layers = len(weight_layers(self.oracle.state(setting).gm))
-        return len(self._stages(setting)) * (layers * self.ev.expected_seconds("screen")
+        return len(self._stages(setting)) * ((layers + 5) * self.ev.expected_seconds("screen")
                                              + 2 * self.ev.expected_seconds("finetune"))
 
     def run(self, setting: Setting) -> LayerOutcome:
@@ -113,23 +120,27 @@ class LayerRefinement:
             for k in self._stages(setting):
                 stage = self.oracle.stages[k]
                 further = stage.levels[setting.index[k] + 1]
+                kept, base_accuracy, base_bytes = self._floors_back(outcome, parent, setting, overrides, k, floors,
+                                                                    best_bytes)
+                fixed = {**overrides.get(k, {}), **kept}
                 gains, costs = {}, {}
                 for name in weight_layers(parent.gm):
                     if name in floors:
                         continue
-                    specs, steps = self._specs(setting, {**overrides, k: {**overrides.get(k, {}), name: further}}, k)
+                    specs, steps = self._specs(setting, {**overrides, k: {**fixed, name: further}}, k)
                     c = self.ev.screen_pipeline(parent, specs, stage.name, further, steps=steps)
                     estimate = self.ev.screen_estimate(parent, c)
                     if estimate is None:
                         continue
-                    gains[name], costs[name] = best_bytes - c.size_bytes, parent.val_accuracy - estimate
+                    gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
                     self._log(outcome, "layers", f"{stage.name} {name}+1", c, estimate, False)
-                slack = parent.val_accuracy - self.ev.target + self.margin
+                slack = base_accuracy - self.ev.target + self.margin
                 chosen = allocate(gains, costs, slack, floors)
                 for _ in range(MAX_TRIES):
+                    chosen = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k, chosen)
                     if not chosen:
                         break
-                    trial = {**overrides, k: {**overrides.get(k, {}), **dict.fromkeys(chosen, further)}}
+                    trial = {**overrides, k: {**fixed, **dict.fromkeys(chosen, further)}}
                     specs, steps = self._specs(setting, trial, k)
                     c = self.ev.measure_pipeline(parent, specs, stage.name, further, steps=steps)
                     accepted = c.meets and c.size_bytes < best_bytes
@@ -143,6 +154,43 @@ class LayerRefinement:
         except BudgetExhausted:
             outcome.budget_exhausted = True
         return outcome
+
+    def _floors_back(self, outcome: LayerOutcome, parent: State, setting: Setting,
+                     overrides: Mapping[int, dict[str, Any]], k: int, floors: set[str],
+                     parent_bytes: int) -> tuple[dict[str, Any], float, int]:
+        """The floors one position less compressed than the rest of stage ``k``, if
+        that screens better than ``parent``: (their overrides, the estimated val
+        accuracy, the bytes) to start the layers' screens from; else ``parent``'s
+        own ({}, its val accuracy, its bytes). The accuracy they buy back is slack
+        the other layers can spend."""
+        stage, i = self.oracle.stages[k], setting.index[k]
+        if i < 1 or not floors:
+            return {}, parent.val_accuracy, parent_bytes
+        kept = dict.fromkeys(sorted(floors), stage.levels[i - 1])
+        specs, steps = self._specs(setting, {**overrides, k: {**overrides.get(k, {}), **kept}}, k)
+        c = self.ev.screen_pipeline(parent, specs, stage.name, stage.levels[i - 1], steps=steps)
+        estimate = self.ev.screen_estimate(parent, c)
+        self._log(outcome, "layers", f"{stage.name}: floors -1", c, estimate, False)
+        if estimate is None or estimate <= parent.val_accuracy:
+            return {}, parent.val_accuracy, parent_bytes
+        return kept, estimate, c.size_bytes
+
+    def _fit_on_screen(self, outcome: LayerOutcome, parent: State, setting: Setting,
+                       overrides: Mapping[int, dict[str, Any]], k: int, chosen: list[str]) -> list[str]:
+        """The longest prefix of ``chosen`` (halving) whose layers, pushed together,
+        screen within the margin of the target, down to its best layer alone."""
+        stage = self.oracle.stages[k]
+        further = stage.levels[setting.index[k] + 1]
+        while len(chosen) > 1:  # one layer's own screen fits: allocate took it within the slack
+            trial = {**overrides, k: {**overrides.get(k, {}), **dict.fromkeys(chosen, further)}}
+            specs, steps = self._specs(setting, trial, k)
+            c = self.ev.screen_pipeline(parent, specs, stage.name, further, steps=steps)
+            estimate = self.ev.screen_estimate(parent, c)
+            self._log(outcome, "layers", f"{stage.name}: {len(chosen)} layers +1", c, estimate, False)
+            if estimate is not None and estimate >= self.ev.target - self.margin:
+                return chosen
+            chosen = chosen[:len(chosen) // 2]
+        return chosen
 
     @staticmethod
     def _log(outcome: LayerOutcome, phase: str, kind: str, c: Any, accuracy: float | None, accepted: bool) -> None:

@@ -278,7 +278,11 @@ class MarginalSearch:
         fine-tuning: ``margin`` until two measurements at this effort showed what
         fine-tuning recovers, then 1.5 times the most it recovered (never below
         :data:`MIN_MARGIN`)."""
-        seen = self.recoveries.get(self.effort, [])
+        return self.margin_at(self.effort)
+
+    def margin_at(self, effort: int) -> float:
+        """:attr:`margin` for measurements at ``effort``."""
+        seen = self.recoveries.get(effort, [])
         if len(seen) < 2:
             return self.initial_margin
         return min(self.initial_margin, max(MIN_MARGIN, 1.5 * max(seen)))

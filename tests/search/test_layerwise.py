@@ -1,11 +1,14 @@
 """Per-layer settings after the marginal search: the allocation rule by hand, the
 floors, and one refinement on a tiny model."""
 
+from types import SimpleNamespace
+
 from torch import nn
 
 from pyprune.ir import example_input, propagate_shapes, trace
+from pyprune.passes import parse_pipeline
 from pyprune.search.candidates import Stage
-from pyprune.search.layerwise import LayerRefinement, allocate, floor_layers
+from pyprune.search.layerwise import LayerOutcome, LayerRefinement, allocate, floor_layers
 from pyprune.search.marginal import Setting
 from pyprune.search.marginal_oracle import EvaluatorOracle
 
@@ -74,3 +77,105 @@ def test_a_refinement_that_misses_the_target_keeps_nothing():
     outcome = LayerRefinement(ev, oracle, margin=2.0).run(chosen)
     assert outcome.state is None
     assert [m.accepted for m in outcome.moves if m.verified] == [False]  # one layer: all of it, then nothing left
+
+
+class JointCost:
+    """Screens that lose 0.01 of accuracy per layer pushed, whichever the layers:
+    costs that add up, unlike the single-layer screens' promise."""
+
+    target = 0.90
+
+    def __init__(self):
+        self.screened = []
+
+    def screen_pipeline(self, parent, specs, stage, level, steps=None):
+        (spec,) = parse_pipeline(",".join(specs))
+        n = len(spec.options.get("layers", {}))
+        self.screened.append(n)
+        return SimpleNamespace(size_bytes=1000 - n, phase="screen", estimate=parent.val_accuracy - 0.01 * n)
+
+    def screen_estimate(self, parent, c):
+        return c.estimate
+
+
+def test_an_allocation_is_halved_until_its_joint_screen_is_within_the_margin():
+    ev = JointCost()
+    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.8))], absolute=[True])
+    refinement = LayerRefinement(ev, oracle, margin=0.005)
+    parent = SimpleNamespace(val_accuracy=0.93)
+    layers = [f"l{i}" for i in range(8)]
+    # 8 layers estimate 0.85, 4 layers 0.89: below 0.90 - 0.005; 2 layers 0.91 fit, the best two
+    outcome = LayerOutcome(None)
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0", "l1"]
+    assert ev.screened == [8, 4, 2] and [m.kind for m in outcome.moves] == [
+        "mask: 8 layers +1", "mask: 4 layers +1", "mask: 2 layers +1"]
+    ev.target = 0.93  # the best layer alone is left: its own screen fitted when it was allocated
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0"]
+    assert ev.screened[3:] == [8, 4, 2]
+
+
+class TwoBodies(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.body2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.shortcut = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.body2(self.body1(x)) + self.shortcut(x)
+        return self.head(x.mean((2, 3)))
+
+
+class FloorsMatter:
+    """mask at 0.7: floors back at 0.5 screen `floor_gain` better; each body layer at
+    0.8 screens 0.015 worse and saves 100 bytes; the floors back cost 10 bytes."""
+
+    target = 0.90
+
+    def __init__(self, floor_gain):
+        self.floor_gain = floor_gain
+        self.measured = []
+
+    def _estimate(self, specs):
+        (spec,) = parse_pipeline(",".join(specs))
+        layers = spec.options.get("layers", {})
+        back = sum(v == 0.5 for v in layers.values()) == 3
+        pushed = sum(v == 0.8 for v in layers.values())
+        return 0.91 + (self.floor_gain if back else 0.0) - 0.015 * pushed, 10000 - 100 * pushed + (10 if back else 0)
+
+    def screen_pipeline(self, parent, specs, stage, level, steps=None):
+        estimate, size = self._estimate(specs)
+        return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate)
+
+    def screen_estimate(self, parent, c):
+        return c.estimate
+
+    def measure_pipeline(self, parent, specs, stage, level, steps=None):
+        self.measured.append(steps)
+        estimate, size = self._estimate(specs)
+        return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
+
+    def state_of(self, parent, specs, c, steps=None):
+        return SimpleNamespace(steps=steps, candidate=c, val_accuracy=c.accuracy, gm=parent.gm)
+
+
+def test_floors_kept_less_compressed_give_their_accuracy_to_the_other_layers():
+    gm = propagate_shapes(trace(TwoBodies()), example_input(SHAPE))
+    parent = SimpleNamespace(gm=gm, val_accuracy=0.91, candidate=SimpleNamespace(size_bytes=10000))
+    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.7, 0.8))], absolute=[True], state=lambda s: parent)
+    ev = FloorsMatter(floor_gain=0.02)
+    outcome = LayerRefinement(ev, oracle, margin=0.001).run(Setting((1,)))
+    # the floors back buy 2 points: the slack (0.93 - 0.90) now pays for both bodies at 0.8
+    assert outcome.state is not None and outcome.state.candidate.size_bytes == 10000 - 200 + 10
+    (steps,) = ev.measured
+    (spec,) = parse_pipeline(",".join(steps))
+    assert spec.options["sparsity"] == 0.7 and spec.options["layers"] == {
+        "head": 0.5, "shortcut": 0.5, "stem": 0.5, "body1": 0.8, "body2": 0.8}
+    assert [m.kind for m in outcome.moves][0] == "mask: floors -1"
+
+    ev = FloorsMatter(floor_gain=-0.01)  # the floors back screen worse: kept at 0.7, and 1 point of slack buys nothing
+    outcome = LayerRefinement(ev, oracle, margin=0.001).run(Setting((1,)))
+    assert outcome.state is None and ev.measured == []
