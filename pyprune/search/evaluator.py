@@ -152,11 +152,16 @@ class Evaluator:
                   hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
         return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
 
-    def _gradual_mask_at(self, specs: Sequence[str], epochs: float) -> int | None:
-        """Where in ``specs`` the mask is that a fine-tune should reach gradually, if any."""
-        if not (self.settings.gradual_mask and epochs > 0):
-            return None
-        return next((i for i, spec in enumerate(parse_pipeline(",".join(specs))) if spec.name == "mask"), None)
+    def _tuned(self, parent: State, specs: Sequence[str], steps: Sequence[str] | None, epochs: float,
+               key: str) -> State:
+        """``specs`` applied to ``parent`` and fine-tuned ``epochs``: masking at once or,
+        with ``gradual_mask``, during the fine-tune (:meth:`finetune_masking`)."""
+        mask_at = None
+        if self.settings.gradual_mask:
+            mask_at = next((i for i, spec in enumerate(parse_pipeline(",".join(specs))) if spec.name == "mask"), None)
+        if mask_at is None:
+            return self.finetune(self.apply(parent, specs, steps), epochs, key=key)
+        return self.finetune_masking(parent, specs, mask_at, steps, epochs, key)
 
     def finetune_masking(self, parent: State, specs: Sequence[str], mask_at: int, steps: Sequence[str] | None,
                          epochs: float, key: str) -> State:
@@ -286,20 +291,17 @@ class Evaluator:
             self.budget.check(self.expected_seconds("finetune") * effort if epochs > 0 else
                               self.expected_seconds("val"))
         start = time.perf_counter()
-        mask_at = self._gradual_mask_at(specs, epochs)
-        child = self.apply(parent, specs, steps) if mask_at is None else None
         if epochs > 0:
             try:
-                if mask_at is None:
-                    child = self.finetune(child, epochs, key=base_key + tuned)
-                else:
-                    child = self.finetune_masking(parent, specs, mask_at, steps, epochs, key=base_key + tuned)
+                child = self._tuned(parent, specs, steps, epochs, key=base_key + tuned)
             except DivergenceError as exc:
                 pipeline = ",".join(s for s in (parent.prefix, *(steps or (*parent.steps, *specs))) if s)
                 return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
                                     status="failed", reason=f"rolled back: {exc}", pipeline=pipeline)
             self.journal.save_weights(child.key, child.gm)
             self._states[child.key] = child
+        else:
+            child = self.apply(parent, specs, steps)
         return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",
                             self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start)
 
@@ -317,7 +319,7 @@ class Evaluator:
                 if gm is not None:
                     state = State(gm, steps, key, parent.prefix)
             if state is None:  # weights lost (e.g. a journal without its folder): redo the work
-                state = self.finetune(self.apply(parent, specs, steps), candidate.finetune_epochs, key=key)
+                state = self._tuned(parent, specs, steps, candidate.finetune_epochs, key)
         else:
             state = self.apply(parent, specs, steps)
         state.candidate = candidate

@@ -66,6 +66,21 @@ def test_a_gradual_mask_candidate_has_the_pass_exact_zeros_and_then_the_quantize
     assert not all(torch.equal(a, b) for a, b in zip(states[True], states[False]))
 
 
+@pytest.mark.parametrize("gradual", [False, True])
+def test_a_state_whose_weights_were_lost_is_rebuilt_by_the_same_fine_tune(gradual):
+    """A journal that kept its records but not its weights: the state is made again
+    (mask at once or gradually, as measured), weight for weight."""
+    specs = ["mask(sparsity=0.6)", "quant(bits=3)"]
+    ev, base = tiny_evaluator(gradual_mask=gradual), tiny_base()
+    c = ev.measure_pipeline(base, specs, "mask+quant", None)
+    measured = ev.state_of(base, specs, c)
+    assert ev.journal.load_weights(c.key.removesuffix("#val")) is None  # an in-memory journal keeps no weights
+    again = tiny_evaluator(journal=ev.journal, gradual_mask=gradual)
+    rebuilt = again.state_of(base, specs, c)
+    assert rebuilt is not measured and again.measured == 0
+    assert all(torch.equal(a, b) for a, b in zip(measured.gm.state_dict().values(), rebuilt.gm.state_dict().values()))
+
+
 def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
     ev, base = tiny_evaluator(lr=1e12), tiny_base()
     before = {k: v.clone() for k, v in base.gm.state_dict().items()}
