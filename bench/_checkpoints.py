@@ -73,9 +73,8 @@ def load_checkpoint(args: argparse.Namespace) -> tuple[LoadedModel, str]:
     if args.checkpoint == "original":
         return load_model(arch=args.arch, pretrained=True), f"{args.arch} published checkpoint"
     path = adapted_path(args.arch, getattr(args, "data_root", None))
-    if path.suffix == ".th":
-        return load_model(arch=args.arch, weights=str(path)), path.name
-    return load_model(str(path)), path.name
+    # shipped (.th) and made here (`pyprune train -o`, .pt): both are state dicts of --arch
+    return load_model(arch=args.arch, weights=str(path)), path.name
 
 
 def main() -> None:
