@@ -172,6 +172,8 @@ class GraphPass:
     gains_from_sparsity_training: ClassVar[bool] = False
     # What fine-tuning keeps of the pass's result (see training_hooks), in words.
     training_constraint: ClassVar[str] = ""
+    # the pass can reach its result during a fine-tune (gradually()), e.g. gradual pruning
+    gradual: ClassVar[bool] = False
     # (pipeline, what it does), shown by `pyprune passes` and `pyprune opt --help`
     examples: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -217,6 +219,11 @@ class GraphPass:
         """Hooks that keep this pass's result through fine-tuning, captured from
         ``gm`` now. None by default: a pass whose result training may change."""
         return TrainHooks()
+
+    def gradually(self, gm: fx.GraphModule) -> Any:
+        """For a pass with ``gradual`` set: an object that reaches this pass's result
+        *during* a fine-tune of ``gm`` (``hooks()`` for it, then ``finish(gm)``)."""
+        raise NotImplementedError(f"{self.name} is applied before fine-tuning, not during it")
 
     def codebook_layers(self, gm: fx.GraphModule) -> dict[str, int]:
         """``{layer: bits}`` for each layer whose non-zero weights this pass tied to

@@ -100,6 +100,7 @@ class MaskPass(GraphPass):
                              0.98), range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--mask-levels",
                 per_layer="layers")
     training_constraint = "masked weights stay exactly zero"
+    gradual = True
     examples = (("mask(sparsity=0.8)", "zero the 80% smallest |w| of all conv/linear weights (one global threshold)"),
                 ("mask(sparsity=0.7,scope=layer,layers={'linear':0.9})", "70% of every layer, 90% of 'linear'"))
 
@@ -162,6 +163,9 @@ class MaskPass(GraphPass):
                   "params": total, "zeros": zeros, "achieved": zeros / max(total, 1),
                   "layers": per_layer}
         return PassResult(gm, modified=zeros != before, record=record)
+
+    def gradually(self, gm: fx.GraphModule) -> "GradualMask":
+        return GradualMask(self, gm)
 
     def training_hooks(self, gm: fx.GraphModule) -> TrainHooks:
         """Hooks that keep this pass's zeros at zero while ``gm`` trains, captured

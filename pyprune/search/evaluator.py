@@ -17,8 +17,7 @@ from .. import distributed
 from ..data import ArrayDataset
 from ..encode import ppz_bytes
 from ..ir import PassManager, example_input
-from ..passes import constraint_hooks, create_pass, parse_pipeline, read_codebooks
-from ..passes.mask import GradualMask
+from ..passes import constraint_hooks, create_pass, parse_pipeline, pass_class, read_codebooks
 from ..train import DivergenceError, TrainConfig, evaluate, fine_tune, recalibrate_bn
 from .candidates import Candidate, Stage, State
 from .journal import Journal
@@ -83,7 +82,7 @@ class EvalSettings:
     recal_images: int = 1024
     final_epochs: float = 0.0  # the recovery fine-tune after the search, whose time the budget keeps back
     # A measured candidate that masks reaches its zeros during its fine-tune (cubic
-    # schedule, pyprune.passes.mask.GradualMask) rather than all at once before it; the
+    # schedule: the pass's gradually()) rather than all at once before it; the
     # passes after the mask then run, and get this share of the epochs to recover.
     gradual_mask: bool = False
     after_mask_share: float = 0.5
@@ -158,7 +157,9 @@ class Evaluator:
         with ``gradual_mask``, during the fine-tune (:meth:`finetune_masking`)."""
         mask_at = None
         if self.settings.gradual_mask:
-            mask_at = next((i for i, spec in enumerate(parse_pipeline(",".join(specs))) if spec.name == "mask"), None)
+            # the first pass that can reach its result during the fine-tune (magnitude pruning)
+            mask_at = next((i for i, spec in enumerate(parse_pipeline(",".join(specs))) if pass_class(spec.name).gradual),
+                           None)
         if mask_at is None:
             return self.finetune(self.apply(parent, specs, steps), epochs, key=key)
         return self.finetune_masking(parent, specs, mask_at, steps, epochs, key)
@@ -179,7 +180,7 @@ class Evaluator:
         after = specs[mask_at + 1:]
         ramp_epochs = epochs * (1.0 - self.settings.after_mask_share) if after else epochs
         (spec,) = parse_pipeline(mask_spec)
-        gradual = GradualMask(create_pass(spec.name, **spec.options), child.gm)
+        gradual = create_pass(spec.name, **spec.options).gradually(child.gm)
         hooks = constraint_hooks(child.passes(), child.gm).extend(gradual.hooks())
         config = replace(self.settings.train, epochs=ramp_epochs, slim_l1=0.0)
         fine_tune(child.gm, self.data.train, self.data.mean, self.data.std, config, hooks=hooks, teacher=self.teacher)
