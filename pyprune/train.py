@@ -76,10 +76,17 @@ class TrainConfig:
     # A cross-entropy this high means logits thousands apart: training has diverged even
     # if the loss is still finite (logsumexp keeps it so while the weights blow up).
     divergence_loss: float = 1e3
+    # A time limit in seconds (None: none). Once the first steps show the pace, the
+    # steps that would not fit are dropped and the learning rate anneals to zero at
+    # the new end, so a budgeted run still finishes its schedule: a budget must not
+    # be spent by one training whose length was set for an idle machine.
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.slim_l1 < 0:
@@ -102,6 +109,7 @@ class EpochLog:
     accuracy: float
     images_per_s: float
     seconds: float
+    images: int = 0  # trained on in this epoch, over all processes
 
 
 @dataclass
@@ -161,6 +169,18 @@ def _wrap(model: nn.Module, shard: distributed.Shard, device: torch.device) -> n
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+#: A run with ``max_seconds`` times its steps up to this one (the first excluded: it
+#: also pays for the kernels' first-call set-up) to decide how many steps fit.
+PACE_STEPS = 4
+
+
+def _fit_steps(total: int, done: int, elapsed: float, per_step: float, limit: float) -> int:
+    """How many of ``total`` steps fit in ``limit`` seconds when ``done`` took
+    ``elapsed`` and each further one takes ``per_step``: never more than planned,
+    never fewer than one more."""
+    return max(done + 1, min(total, done + int((limit - elapsed) / max(per_step, 1e-9))))
+
+
 def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], std: Sequence[float],
               config: TrainConfig, hooks: TrainHooks | None = None,
               teacher: nn.Module | None = None) -> list[EpochLog]:
@@ -185,6 +205,8 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     loader = train_set.batches(config.batch_size, mean, std, shuffle=True, augment=config.augment, seed=config.seed,
                                drop_last=len(train_set) >= config.batch_size, shard=shard)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    if config.max_seconds is not None and hooks.on_start:
+        raise ValueError("max_seconds would shorten a fine-tune whose hooks plan on its length (on_start)")
     for start_hook in hooks.on_start:
         start_hook(total_steps)
     device = _training_device(shard)
@@ -206,13 +228,16 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     show = config.progress and shard.rank == 0
     try:
         with distributed.synchronized_batchnorm(model) if config.sync_batchnorm else contextlib.nullcontext():
+            began = time.perf_counter()
             for epoch in range(math.ceil(config.epochs)):
-                steps = min(len(loader), total_steps - step)
+                if step >= total_steps:
+                    break
                 loss_sum = correct = seen = 0
                 start = time.perf_counter()
-                bar = _progress(loader, steps, f"epoch {epoch + 1}/{math.ceil(config.epochs)}", show)
+                bar = _progress(loader, min(len(loader), total_steps - step),
+                                f"epoch {epoch + 1}/{math.ceil(config.epochs)}", show)
                 for i, (x, y) in enumerate(bar):
-                    if i == steps:
+                    if step >= total_steps:
                         break
                     x, y = x.to(device), y.to(device)
                     x = x.contiguous(memory_format=memory_format)
@@ -238,6 +263,15 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                         hook(model)
                     scheduler.step()
                     step += 1
+                    if step == 1:
+                        first_step_done = time.perf_counter()
+                    if step == PACE_STEPS and config.max_seconds is not None:
+                        now = time.perf_counter()
+                        # rank 0's clock decides, so every process stops at the same step
+                        total_steps = distributed.broadcast_object(_fit_steps(
+                            total_steps, step, now - began, (now - first_step_done) / (step - 1), config.max_seconds))
+                        scheduler.T_max = total_steps
+                        bar.total = min(bar.total, total_steps - step + i + 1)
                     loss_sum += loss.item() * len(y)
                     correct += (logits.argmax(1) == y).sum().item()
                     seen += len(y)
@@ -248,7 +282,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                 loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
                 seconds = time.perf_counter() - start
                 logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
-                                     seen / max(seconds, 1e-9), seconds))
+                                     seen / max(seconds, 1e-9), seconds, seen))
     finally:
         # later passes slice weights as plain NCHW tensors on the CPU
         model.to(device="cpu", memory_format=torch.contiguous_format)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyprune.data import ArrayDataset, BatchLoader, Normalize
-from pyprune.train import TrainConfig, TrainHooks, bn_gamma_l1, distillation_loss, evaluate, fine_tune
+from pyprune.train import TrainConfig, TrainHooks, _fit_steps, bn_gamma_l1, distillation_loss, evaluate, fine_tune
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -73,6 +73,35 @@ def test_fractional_epochs_and_hooks_run_once_per_step():
     logs = fine_tune(tiny_net(), tiny_data(96), MEAN, STD, config(epochs=0.5), hooks)
     assert calls == {"backward": 2, "step": 2}  # 3 batches per epoch, half rounds up to 2
     assert len(logs) == 1 and logs[0].images_per_s > 0
+
+
+def test_fit_steps_by_hand():
+    # 4 steps took 4 s, 1 s each from now on: 10 s fit 10 steps in all
+    assert _fit_steps(total=40, done=4, elapsed=4.0, per_step=1.0, limit=10.0) == 10
+    assert _fit_steps(total=8, done=4, elapsed=4.0, per_step=1.0, limit=10.0) == 8  # never more than planned
+    assert _fit_steps(total=40, done=4, elapsed=12.0, per_step=1.0, limit=10.0) == 5  # always one more
+
+
+def test_a_time_limit_cuts_the_steps_that_do_not_fit(monkeypatch):
+    """One fake second per step: a 10 s limit on a 24-step run trains 10 steps (the
+    pace is timed from the second step), each on a full batch; a limit that fits
+    everything changes nothing, weight for weight."""
+    clock = [0.0]
+    monkeypatch.setattr("pyprune.train.time.perf_counter", lambda: clock[0])
+    tick = TrainHooks(after_step=[lambda m: clock.__setitem__(0, clock[0] + 1.0)])
+    data = tiny_data(96)  # 3 batches of 32 per epoch
+    cut = tiny_net()
+    logs = fine_tune(cut, data, MEAN, STD, config(epochs=8, max_seconds=10.0), tick)
+    assert sum(log.images for log in logs) == 10 * 32 and len(logs) == 4
+    roomy, plain = tiny_net(), tiny_net()
+    fine_tune(roomy, data, MEAN, STD, config(epochs=8, max_seconds=1e6), tick)
+    fine_tune(plain, data, MEAN, STD, config(epochs=8), tick)
+    for pa, pb in zip(roomy.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(ValueError, match="on_start"):
+        fine_tune(tiny_net(), data, MEAN, STD, config(max_seconds=5.0), TrainHooks(on_start=[lambda n: None]))
+    with pytest.raises(ValueError, match="max_seconds"):
+        config(max_seconds=0.0)
 
 
 def test_after_step_hook_keeps_a_mask_exact():

@@ -160,11 +160,11 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     layers = LayerRefinement(ev, oracle, margin)
     kept_back = layers.expected_seconds(result.best.setting) if per_layer and result.best is not None else 0.0
     # phase 4 (more fine-tuning) stops early enough to leave the per-layer step its time
-    ev.budget.reserve += kept_back
+    ev.budget.keep("per-layer settings", kept_back)
     try:
         result = search.recover_more()
     finally:
-        ev.budget.reserve -= kept_back
+        ev.budget.keep("per-layer settings", 0.0)
     final = oracle.state(result.best.setting) if result.best is not None else start
     layer_moves: list[dict] = []
     if per_layer and result.best is not None and not (result.budget_exhausted and not kept_back):
@@ -194,7 +194,8 @@ def _decide_l1(ev: Evaluator, base: State, config: CompileConfig, stage: Stage) 
     further on the screen (the cheap proxy): network slimming's premise, checked
     per model."""
     candidate, trained = ev.sparsity_train(base, config.slim_l1, config.l1_epochs)
-    record = {"strength": config.slim_l1, "epochs": config.l1_epochs, "val_accuracy": candidate.accuracy,
+    # the epochs trained: fewer than asked when the budget cut them (Evaluator.sparsity_train)
+    record = {"strength": config.slim_l1, "epochs": candidate.finetune_epochs, "val_accuracy": candidate.accuracy,
               "status": candidate.status, "boundary_without": None, "boundary_with": None, "paid_off": False}
     if trained is None:
         return base, record

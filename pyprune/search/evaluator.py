@@ -24,6 +24,17 @@ from .journal import Journal
 from .progress import Progress
 
 
+#: The most of a time budget that sparsity training may take before the search:
+#: on a busy machine its configured epochs alone can take half of a short budget.
+L1_BUDGET_SHARE = 0.2
+
+
+#: Writing the chosen model evaluates it on val and test and the baseline on test,
+#: and exports and verifies it in onnxruntime: measured at 7-8 times one evaluation
+#: of val (make demo, idle and under load), which the budget keeps back for it.
+WRITING_EVALS = 8
+
+
 class BudgetExhausted(Exception):
     """The search's time budget is spent: keep the best verified result so far."""
 
@@ -33,16 +44,27 @@ class Budget:
     candidates a resumed run replays from the journal.
 
     A measurement starts only if it is expected to end within the budget, with
-    ``reserve`` seconds left for the work after the search (the final fine-tune):
-    ``check(expected)`` refuses it otherwise, so a budget is overrun by at most the
-    error of that expectation, not by a whole measurement started at the last second."""
+    :attr:`reserve` seconds left for the work after it: ``check(expected)`` refuses
+    it otherwise, so a budget is overrun by at most the error of that expectation,
+    not by a whole measurement started at the last second. The reserve is the sum
+    of named parts (``keep``), so that each of its owners (the final fine-tune and
+    the writing; a later step of the search) updates its own part without undoing
+    the others'."""
 
     def __init__(self, minutes: float | None, journal: Journal, clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds = None if minutes is None else minutes * 60.0
         self.journal = journal
         self.clock = clock
         self.start = clock()
-        self.reserve = 0.0
+        self.kept: dict[str, float] = {}
+
+    @property
+    def reserve(self) -> float:
+        return sum(self.kept.values())
+
+    def keep(self, name: str, seconds: float) -> None:
+        """Keep ``seconds`` back for ``name`` (0 releases it)."""
+        self.kept[name] = seconds
 
     def spent(self) -> float:
         return self.clock() - self.start + self.journal.replayed_seconds
@@ -142,14 +164,22 @@ class Evaluator:
         params = sum(p.numel() for p in state.gm.parameters())
         return len(ppz_bytes(state.gm, self.meta, books)), params
 
-    def finetune(self, state: State, epochs: float, slim_l1: float = 0.0, key: str | None = None) -> State:
-        """Fine-tune a copy of ``state`` keeping its constraints; raises
-        :class:`DivergenceError` (the copy is dropped: ``state`` is untouched)."""
+    def finetune(self, state: State, epochs: float, slim_l1: float = 0.0, key: str | None = None,
+                 max_seconds: float | None = None) -> State:
+        """Fine-tune a copy of ``state`` keeping its constraints (for at most
+        ``max_seconds``: see :class:`TrainConfig`); raises :class:`DivergenceError`
+        (the copy is dropped: ``state`` is untouched)."""
+        return self._finetune_logged(state, epochs, slim_l1, key, max_seconds)[0]
+
+    def _finetune_logged(self, state: State, epochs: float, slim_l1: float, key: str | None,
+                         max_seconds: float | None) -> tuple[State, float]:
+        """:meth:`finetune`, and the epochs it trained."""
         gm = copy.deepcopy(state.gm)
-        config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1)
-        fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
-                  hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
-        return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix)
+        config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1, max_seconds=max_seconds)
+        logs = fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
+                         hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
+        trained = sum(log.images for log in logs) / len(self.data.train)
+        return State(gm, state.steps, key or state.key.removesuffix("@bn") + "@ft", state.prefix), trained
 
     def _tuned(self, parent: State, specs: Sequence[str], steps: Sequence[str] | None, epochs: float,
                key: str) -> State:
@@ -212,7 +242,9 @@ class Evaluator:
         tunes = self._seconds.get("finetune")
         if tunes and self.settings.final_epochs > 0 and self.settings.finetune_epochs > 0:
             per_epoch = sorted(tunes)[len(tunes) // 2] / self.settings.finetune_epochs
-            self.budget.reserve = per_epoch * self.settings.final_epochs
+            self.budget.keep("final fine-tune", per_epoch * self.settings.final_epochs)
+        if phase == "val":
+            self.budget.keep("writing", WRITING_EVALS * max(self._seconds["val"]))
 
     def expected_seconds(self, phase: str) -> float:
         """How long the next measurement of ``phase`` should take: the longest of the
@@ -345,30 +377,40 @@ class Evaluator:
 
     def sparsity_train(self, base: State, strength: float, epochs: float) -> tuple[Candidate, State | None]:
         """Network slimming's sparsity training (L1 on BatchNorm gammas) of the
-        whole model: the state later stages may start from instead of ``base``."""
+        whole model: the state later stages may start from instead of ``base``.
+        Under a time budget it trains for at most :data:`L1_BUDGET_SHARE` of it
+        (fewer epochs on a slow or busy machine), so the search keeps its time; the
+        candidate records the epochs actually trained."""
         prefix = f"l1(strength={strength!r},epochs={epochs!r})"
         key = f"{prefix}@ft"
         c = self._cached(f"{key}#val")
         if c is None:
             self.budget.check()
             start = time.perf_counter()
+            limit = None if self.budget.seconds is None else L1_BUDGET_SHARE * self.budget.seconds
             try:
-                state = self.finetune(base, epochs, slim_l1=strength, key=key)
+                state, trained = self._finetune_logged(base, epochs, strength, key, limit)
             except DivergenceError as exc:
                 c = self._record(f"{key}#val", None, "l1", strength, "finetune", None, len(self.data.val), epochs,
                                  start, status="failed", reason=f"rolled back: {exc}", pipeline=prefix)
                 return c, None
+            trained = round(trained, 3)
+            if trained < epochs:
+                prefix = f"l1(strength={strength!r},epochs={trained!r})"
+                self.progress.say(f"sparsity training cut to {trained:g} of {epochs:g} epochs: it may use "
+                                  f"{L1_BUDGET_SHARE:.0%} of the time budget ({limit:.0f}s)")
             state.prefix = prefix
             self.journal.save_weights(key, state.gm)
             self._states[key] = state
             c = self._record(f"{key}#val", state, "l1", strength, "finetune", self.accuracy(state.gm, self.data.val),
-                             len(self.data.val), epochs, start)
+                             len(self.data.val), min(trained, epochs), start)
         if c.status != "ok":
             return c, None
+        prefix = c.pipeline
         state = self._states.get(key)
         if state is None:
             gm = self.journal.load_weights(key)
             state = State(gm, (), key, prefix) if gm is not None else \
-                State(self.finetune(base, epochs, slim_l1=strength, key=key).gm, (), key, prefix)
+                State(self.finetune(base, c.finetune_epochs, slim_l1=strength, key=key).gm, (), key, prefix)
         state.candidate, state.val_accuracy = c, c.accuracy
         return c, state

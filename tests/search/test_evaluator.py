@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from pyprune.search.candidates import Stage
-from pyprune.search.evaluator import Budget, BudgetExhausted
+from pyprune.search.evaluator import L1_BUDGET_SHARE, Budget, BudgetExhausted
 from pyprune.search.journal import Journal, ResumeMismatch
+from pyprune.train import TrainHooks
 
 from .tiny import tiny_base, tiny_evaluator
 
@@ -117,7 +118,8 @@ def test_a_step_starts_only_if_it_is_expected_to_end_within_the_budget():
     """Overrun is bounded by how wrong the expectation is, not by a whole step."""
     now = [0.0]
     budget = Budget(1.0, Journal(), clock=lambda: now[0])  # 60 s
-    budget.reserve = 10.0  # kept back for the final fine-tune
+    budget.keep("final fine-tune", 6.0)
+    budget.keep("writing", 4.0)
     durations, last = [7.0, 9.0, 8.0, 9.5, 8.5, 7.5, 9.0, 8.0], 0.0
     ran = 0
     for d in durations:
@@ -133,3 +135,30 @@ def test_a_step_starts_only_if_it_is_expected_to_end_within_the_budget():
     assert ran == 5 and now[0] == pytest.approx(42.0)
     assert now[0] + budget.reserve <= 60.0
     assert budget.left() == pytest.approx(18.0)
+
+
+def test_sparsity_training_takes_at_most_its_share_of_the_budget(monkeypatch):
+    """A fake second per training step and a 1-minute budget: L1 training may take 20%
+    (12 s) of it, so 2 epochs (16 steps of 32 of 256 images) are cut to 12 steps, and
+    the candidate, its pipeline and the budget's record say what it trained."""
+    clock = [0.0]
+    monkeypatch.setattr("pyprune.train.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("pyprune.search.evaluator.constraint_hooks", lambda passes, gm: TrainHooks(
+        after_step=[lambda m: clock.__setitem__(0, clock[0] + 1.0)]))
+    ev, base = tiny_evaluator(minutes=1.0), tiny_base()
+    assert L1_BUDGET_SHARE * 60.0 == pytest.approx(12.0)
+    c, state = ev.sparsity_train(base, 1e-3, 2.0)
+    assert c.finetune_epochs == pytest.approx(12 * 32 / 256) and c.pipeline == "l1(strength=0.001,epochs=1.5)"
+    assert state.prefix == c.pipeline and c.key == "l1(strength=0.001,epochs=2.0)@ft#val"
+    unlimited, _ = tiny_evaluator().sparsity_train(tiny_base(), 1e-3, 2.0)
+    assert unlimited.finetune_epochs == 2.0 and unlimited.pipeline == "l1(strength=0.001,epochs=2.0)"
+
+
+def test_the_budget_keeps_back_each_owner_part_of_its_reserve():
+    budget = Budget(1.0, Journal(), clock=lambda: 0.0)
+    budget.keep("final fine-tune", 20.0)
+    budget.keep("per-layer settings", 15.0)
+    budget.keep("final fine-tune", 25.0)  # a new pace replaces its own part only
+    assert budget.reserve == 40.0 and budget.exhausted_for(20.0) and not budget.exhausted_for(19.0)
+    budget.keep("per-layer settings", 0.0)
+    assert budget.reserve == 25.0
