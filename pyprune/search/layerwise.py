@@ -36,7 +36,7 @@ from ..passes import weight_layers
 from .candidates import State
 from .evaluator import BudgetExhausted, Evaluator
 from .marginal import MIN_COST, Move, Setting
-from .marginal_oracle import EvaluatorOracle
+from .marginal_oracle import EvaluatorOracle, rerun
 
 MAX_TRIES = 3  # measurements of one stage's allocation: all of it, then halves
 
@@ -84,19 +84,11 @@ class LayerRefinement:
         self.oracle = oracle
         self.margin = margin
 
-    def _specs(self, setting: Setting, overrides: Mapping[int, dict[str, Any]], k: int) -> tuple[list[str], list[str]]:
+    def _specs(self, setting: Setting, overrides: Mapping[int, dict[str, Any]], k: int) -> tuple[list[str], tuple[str, ...]]:
         """(passes to run on the chosen model, the pipeline the result stands for)
         with ``overrides`` per stage; stage ``k`` changed, so it and the absolute
         stages after it run again."""
-        specs, steps = [], []
-        for j, (stage, t) in enumerate(zip(self.oracle.stages, setting.index)):
-            if t < 0:
-                continue
-            spec = stage.spec(stage.levels[t], overrides.get(j))
-            steps.append(spec)
-            if j == k or (j > k and self.oracle.absolute[j]):
-                specs.append(spec)
-        return specs, steps
+        return rerun(self.oracle.stages, self.oracle.absolute, setting, setting, overrides, first=k)
 
     def _stages(self, setting: Setting) -> list[int]:
         """The stages that can go one step further per layer from ``setting``."""

@@ -16,12 +16,35 @@ an earlier model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..passes import pass_class
 from .candidates import Candidate, Stage, State
 from .evaluator import Evaluator
 from .marginal import Point, Setting
+
+
+def rerun(stages: Sequence[Stage], absolute: Sequence[bool], parent: Setting, setting: Setting,
+          overrides: Mapping[int, dict[str, Any]] | None = None,
+          first: int | None = None) -> tuple[list[str], tuple[str, ...]]:
+    """(the passes that take ``parent``'s model to ``setting``, the pipeline the result
+    stands for), with per-layer ``overrides`` by stage. From stage ``first`` (by
+    default the first where the two differ) the stage runs again, and so does every
+    later stage that is on in ``setting`` and either absolute or off in ``parent``:
+    a relative stage already in the weights is not applied twice."""
+    overrides = overrides or {}
+    if first is None:
+        first = next((k for k, (p, t) in enumerate(zip(parent.index, setting.index)) if p != t), len(stages))
+    specs, steps = [], []
+    for k, (stage, p, t) in enumerate(zip(stages, parent.index, setting.index)):
+        if t < 0:
+            continue
+        spec = stage.spec(stage.levels[t], overrides.get(k))
+        steps.append(spec)
+        if k == first or (k > first and (absolute[k] or p < 0)):
+            specs.append(spec)
+    return specs, tuple(steps)
 
 
 class EvaluatorOracle:
@@ -42,7 +65,7 @@ class EvaluatorOracle:
 
     def steps(self, setting: Setting) -> tuple[str, ...]:
         """The pipeline text a setting stands for, stage by stage in the search's order."""
-        return tuple(s.spec(s.levels[i]) for s, i in zip(self.stages, setting.index) if i >= 0)
+        return rerun(self.stages, self.absolute, setting, setting)[1]
 
     def fits(self, parent: Setting, setting: Setting) -> bool:
         return parent.at_most(setting) and all(
@@ -52,11 +75,7 @@ class EvaluatorOracle:
         """The setting of the state to start from, and the passes that take it to ``setting``."""
         fitting = [p for p in self.states if self.fits(p, setting)]
         chosen = max(fitting, key=lambda p: (sum(i + 1 for i in p.index), p))
-        differ = next((k for k, (p, t) in enumerate(zip(chosen.index, setting.index)) if p != t), len(self.stages))
-        specs = [stage.spec(stage.levels[t]) for k, (stage, p, t) in
-                 enumerate(zip(self.stages, chosen.index, setting.index))
-                 if k >= differ and t >= 0 and (k == differ or self.absolute[k] or p < 0)]
-        return chosen, specs
+        return chosen, rerun(self.stages, self.absolute, chosen, setting)[0]
 
     def _label(self, parent: Setting, setting: Setting) -> tuple[str, object]:
         """(the stages that moved, joined by "+"; the level, when one stage moved)."""
