@@ -162,15 +162,13 @@ def test_valid_file_decodes():
     assert "s0.gaps.chunk_bits[1]" in fields and "s1.codes.chunk_bits[2]" in fields  # several chunks
 
 
-def test_every_truncation_is_corrupt():
-    data = small_file()
+def assert_every_truncation_is_corrupt(data: bytes) -> None:
     for n in range(len(data)):
         with pytest.raises(CorruptFileError):
             unpack_bytes(data[:n])
 
 
-def test_every_single_bit_flip_is_caught_by_a_crc():
-    data = small_file()
+def assert_every_bit_flip_is_corrupt(data: bytes) -> None:
     b = bytearray(data)
     for i in range(len(b)):
         for bit in range(8):
@@ -178,6 +176,14 @@ def test_every_single_bit_flip_is_caught_by_a_crc():
             with pytest.raises(CorruptFileError):
                 unpack_bytes(bytes(b), threads=1)
             b[i] ^= 1 << bit
+
+
+def test_every_truncation_is_corrupt():
+    assert_every_truncation_is_corrupt(small_file())
+
+
+def test_every_single_bit_flip_is_caught_by_a_crc():
+    assert_every_bit_flip_is_corrupt(small_file())
 
 
 def test_every_single_bit_flip_past_the_crcs():
