@@ -164,16 +164,15 @@ class Evaluator:
         params = sum(p.numel() for p in state.gm.parameters())
         return len(ppz_bytes(state.gm, self.meta, books)), params
 
-    def finetune(self, state: State, epochs: float, slim_l1: float = 0.0, key: str | None = None,
-                 max_seconds: float | None = None) -> State:
-        """Fine-tune a copy of ``state`` keeping its constraints (for at most
-        ``max_seconds``: see :class:`TrainConfig`); raises :class:`DivergenceError`
-        (the copy is dropped: ``state`` is untouched)."""
-        return self._finetune_logged(state, epochs, slim_l1, key, max_seconds)[0]
+    def finetune(self, state: State, epochs: float, slim_l1: float = 0.0, key: str | None = None) -> State:
+        """Fine-tune a copy of ``state`` keeping its constraints; raises
+        :class:`DivergenceError` (the copy is dropped: ``state`` is untouched)."""
+        return self._finetune_logged(state, epochs, slim_l1, key, None)[0]
 
     def _finetune_logged(self, state: State, epochs: float, slim_l1: float, key: str | None,
                          max_seconds: float | None) -> tuple[State, float]:
-        """:meth:`finetune`, and the epochs it trained."""
+        """:meth:`finetune` for at most ``max_seconds`` (see :class:`TrainConfig`), and
+        the epochs it trained."""
         gm = copy.deepcopy(state.gm)
         config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1, max_seconds=max_seconds)
         logs = fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
@@ -394,7 +393,7 @@ class Evaluator:
                 c = self._record(f"{key}#val", None, "l1", strength, "finetune", None, len(self.data.val), epochs,
                                  start, status="failed", reason=f"rolled back: {exc}", pipeline=prefix)
                 return c, None
-            trained = round(trained, 3)
+            trained = min(round(trained, 3), epochs)  # a whole run rounds to just above the epochs asked
             if trained < epochs:
                 prefix = f"l1(strength={strength!r},epochs={trained!r})"
                 self.progress.say(f"sparsity training cut to {trained:g} of {epochs:g} epochs: it may use "
@@ -403,7 +402,7 @@ class Evaluator:
             self.journal.save_weights(key, state.gm)
             self._states[key] = state
             c = self._record(f"{key}#val", state, "l1", strength, "finetune", self.accuracy(state.gm, self.data.val),
-                             len(self.data.val), min(trained, epochs), start)
+                             len(self.data.val), trained, start)
         if c.status != "ok":
             return c, None
         prefix = c.pipeline
