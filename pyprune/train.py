@@ -6,8 +6,11 @@ invariants: ``after_backward`` (edit gradients before the step, for example the
 L1 subgradient on BatchNorm gammas or zeroing masked gradients) and
 ``after_step`` (restore invariants on the weights, for example re-applying masks
 or tying shared weights), plus ``on_start``, told the number of steps before the
-first (for schedules over the fine-tune, such as gradual pruning). Runs are seeded, so the same seed replays the same
-batches, augmentations and initialisations.
+first (for schedules over the fine-tune, such as gradual pruning). Constraints kept
+by projection (:class:`~pyprune.passes.constraints.Projection`) train straight
+through: the optimizer steps full-precision latent copies of those layers' weights
+(:class:`LatentWeights`), and the model uses their projection. Runs are seeded, so
+the same seed replays the same batches, augmentations and initialisations.
 
 Under ``torchrun`` (see :mod:`pyprune.distributed`) the same functions run in
 every process: :func:`fine_tune` wraps the model in ``DistributedDataParallel``
@@ -40,9 +43,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import ArrayDataset
 from .ir import inference_only
-from .passes.constraints import Hook, TrainHooks  # what passes ask of training; the engine runs it
+from .passes.constraints import Hook, Projection, TrainHooks  # what passes ask of training; the engine runs it
 
-__all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "TrainConfig", "TrainHooks", "bn_gamma_l1",
+__all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "LatentWeights", "Projection", "TrainConfig",
+           "TrainHooks", "bn_gamma_l1",
            "distillation_loss", "evaluate", "fine_tune", "recalibrate_bn", "seed_everything"]
 
 
@@ -148,6 +152,48 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (1.0 - weight) * hard + weight * soft
 
 
+class LatentWeights:
+    """Straight-through training of the layers that ``projections`` constrain: each
+    keeps a full-precision latent copy of its weight. The gradient is taken at the
+    projected weight (what the model uses); :meth:`before_step` puts the latent
+    weights in the parameters so the optimizer steps them, and :meth:`after_step`
+    keeps the result as the new latent weights and puts their projection (every
+    projection, in order) back. Edits that ``after_step`` hooks then make to the
+    weights (a gradual mask's new zeros) are edits of the latent weights too
+    (:meth:`absorb`), so the next projection starts from them."""
+
+    def __init__(self, model: nn.Module, projections: Sequence[Projection]) -> None:
+        self.projections = list(projections)
+        names = list(dict.fromkeys(n for p in self.projections for n in p.layers))
+        self.params = {n: model.get_submodule(n).weight for n in names}
+        with torch.no_grad():
+            self.latent = {n: w.detach().clone(memory_format=torch.contiguous_format) for n, w in self.params.items()}
+        self.projected: dict[str, torch.Tensor] = {}
+
+    def before_step(self) -> None:
+        with torch.no_grad():
+            for n, w in self.params.items():
+                w.copy_(self.latent[n])
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for n, w in self.params.items():
+                self.latent[n].copy_(w)
+            weights = {n: v.clone() for n, v in self.latent.items()}
+            for projection in self.projections:
+                projection.project(weights)
+            for n, w in self.params.items():
+                w.copy_(weights[n])
+            self.projected = weights
+
+    def absorb(self) -> None:
+        with torch.no_grad():
+            for n, w in self.params.items():
+                edited = w != self.projected[n]
+                if bool(edited.any()):
+                    self.latent[n][edited] = w.detach().contiguous()[edited]
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False,
                 disable=not enabled, dynamic_ncols=True)
@@ -220,6 +266,7 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     model.to(memory_format=memory_format)
     model.train()
     trained = _wrap(model, shard, device)
+    latent = LatentWeights(model, hooks.projections) if hooks.projections else None
     distil = teacher is not None and config.distill > 0
     if distil:
         teacher.to(device=device, memory_format=memory_format)
@@ -258,9 +305,15 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                     loss.backward()  # DDP has averaged the gradients over the processes when this returns
                     for hook in after_backward:
                         hook(model)
+                    if latent is not None:
+                        latent.before_step()
                     optimizer.step()
+                    if latent is not None:
+                        latent.after_step()
                     for hook in hooks.after_step:
                         hook(model)
+                    if latent is not None and hooks.after_step:
+                        latent.absorb()
                     scheduler.step()
                     step += 1
                     if step == 1:

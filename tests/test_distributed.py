@@ -51,7 +51,8 @@ def test_two_processes_keep_masks_and_codebooks_like_one(tmp_path, kind):
         w2 = rank0["state"][name]
         assert not torch.equal(w, single["before"][name])  # the fine-tune did move the weights
         assert torch.equal(w == 0, w2 == 0), name  # the same mask
-        assert torch.equal(w == 0, single["before"][name] == 0), name  # ... which is the mask before training
+        # ... with the pass's count (scope=layer: half of every layer; the weights may regrow)
+        assert int((w == 0).sum()) == int((single["before"][name] == 0).sum()) == round(0.5 * w.numel()), name
         values, values2 = w[w != 0].unique(), w2[w2 != 0].unique()
         assert len(values) == len(values2) <= 2 ** 3, name  # the same number of shared values
         # the split batch has the whole batch's gradient (BatchNorm statistics are taken
@@ -65,11 +66,12 @@ def test_two_processes_keep_masks_and_codebooks_like_one(tmp_path, kind):
 
 def test_per_process_batchnorm_statistics_are_what_no_sync_bn_trades(tmp_path):
     single, (rank0, rank1) = fine_tuned(tmp_path, "bn-local")
-    # still one model everywhere, with the same masks and codebook sizes ...
+    # still one model everywhere, with the same mask sizes and codebook sizes (which
+    # weights are zero follows the training, since pruned weights may regrow) ...
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])
     for name, w in quantized_weights(single["state"]).items():
         w2 = rank0["state"][name]
-        assert torch.equal(w == 0, w2 == 0), name
+        assert int((w == 0).sum()) == int((w2 == 0).sum()), name
         assert len(w[w != 0].unique()) == len(w2[w2 != 0].unique()) <= 2 ** 3, name
     # ... but each process normalised its own half-batch: the statistics, and with them
     # the training, are no longer one process's (synchronized, they agree within 2e-6)

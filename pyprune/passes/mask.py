@@ -21,10 +21,14 @@ Refuses: sparsity outside ``[0, 1]``, unknown scopes or layer kinds, and names i
 ``layers`` that are not included layers of the graph. Layers with fewer than
 ``min_params`` weights are skipped unless named in ``layers``.
 
-Fine-tuning: :meth:`MaskPass.training_hooks` (or :func:`mask_hooks`) returns
-:class:`~pyprune.passes.constraints.TrainHooks` that zero the masked gradients after backward
-and re-apply the mask after every optimizer step, so masked weights stay exactly
-zero under SGD with momentum and weight decay. :class:`GradualMask` reaches the
+Fine-tuning: with ``regrow=True``, the default, the weights train straight through
+(:meth:`MaskPass.projection`): the optimizer steps full-precision latent weights,
+pruned ones included, and after every step the pass's own rule runs on them, so
+the count of zeros stays exact while a pruned weight that has grown larger than a
+kept one comes back in its place (pruning with feedback, Lin et al. 2020). With
+``regrow=False`` :func:`mask_hooks` keep the zero set itself: they zero the masked
+gradients after backward and re-apply the mask after every optimizer step, so masked
+weights stay exactly zero under SGD with momentum and weight decay. :class:`GradualMask` reaches the
 pass's zeros during fine-tuning instead, on Zhu & Gupta's cubic schedule
 (:func:`cubic_sparsity`). :func:`sensitivity_scan` prunes one layer at a time to find
 how much each tolerates.
@@ -41,7 +45,7 @@ from torch import fx, nn
 
 from ..ir import PassResult
 from .base import GraphPass, Knob, Option, Range
-from .constraints import TrainHooks
+from .constraints import Projection, TrainHooks
 from .layers import parse_include, present_layers, weight_layers
 from .registry import register_pass
 
@@ -55,11 +59,21 @@ def _check_sparsity(s: float, what: str) -> float:
     return s
 
 
-def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` smallest entries of the 1-D ``values``, ties by index."""
+def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask of the ``k`` smallest entries of the 1-D ``values``, ties broken
+    by index (lowest first): the first ``k`` of a stable sort, found by selection
+    (``kthvalue``) rather than a sort, because fine-tuning with regrowth runs it
+    after every step."""
+    drop = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=values.device)
-    return torch.sort(values, stable=True).indices[:k]
+        return drop
+    if k >= values.numel():
+        return ~drop
+    kth = torch.kthvalue(values, k).values
+    drop = values < kth
+    ties = torch.nonzero(values == kth).reshape(-1)
+    drop[ties[:k - int(drop.sum())]] = True
+    return drop
 
 
 def prune_layer(weight: torch.Tensor, sparsity: float) -> int:
@@ -68,10 +82,7 @@ def prune_layer(weight: torch.Tensor, sparsity: float) -> int:
     with torch.no_grad():
         k = int(round(sparsity * weight.numel()))
         flat = weight.detach().reshape(-1)  # a copy for channels_last weights: write back below
-        drop = _smallest(flat.abs(), k)
-        mask = torch.ones(flat.numel(), dtype=torch.bool, device=weight.device)
-        mask[drop] = False
-        weight.masked_fill_(~mask.view(weight.shape), 0.0)
+        weight.masked_fill_(smallest(flat.abs(), k).view(weight.shape), 0.0)
         return int((weight == 0).sum())
 
 
@@ -94,20 +105,25 @@ class MaskPass(GraphPass):
         Option("layers", dict, None, "{layer: sparsity} overrides, each pruned to its own exact count"),
         Option("include", (str, list, tuple), "conv,linear", "layer kinds pruned: conv, linear or both"),
         Option("min_params", int, 0, "skip layers with fewer weights (unless named in layers)", Range(0)),
+        Option("regrow", bool, True, "fine-tuning: weights train straight through and the rule runs again after "
+               "every step, so a pruned weight that grows back past a kept one returns (the count stays exact); "
+               "False keeps the zero set"),
     )
     # Bisection makes long ladders cheap: 16 sparsities cost about 4 screens.
     knob = Knob("sparsity", (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97,
                              0.98), range=Range(0.0, 1.0, low_open=True, high_open=True), flag="--mask-levels",
                 per_layer="layers")
-    training_constraint = "masked weights stay exactly zero"
+    training_constraint = ("the same number of zeros (by the same rule: a pruned weight may come back in place of "
+                           "a smaller one with regrow, the default; with regrow=False the same zeros)")
     gradual = True
     examples = (("mask(sparsity=0.8)", "zero the 80% smallest |w| of all conv/linear weights (one global threshold)"),
                 ("mask(sparsity=0.7,scope=layer,layers={'linear':0.9})", "70% of every layer, 90% of 'linear'"))
 
     def __init__(self, sparsity: float = 0.5, scope: str = "global", layers: Mapping[str, float] | None = None,
-                 include: str | Sequence[str] = "conv,linear", min_params: int = 0) -> None:
+                 include: str | Sequence[str] = "conv,linear", min_params: int = 0, regrow: bool = True) -> None:
         self.check_options(dict(sparsity=sparsity, scope=scope, layers=layers, include=include,
-                                min_params=min_params))
+                                min_params=min_params, regrow=regrow))
+        self.regrow = regrow
         self.sparsity = float(sparsity)
         self.scope = scope
         self.layers = {str(k): _check_sparsity(v, f"sparsity of layer {k!r}") for k, v in (layers or {}).items()}
@@ -127,11 +143,10 @@ class MaskPass(GraphPass):
                  and gm.get_submodule(n).weight.numel() >= self.min_params]
         return ruled, overridden
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        ruled, overridden = self.select(gm)
-        weights = {n: gm.get_submodule(n).weight for n in [*ruled, *overridden]}
-        before = sum(int((w == 0).sum()) for w in weights.values())
-        per_layer: dict[str, dict[str, Any]] = {}
+    def _prune(self, weights: Mapping[str, torch.Tensor], ruled: Sequence[str],
+               overridden: Mapping[str, float]) -> float | None:
+        """Zero ``weights`` (by layer name) in place by the pass's rule; the global
+        threshold (the largest |w| pruned), if there is one."""
         threshold = None
         for name, s in overridden.items():
             prune_layer(weights[name], s)
@@ -142,16 +157,22 @@ class MaskPass(GraphPass):
             with torch.no_grad():
                 flat = torch.cat([weights[n].detach().reshape(-1).abs() for n in ruled])
                 k = int(round(self.sparsity * flat.numel()))
-                drop = _smallest(flat, k)
-                keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-                keep[drop] = False
+                drop = smallest(flat, k)
                 if k:
-                    threshold = float(flat[drop[-1]])
+                    threshold = float(flat[drop].max())
                 offset = 0
                 for n in ruled:
                     w = weights[n]
-                    w.masked_fill_(~keep[offset:offset + w.numel()].view(w.shape), 0.0)
+                    w.masked_fill_(drop[offset:offset + w.numel()].view(w.shape), 0.0)
                     offset += w.numel()
+        return threshold
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ruled, overridden = self.select(gm)
+        weights = {n: gm.get_submodule(n).weight for n in [*ruled, *overridden]}
+        before = sum(int((w == 0).sum()) for w in weights.values())
+        per_layer: dict[str, dict[str, Any]] = {}
+        threshold = self._prune(weights, ruled, overridden)
         for name in weights:
             how = "override" if name in overridden else self.scope
             asked = overridden.get(name, self.sparsity)
@@ -168,13 +189,22 @@ class MaskPass(GraphPass):
         return GradualMask(self, gm)
 
     def training_hooks(self, gm: fx.GraphModule) -> TrainHooks:
-        """Hooks that keep this pass's zeros at zero while ``gm`` trains, captured
-        from ``gm``'s weights now (call it after the pass)."""
+        """How fine-tuning keeps this pass's result (see ``regrow``): the projection,
+        or hooks that keep the zeros of ``gm``'s weights now (call it after the pass)."""
+        if self.regrow:
+            return TrainHooks(projections=[self.projection(gm)])
         names = self.pruned
         if names is None:
             ruled, overridden = self.select(gm)
             names = [*ruled, *overridden]
         return mask_hooks(gm, names)
+
+    def projection(self, gm: fx.GraphModule) -> Projection:
+        """The pass's rule as a projection of latent weights (pruning with feedback):
+        the same layers (selected in ``gm``), the same exact counts."""
+        ruled, overridden = self.select(gm)
+        return Projection((*ruled, *overridden), lambda weights: self._prune(weights, ruled, overridden),
+                          moves_zeros=True)
 
 
 def mask_hooks(gm: nn.Module, layer_names: Iterable[str]) -> TrainHooks:

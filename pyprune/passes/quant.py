@@ -31,16 +31,22 @@ may be 0 to leave those layers unquantized.
 Refuses: bits outside 0..16, unknown ``init`` or ``grad``, ``iters < 1`` and names in
 ``layers`` that are not Conv/Linear layers of the graph.
 
-Fine-tuning: :meth:`QuantPass.training_hooks` (or :func:`tie_hooks`) returns
-hooks that make every weight's gradient the MEAN (``grad="mean"``, the default)
-or the SUM (``grad="sum"``, deep compression's centroid gradient) of its
-cluster's gradients, zero for zero weights, and re-tie each cluster to one value
-after every step, so the clusters and the zero set never change and each layer
-keeps at most ``2**bits`` distinct non-zero values. The sum is the exact gradient
-of the shared centroid, but a centroid of a few thousand weights then steps a few
-thousand times further than an untied weight at the same learning rate: on the
-shared ResNet-20, 5-bit codes fine-tuned at lr 0.01 with the sum fell from 0.83
-to 0.76 top-1. The mean is the same direction with the step of one weight.
+Fine-tuning (``grad``): with ``grad="ste"``, the default, the weights train straight
+through (:func:`ste_projection`): the optimizer steps full-precision latent weights,
+and after every step each layer's non-zero latent weights are assigned to the
+nearest of its shared values, each value moves to the mean of the latent weights
+assigned to it (one Lloyd step), and the layer takes those values. A weight can
+change cluster; the layer keeps at most as many values as it has now, and its
+zeros are whatever the passes before it (a mask) make them. With ``grad="mean"`` or
+``"sum"`` (deep compression's centroid fine-tuning, :func:`tie_hooks`) the clusters
+are captured once: every weight's gradient becomes the MEAN or the SUM (the exact
+gradient of the shared centroid) of its cluster's gradients, zero for zero weights,
+and each cluster is re-tied to one value after every step, so the clusters and the
+zero set never change. The sum steps a centroid of a few thousand weights a few
+thousand times further than an untied weight: on the shared ResNet-20, 5-bit codes
+fine-tuned at lr 0.01 with the sum fell from 0.83 to 0.76 top-1. Tied clusters
+leave little to train at 2-3 bits (a few values per layer, and BatchNorm); the
+latent weights recover much more (``bench/straight_through.py``).
 """
 
 from __future__ import annotations
@@ -55,12 +61,13 @@ from torch import fx, nn
 
 from ..ir import PassResult
 from .base import GraphPass, Knob, Option, Range
-from .constraints import TrainHooks, read_codebooks
+from .constraints import Projection, TrainHooks, read_codebooks
 from .layers import present_layers, weight_layers
 from .registry import register_pass
 
 INITS = ("linear", "kmeans++", "density")
-GRADS = ("mean", "sum")
+GRADS = ("ste", "mean", "sum")
+TIED = ("mean", "sum")  # the grads of tie_hooks
 MAX_BITS = 16
 KMEANSPP_SAMPLE = 1 << 16
 
@@ -187,19 +194,22 @@ class QuantPass(GraphPass):
         Option("iters", int, 100, "most Lloyd iterations", Range(1)),
         Option("seed", int, 0, "seed of kmeans++ (with each layer's name)"),
         Option("layers", dict, None, "{layer: bits} overrides; 0 leaves a layer alone"),
-        Option("grad", str, "mean", "centroid gradient in fine-tuning: mean or sum of its cluster's", choices=GRADS),
+        Option("grad", str, "ste", "fine-tuning: ste trains the weights straight through (latent weights, "
+               "re-assigned to the nearest shared value after every step); mean or sum tie each cluster "
+               "(its gradient is the mean or sum of its members')", choices=GRADS),
         Option("zero_code", bool, False, "count zero as one of the 2**bits codes where a layer has zeros (deep "
                "compression's dense form): 4-bit layers then pack two codes per byte in compact ONNX"),
     )
     knob = Knob("bits", (8, 7, 6, 5, 4, 3, 2), increasing=False, range=Range(1, MAX_BITS), flag="--bits-levels",
                 per_layer="layers")
-    training_constraint = "shared weights stay tied (each cluster trains as one value); zeros stay zero"
+    training_constraint = ("each layer keeps at most its number of shared values: weights train straight through "
+                           "and take the nearest value (grad=ste), or each cluster trains as one (grad=mean/sum)")
     examples = (("quant(bits=5)", "share weights: per-layer k-means on the non-zero weights, 2^5 codes"),
                 ("quant(conv_bits=8,linear_bits=5,init=density)", "deep compression's bits, quantile initialisation"))
 
     def __init__(self, bits: int = 8, conv_bits: int | None = None, linear_bits: int | None = None,
                  init: str = "linear", iters: int = 100, seed: int = 0,
-                 layers: Mapping[str, int] | None = None, grad: str = "mean", zero_code: bool = False) -> None:
+                 layers: Mapping[str, int] | None = None, grad: str = "ste", zero_code: bool = False) -> None:
         self.check_options(dict(bits=bits, conv_bits=conv_bits, linear_bits=linear_bits, init=init, iters=iters,
                                 seed=seed, layers=layers, grad=grad, zero_code=zero_code))
         self.zero_code = zero_code
@@ -246,10 +256,11 @@ class QuantPass(GraphPass):
         return PassResult(gm, modified=modified, record=record)
 
     def training_hooks(self, gm: fx.GraphModule) -> TrainHooks:
-        """Centroid fine-tuning hooks for the quantized layers, captured from ``gm`` now."""
+        """Fine-tuning of the quantized layers (see ``grad``), captured from ``gm`` now."""
         names = self.quantized if self.quantized is not None else list(self.plan(gm))
+        if self.grad == "ste":
+            return TrainHooks(projections=[ste_projection(gm, names)])
         return tie_hooks(gm, names, reduce=self.grad)
-
 
     def codebook_layers(self, gm: fx.GraphModule) -> dict[str, int]:
         """The layers it quantized (or, not run yet, would quantize) and their bits."""
@@ -266,14 +277,57 @@ def codebooks(gm: nn.Module, record: Mapping[str, Any] | Iterable[str]) -> dict[
                                for n, info in layers.items()})
 
 
+def nearest_value(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``x``, the index of the nearest of the sorted ``values``
+    (the lower one on a tie)."""
+    return torch.bucketize(x, (values[1:] + values[:-1]) / 2)
+
+
+def ste_projection(gm: nn.Module, layer_names: Iterable[str]) -> Projection:
+    """Straight-through fine-tuning of the named layers: capture each layer's shared
+    values now (its sorted distinct non-zero weights); the projection assigns each
+    non-zero latent weight to the nearest value, moves every value that has weights
+    to their mean (one Lloyd step, so the values follow training), assigns again and
+    writes the values. Zeros stay zero; a value that would become exactly 0.0 (and
+    so join the zeros) keeps the member nearest zero instead, as
+    :func:`quantize_weight` does."""
+    values = {n: torch.unique(w[w != 0]) for n in present_layers(gm, layer_names)
+              for w in [gm.get_submodule(n).weight.detach()]}
+    values = {n: v for n, v in values.items() if v.numel()}
+
+    def project(weights: dict[str, torch.Tensor]) -> None:
+        for n, v in values.items():
+            w = weights[n]
+            nonzero = w != 0
+            x = w[nonzero]
+            if x.numel() == 0:
+                continue
+            v = v.to(device=x.device, dtype=x.dtype)
+            label = nearest_value(v, x)
+            # means in float64: exact for a cluster whose members are all equal, so a
+            # projected layer is a fixed point of the projection
+            count = torch.zeros(v.numel(), dtype=torch.float64, device=x.device).index_add_(
+                0, label, torch.ones_like(x, dtype=torch.float64))
+            total = torch.zeros_like(count).index_add_(0, label, x.to(torch.float64))
+            v = torch.where(count > 0, total / count.clamp(min=1), v.to(torch.float64)).to(x.dtype)
+            for j in torch.nonzero(v == 0).reshape(-1).tolist():
+                members = x[label == j]
+                v[j] = members[members.abs().argmin()]
+            v = torch.sort(v).values
+            values[n] = v
+            w[nonzero] = v[nearest_value(v, x)]
+
+    return Projection(tuple(values), project)
+
+
 def tie_hooks(gm: nn.Module, layer_names: Iterable[str], reduce: str = "mean") -> TrainHooks:
     """Capture each named layer's clusters now (``torch.unique(w, return_inverse=True)``
     over its non-zero weights). After backward each weight's gradient becomes the
     mean (or, with ``reduce="sum"``, the sum) of its cluster's gradients (zero for
     zero weights); after each step every weight is set to the value of its
     cluster's first member (zeros to zero)."""
-    if reduce not in GRADS:
-        raise ValueError(f"reduce must be one of {', '.join(GRADS)}, got {reduce!r}")
+    if reduce not in TIED:
+        raise ValueError(f"reduce must be one of {', '.join(TIED)}, got {reduce!r}")
     ties = {}
     for n in present_layers(gm, layer_names):
         w = gm.get_submodule(n).weight.detach()
@@ -320,4 +374,4 @@ def tie_hooks(gm: nn.Module, layer_names: Iterable[str], reduce: str = "mean") -
                 new[index] = flat[first][inverse]
                 w.copy_(new.view(w.shape))
 
-    return TrainHooks(after_backward=[after_backward], after_step=[after_step])
+    return TrainHooks(after_backward=[after_backward], after_step=[after_step], fixes_zeros=True)

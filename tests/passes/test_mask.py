@@ -155,7 +155,7 @@ def test_masks_survive_save_and_load(tmp_path):
 
 def test_hooks_keep_masked_weights_exactly_zero_through_sgd():
     gm = zoo_graph("resnet20")
-    p = create_pass("mask", sparsity=0.8)
+    p = create_pass("mask", sparsity=0.8, regrow=False)
     p(gm)
     mask = {n: w == 0 for n, w in weights(gm).items()}
     free = copy.deepcopy(gm)
@@ -169,6 +169,62 @@ def test_hooks_keep_masked_weights_exactly_zero_through_sgd():
     tune(free)  # the same training without the hooks revives masked weights
     revived = sum(int((weights(free)[n][z] != 0).sum()) for n, z in mask.items())
     assert revived > 0.5 * sum(int(z.sum()) for z in mask.values())
+
+
+@pytest.mark.parametrize("options", [dict(sparsity=0.8), dict(sparsity=0.6, scope="layer", layers={"linear": 0.3})])
+def test_regrowth_keeps_the_rule_and_its_exact_count_through_sgd(options):
+    """Straight-through fine-tuning: every step ends with the pass's own rule applied to
+    the latent weights, so the result is a fixed point of the pass (applying it again
+    changes nothing), each rule keeps its exact count, and pruned weights did return."""
+    gm = zoo_graph("resnet20")
+    p = create_pass("mask", **options)
+    p(gm)
+    before = weights(gm)
+    hooks = p.training_hooks(gm)
+    assert hooks.projections and not hooks.after_step  # no hook pins the zeros
+    tune(gm, hooks=hooks)
+    after = weights(gm)
+    again = copy.deepcopy(gm)
+    create_pass("mask", **options)(again)
+    for n, w in after.items():
+        assert torch.equal(again.get_submodule(n).weight, w), n
+    ruled = [n for n in after if n not in options.get("layers", {})]
+    if options.get("scope") == "layer":
+        for n in ruled:
+            assert int((after[n] == 0).sum()) == round(options["sparsity"] * after[n].numel()), n
+    else:
+        total = sum(after[n].numel() for n in ruled)
+        assert sum(int((after[n] == 0).sum()) for n in ruled) == round(options["sparsity"] * total)
+    for n, s in options.get("layers", {}).items():
+        assert int((after[n] == 0).sum()) == round(s * after[n].numel())
+    returned = sum(int(((before[n] == 0) & (after[n] != 0)).sum()) for n in after)
+    assert returned > 0
+
+
+def test_regrowth_by_hand_a_pruned_weight_that_outgrows_a_kept_one_returns():
+    """One SGD step (lr 1, no momentum or decay) on a 4-weight layer at sparsity 0.5: the
+    latent weights are the kept ones minus the gradient, the pruned ones (latent 0)
+    minus theirs; the two largest |latent| are kept."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, 0.0, -0.4, 0.0]]))
+    gm = trace(nn.Sequential(layer))
+    p = create_pass("mask", sparsity=0.5)
+    p(gm)
+    assert torch.equal(gm.get_submodule("0").weight, torch.tensor([[0.5, 0.0, -0.4, 0.0]]))
+    x = torch.tensor([[1.0, -2.0, 1.0, 0.1]])
+    grad = x.clone()  # d(sum(w * x))/dw
+    latent = torch.tensor([[0.5, 0.0, -0.4, 0.0]]) - grad  # [-0.5, 2.0, -1.4, -0.1]
+    hooks = p.training_hooks(gm)
+    from pyprune.train import LatentWeights  # the engine's straight-through step, driven by hand
+    state = LatentWeights(gm, hooks.projections)
+    gm(x).sum().backward()
+    state.before_step()
+    torch.optim.SGD(gm.parameters(), lr=1.0).step()
+    state.after_step()
+    assert torch.equal(state.latent["0"], latent)
+    assert torch.equal(gm.get_submodule("0").weight.detach(), torch.tensor([[0.0, 2.0, -1.4, 0.0]]))
 
 
 def test_mask_hooks_capture_at_call_time_and_zero_gradients():

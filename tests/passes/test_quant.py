@@ -12,6 +12,7 @@ from pyprune.opt import constraint_hooks
 from pyprune.passes import build_pipeline, create_pass
 from pyprune.passes.mask import weight_layers
 from pyprune.passes.quant import codebooks, kmeans_1d, quantize_weight, tie_hooks
+from pyprune.passes.quant import ste_projection as quant_ste
 
 from .test_mask import ZOO, Tiny, one_thread, tune, weights, zoo_graph  # noqa: F401  (fixture)
 
@@ -153,7 +154,7 @@ def test_tie_hooks_reduce_the_gradients_of_each_cluster(reduce):
 
 def test_centroid_fine_tuning_keeps_clusters_and_masks():
     gm = zoo_graph("resnet20")
-    passes = build_pipeline("mask(sparsity=0.8),quant(bits=4)")
+    passes = build_pipeline("mask(sparsity=0.8,regrow=False),quant(bits=4,grad=mean)")
     for p in passes:
         p(gm)
     before = {n: clusters(w) for n, w in weights(gm).items()}
@@ -171,6 +172,61 @@ def test_centroid_fine_tuning_keeps_clusters_and_masks():
 
     tune(free)  # without the hooks the sharing is lost at once
     assert all(clusters(w)[1].numel() > 16 for w in weights(free).values())
+
+
+def test_straight_through_fine_tuning_moves_weights_between_clusters_and_keeps_the_bounds():
+    """grad=ste: the zero set of a fixed mask and the number of values per layer hold,
+    but weights change cluster (which tied clusters never allow), and the result is a
+    fixed point of the projection."""
+    gm = zoo_graph("resnet20")
+    passes = build_pipeline("mask(sparsity=0.8,regrow=False),quant(bits=3)")
+    for p in passes:
+        p(gm)
+    before = {n: clusters(w) for n, w in weights(gm).items()}
+    hooks = constraint_hooks(passes, gm)
+    assert len(hooks.projections) == 1 and not hooks.fixes_zeros
+    tune(gm, hooks=hooks)
+    regrouped = 0
+    for name, w in weights(gm).items():
+        zero, values, inverse = clusters(w)
+        assert torch.equal(zero, before[name][0]), name
+        assert values.numel() <= before[name][1].numel() <= 8, name
+        regrouped += not torch.equal(partition(inverse), partition(before[name][2]))
+    assert regrouped >= 1  # tied clusters never regroup; four steps from the centroids move a few
+    projected = weights(gm)
+    again = {n: w.clone() for n, w in projected.items()}
+    hooks.projections[0].project(again)
+    assert all(torch.equal(again[n], projected[n]) for n in hooks.projections[0].layers)
+
+
+def test_straight_through_projection_by_hand():
+    """Values (-1, 1); latent (0.2, -0.3, 0.9, 1.5, 0): assigned (1, 0, 1, 1), the values
+    move to their members' means (-0.3, 2.6/3), then 0.2 is nearer -0.3 (the midpoint
+    is 0.28): every weight takes its nearest new value, the zero stays."""
+    gm = trace(Tiny())
+    with torch.no_grad():
+        gm.fc.weight.zero_()
+        gm.fc.weight.view(-1)[:2] = torch.tensor([-1.0, 1.0])
+    projection = quant_ste(gm, ["fc"])
+    w = torch.zeros(4, 3)
+    w.view(-1)[:5] = torch.tensor([0.2, -0.3, 0.9, 1.5, 0.0])
+    weights_ = {"fc": w}
+    projection.project(weights_)
+    high = (0.2 + 0.9 + 1.5) / 3
+    expected = torch.zeros(4, 3)
+    expected.view(-1)[:5] = torch.tensor([-0.3, -0.3, high, high, 0.0])
+    torch.testing.assert_close(weights_["fc"], expected, rtol=0, atol=1e-7)
+
+
+def test_tied_clusters_cannot_follow_a_mask_that_regrows():
+    gm = zoo_graph("resnet20")
+    passes = build_pipeline("mask(sparsity=0.5),quant(bits=4,grad=mean)")
+    for p in passes:
+        p(gm)
+    with pytest.raises(ValueError, match="regrow"):
+        constraint_hooks(passes, gm)
+    fixed = build_pipeline("mask(sparsity=0.5,regrow=False),quant(bits=4,grad=mean)")
+    assert constraint_hooks(fixed, gm).fixes_zeros
 
 
 def test_pipeline_runs_in_the_pass_manager():
