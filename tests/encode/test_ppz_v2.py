@@ -206,7 +206,9 @@ def test_a_version_1_file_of_the_old_writer_still_loads():
         expected["tensors"]
     x = torch.randn(*expected["input_shape"], generator=torch.Generator().manual_seed(expected["input_seed"]))
     with torch.no_grad():
-        assert gm(x).tolist() == expected["logits"]
+        # the tensors are bit-exact (above); the forward's rounding depends on the CPU's
+        # kernels (oneDNN picks them by ISA), so the logits agree to float32 rounding
+        torch.testing.assert_close(gm(x), torch.tensor(expected["logits"]), rtol=1e-5, atol=1e-6)
     assert meta["arch"] == "tiny" and inspect_bytes(data)["total"]["version"] == 1
 
 
