@@ -70,7 +70,7 @@ class State:
     def passes(self) -> list[GraphPass]:
         """The state's passes, rebuilt from their text. Unrun passes capture their
         layers from the weights themselves (zeros, distinct values), so their
-        training hooks keep this state's masks and shared weights exactly, also
+        training constraints start from this state's masks and shared values, also
         after a resume."""
         return build_pipeline(",".join(self.steps)) if self.steps else []
 
