@@ -57,6 +57,73 @@ def test_matches_a_plain_pytorch_loop():
         torch.testing.assert_close(pa, pb)
 
 
+STEP = 0.01  # the grid the straight-through tests project the conv's weights onto
+
+
+def _onto_grid(weights: dict) -> None:
+    weights["0"].copy_(torch.round(weights["0"] / STEP) * STEP)
+
+
+class _StraightThrough(nn.Module):
+    """The textbook straight-through estimator as a parametrization: the layer uses
+    the projection of its latent weight, and the gradient passes to the latent
+    weight unchanged."""
+
+    def forward(self, latent):
+        return latent + (torch.round(latent / STEP) * STEP - latent).detach()
+
+
+@pytest.mark.parametrize("zero_a_channel", [False, True], ids=["projection", "projection+after_step_edit"])
+def test_projection_is_straight_through_training_of_latent_weights(zero_a_channel):
+    """The engine's projections (latent weights swapped in for the optimizer step,
+    projected after it) train what a straight-through parametrization trains with a
+    plain loop. An after_step hook's edit (channel 0 set to zero) is an edit of the
+    latent weights too, as zeroing the parametrization's latent weight is."""
+    from torch.nn.utils import parametrize
+
+    from pyprune.passes.constraints import Projection
+
+    data, cfg = tiny_data(), config(epochs=2, lr=0.5, augment=False, channels_last=False)
+
+    def zero_channel(model):
+        with torch.no_grad():
+            model[0].weight[0].zero_()
+
+    engine = tiny_net()
+    with torch.no_grad():
+        engine[0].weight.copy_(torch.round(engine[0].weight / STEP) * STEP)
+    start = {k: v.clone() for k, v in engine.state_dict().items()}
+    hooks = TrainHooks(projections=[Projection(("0",), _onto_grid)], after_step=[zero_channel] if zero_a_channel else [])
+    fine_tune(engine, data, MEAN, STD, cfg, hooks)
+
+    plain = tiny_net()
+    plain.load_state_dict(start)
+    parametrize.register_parametrization(plain[0], "weight", _StraightThrough())
+    latent = plain[0].parametrizations.weight.original
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.SGD(plain.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loader = BatchLoader(data, cfg.batch_size, Normalize(MEAN, STD), shuffle=True, seed=cfg.seed, drop_last=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * len(loader))
+    plain.train()
+    for _ in range(2):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(plain(x), y).backward()
+            opt.step()
+            if zero_a_channel:
+                with torch.no_grad():
+                    latent[0].zero_()
+            sched.step()
+
+    torch.testing.assert_close(engine[0].weight, plain[0].weight.detach())
+    assert torch.equal(engine[0].weight, torch.round(engine[0].weight / STEP) * STEP)  # on the grid after training
+    assert not torch.equal(engine[0].weight, start["0.weight"])  # and it moved
+    if zero_a_channel:
+        assert torch.all(engine[0].weight[0] == 0)
+    for name in ("1.weight", "1.bias", "1.running_mean", "5.weight", "5.bias"):
+        torch.testing.assert_close(engine.state_dict()[name], plain.state_dict()[name])
+
+
 def test_channels_last_trains_to_the_same_weights_up_to_rounding():
     a, b = tiny_net(), tiny_net()
     fine_tune(a, tiny_data(), MEAN, STD, config(channels_last=False))
