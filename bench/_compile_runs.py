@@ -30,6 +30,7 @@ def add_common_args(p: argparse.ArgumentParser, finetune_epochs: float) -> None:
     p.add_argument("--budget-minutes", type=float, help="the same wall-clock budget for every run")
     p.add_argument("--distill", type=float, default=0.5, help="compile's --distill (0: labels only)")
     p.add_argument("--final-epochs", type=float, default=0.0, help="compile's --final-epochs")
+    p.add_argument("--screen-steps", type=int, default=0, help="compile's --screen-steps")
     add_checkpoint_args(p)
 
 
@@ -53,7 +54,7 @@ def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args)
     settings = {"budget_minutes": args.budget_minutes, "distill": args.distill, "final_epochs": args.final_epochs,
-                **settings}
+                "screen_steps": args.screen_steps, **settings}
     with tempfile.TemporaryDirectory() as tmp:
         config = CompileConfig(Target(max_drop=args.max_drop), Path(tmp) / "out",
                                finetune_epochs=args.finetune_epochs, val_from="test", val_limit=args.val_limit,

@@ -85,12 +85,17 @@ class TrainConfig:
     # the new end, so a budgeted run still finishes its schedule: a budget must not
     # be spent by one training whose length was set for an idle machine.
     max_seconds: float | None = None
+    # At most this many optimizer steps (None: as many as ``epochs`` take); the learning
+    # rate anneals over the steps that run. A screen's short recovery is a step count.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.slim_l1 < 0:
@@ -251,6 +256,8 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     loader = train_set.batches(config.batch_size, mean, std, shuffle=True, augment=config.augment, seed=config.seed,
                                drop_last=len(train_set) >= config.batch_size, shard=shard)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
     if config.max_seconds is not None and hooks.on_start:
         raise ValueError("max_seconds would shorten a fine-tune whose hooks plan on its length (on_start)")
     for start_hook in hooks.on_start:

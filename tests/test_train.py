@@ -142,6 +142,21 @@ def test_fractional_epochs_and_hooks_run_once_per_step():
     assert len(logs) == 1 and logs[0].images_per_s > 0
 
 
+def test_max_steps_cuts_the_run_and_anneals_over_the_steps_that_run():
+    """8 epochs of 3 batches capped at 5 steps: 5 steps, and the same weights as a
+    run whose epochs give exactly 5 steps (5/3 epochs: the cosine schedule has the
+    same length)."""
+    calls = []
+    hooks = TrainHooks(after_step=[lambda m: calls.append(1)])
+    capped, planned = tiny_net(), tiny_net()
+    fine_tune(capped, tiny_data(96), MEAN, STD, config(epochs=8, max_steps=5), hooks)
+    assert len(calls) == 5
+    fine_tune(planned, tiny_data(96), MEAN, STD, config(epochs=5 / 3))
+    assert all(torch.equal(a, b) for a, b in zip(capped.state_dict().values(), planned.state_dict().values()))
+    with pytest.raises(ValueError, match="max_steps"):
+        config(max_steps=0)
+
+
 def test_fit_steps_by_hand():
     # 4 steps took 4 s, 1 s each from now on: 10 s fit 10 steps in all
     assert _fit_steps(total=40, done=4, elapsed=4.0, per_step=1.0, limit=10.0) == 10

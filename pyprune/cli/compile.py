@@ -121,6 +121,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, default=0.01)
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--train-limit", type=int, metavar="N", help="fine-tune on the first N training images only")
+    g.add_argument("--screen-steps", type=int, default=0, metavar="N",
+                   help="recover every screen with N fine-tuning steps (constraints kept, distilled) before it is "
+                        "measured, so screens estimate what a fine-tune reaches rather than what recalibration "
+                        "alone gives (default 0: recalibration only; each step costs about one training batch)")
     g.add_argument("--recal-images", type=int, default=1024, metavar="N",
                    help="training images used to recalibrate BatchNorm statistics after each pass")
     g = p.add_argument_group("data")
@@ -177,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
-        max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask)
+        max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
+        screen_steps=args.screen_steps)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

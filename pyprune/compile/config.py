@@ -60,6 +60,7 @@ class CompileConfig:
     max_effort: int | None = None
     per_layer: bool = True  # after the marginal search, push single layers further (pyprune.search.layerwise)
     gradual_mask: bool = False  # deciding candidates reach their mask during fine-tuning (EvalSettings)
+    screen_steps: int = 0  # fine-tuning steps in every screen, after recalibration (EvalSettings)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -77,6 +78,8 @@ class CompileConfig:
                             ("--recal-images", self.recal_images)):
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
+        if self.screen_steps < 0:
+            raise ValueError(f"--screen-steps must be >= 0, got {self.screen_steps}")
         if self.max_effort is None:
             self.max_effort = 8 if self.budget_minutes is not None else 1
         if self.max_effort < 1 or self.max_effort & (self.max_effort - 1):
@@ -123,5 +126,6 @@ class CompileConfig:
                 "distill_temperature": self.distill_temperature, "final_epochs": self.final_epochs,
                 "max_effort": self.max_effort, "per_layer": self.per_layer,
                 **({"gradual_mask": True} if self.gradual_mask else {}),
+                **({"screen_steps": self.screen_steps} if self.screen_steps else {}),
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

@@ -308,7 +308,9 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ok = [c for c in report["candidates"] if c["status"] == "ok" and c["accuracy"] is not None and c["size_bytes"]]
-    styles = {"screen": ("o", "none", "tab:gray", "screened (val estimate from a subset, no training)"),
+    steps = report["settings"].get("screen_steps", 0)
+    how = f"{steps} fine-tuning steps" if steps else "no training"
+    styles = {"screen": ("o", "none", "tab:gray", f"screened (val estimate from a subset, {how})"),
               "val": ("s", "tab:blue", "tab:blue", "validated (no training)"),
               "finetune": ("D", "tab:blue", "tab:blue", "fine-tuned"),
               }

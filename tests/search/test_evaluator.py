@@ -162,3 +162,31 @@ def test_the_budget_keeps_back_each_owner_part_of_its_reserve():
     assert budget.reserve == 40.0 and budget.exhausted_for(20.0) and not budget.exhausted_for(19.0)
     budget.keep("per-layer settings", 0.0)
     assert budget.reserve == 25.0
+
+
+def test_a_screen_with_recovery_steps_measures_the_briefly_fine_tuned_child():
+    """screen_steps=4: the screen measures the recalibrated child after 4 fine-tuning
+    steps that keep the pass's zeros, which is what applying the pass and
+    fine-tuning 4 steps by hand gives; it is cached apart from a plain screen."""
+    from dataclasses import replace
+
+    from pyprune.passes import constraint_hooks
+    from pyprune.train import fine_tune
+
+    base = tiny_base()
+    quick = tiny_evaluator(screen_steps=4)
+    plain = tiny_evaluator(journal=quick.journal)
+    recovered, recalibrated = quick.screen(base, MASK, 0.8), plain.screen(base, MASK, 0.8)
+    assert recovered.key != recalibrated.key and quick.measured == plain.measured == 1
+
+    by_hand = plain.apply(base, [MASK.spec(0.8)])
+    steps = []
+    hooks = constraint_hooks(by_hand.passes(), by_hand.gm)
+    hooks.after_step.append(lambda m: steps.append(1))
+    config = replace(plain.settings.train, epochs=1.0, max_steps=4)
+    fine_tune(by_hand.gm, plain.data.train, plain.data.mean, plain.data.std, config, hooks=hooks)
+    assert len(steps) == 4
+    assert recovered.accuracy == plain.accuracy(by_hand.gm, plain.data.screen)
+    assert recovered.accuracy > recalibrated.accuracy  # the 80% cut recovers in 4 steps here
+    weights = [by_hand.gm.get_submodule(n).weight for n in ("conv1", "conv2", "fc")]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))

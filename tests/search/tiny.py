@@ -44,11 +44,12 @@ def tiny_base() -> State:
 
 
 def tiny_evaluator(target: float = 0.0, finetune_epochs: float = 0.5, journal: Journal | None = None,
-                   lr: float = 0.05, minutes: float | None = None, gradual_mask: bool = False) -> Evaluator:
+                   lr: float = 0.05, minutes: float | None = None, gradual_mask: bool = False,
+                   screen_steps: int = 0) -> Evaluator:
     val = synthetic(200, 1)
     data = SearchData(synthetic(256, 0), val, val.subset(slice(0, 100)), MEAN, STD, SHAPE)
     journal = journal if journal is not None else Journal()
     settings = EvalSettings(finetune_epochs, TrainConfig(lr=lr, batch_size=32, progress=False), recal_images=64,
-                            gradual_mask=gradual_mask)
+                            gradual_mask=gradual_mask, screen_steps=screen_steps)
     return Evaluator(data, settings, target, journal, Budget(minutes, journal), Progress(quiet=True),
                      {"arch": "tiny"})
