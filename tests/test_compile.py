@@ -250,6 +250,7 @@ def test_order_exploration_and_sparsity_training_are_reported(capsys, tiny_args,
     (["--max-drop", 0.01, "--order", "slim,slim"], "names a stage twice"),
     (["--max-drop", 0.01, "--order", "prune"], "unknown stage"),
     (["--max-drop", 0.01, "--val-limit", 0], "--val-limit must be positive"),
+    (["--max-drop", 0.01, "--screen-steps", -1], "--screen-steps must be >= 0"),
     (["--max-drop", 0.01, "--search", "grid", "--explore-order"], "not to --search grid"),
 ])
 def test_bad_flags_fail_before_any_work_and_leave_nothing(capsys, tiny_args, tmp_path, extra, message):
