@@ -169,7 +169,9 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     layer_moves: list[dict] = []
     if per_layer and result.best is not None and not (result.budget_exhausted and not kept_back):
         ev.progress.say("per-layer settings: screening each layer one step further than the rest")
-        layers.margin = search.margin_at(1)  # what one fine-tune of the configured length recovers
+        # measured as the chosen model was verified, with what fine-tuning that long recovers
+        layers.effort = search.verified_effort(result.best.setting)
+        layers.margin = search.margin_at(layers.effort)
         refinement = layers.run(result.best.setting)
         result.budget_exhausted = result.budget_exhausted or refinement.budget_exhausted
         layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]

@@ -188,6 +188,10 @@ class MarginalSearch:
                 self.outcome.best = point
         return self._by_effort[setting, self.effort]
 
+    def verified_effort(self, setting: Setting) -> int:
+        """The least effort at which ``setting`` met the target (1 if it never did)."""
+        return min((e for (s, e), p in self._by_effort.items() if s == setting and p.meets), default=1)
+
     def _log(self, phase: str, kind: str, point: Point, accepted: bool, rate: float | None = None) -> None:
         self.outcome.moves.append(Move(phase, kind, point.setting.index, point.accuracy, point.bytes,
                                        point.verified, accepted, rate))

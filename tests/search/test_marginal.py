@@ -172,9 +172,12 @@ def test_untaken_moves_are_retried_with_more_fine_tuning_while_there_is_effort_l
     once = MarginalSearch(oracle, (4,), margin=0.01, max_effort=1).run()
     assert once.best.setting.index == (1,) and set(oracle.efforts) == {1}
     oracle.efforts.clear()
-    twice = MarginalSearch(oracle, (4,), margin=0.01, max_effort=2).run()
+    search = MarginalSearch(oracle, (4,), margin=0.01, max_effort=2)
+    twice = search.run()
     assert twice.best.setting.index == (2,) and twice.best.bytes < once.best.bytes
     assert set(oracle.efforts) == {1, 2}
+    # what the per-layer step measures at: the least effort at which a setting met
+    assert search.verified_effort(Setting((2,))) == 2 and search.verified_effort(Setting((1,))) == 1
 
 
 def test_short_ladders_still_go_together_in_one_fine_tune():
