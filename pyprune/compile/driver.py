@@ -170,6 +170,7 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
     if per_layer and result.best is not None and not (result.budget_exhausted and not kept_back):
         ev.progress.say("per-layer settings: screening each layer one step further than the rest")
         # measured as the chosen model was verified, with what fine-tuning that long recovers
+        # (the step stops at the budget like any other: its screens may fit and not its measurement)
         layers.effort = search.verified_effort(result.best.setting)
         layers.margin = search.margin_at(layers.effort)
         refinement = layers.run(result.best.setting)
