@@ -126,6 +126,7 @@ class FloorsMatter:
     def __init__(self, floor_gain):
         self.floor_gain = floor_gain
         self.measured = []
+        self.efforts = []
 
     def _estimate(self, specs):
         (spec,) = parse_pipeline(",".join(specs))
@@ -141,8 +142,9 @@ class FloorsMatter:
     def screen_estimate(self, parent, c):
         return c.estimate
 
-    def measure_pipeline(self, parent, specs, stage, level, steps=None):
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
         self.measured.append(steps)
+        self.efforts.append(effort)
         estimate, size = self._estimate(specs)
         return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
 
@@ -155,7 +157,8 @@ def test_floors_kept_less_compressed_give_their_accuracy_to_the_other_layers():
     parent = SimpleNamespace(gm=gm, val_accuracy=0.91, candidate=SimpleNamespace(size_bytes=10000))
     oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.7, 0.8))], absolute=[True], state=lambda s: parent)
     ev = FloorsMatter(floor_gain=0.02)
-    outcome = LayerRefinement(ev, oracle, margin=0.001).run(Setting((1,)))
+    outcome = LayerRefinement(ev, oracle, margin=0.001, effort=4).run(Setting((1,)))
+    assert ev.efforts == [4]  # fine-tuned as long as the measurement that verified the chosen model
     # the floors back buy 2 points: the slack (0.93 - 0.90) now pays for both bodies at 0.8
     assert outcome.state is not None and outcome.state.candidate.size_bytes == 10000 - 200 + 10
     (steps,) = ev.measured
