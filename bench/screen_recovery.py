@@ -23,13 +23,12 @@ import argparse
 import copy
 import time
 
-from _checkpoints import add_checkpoint_args, load_checkpoint
+from _checkpoints import add_checkpoint_args
 from _measure import table
+from _recovery import recovery_setup
 
-from pyprune.data import DataSpec
-from pyprune.ir import example_input, propagate_shapes, trace
 from pyprune.passes import build_pipeline, constraint_hooks
-from pyprune.train import TrainConfig, evaluate, fine_tune, recalibrate_bn
+from pyprune.train import TrainConfig, fine_tune, recalibrate_bn
 
 PIPELINES = ["mask(sparsity=0.7)", "mask(sparsity=0.85)", "quant(bits=3)", "mask(sparsity=0.7),quant(bits=3)",
              "slim(ratio=0.2)"]
@@ -49,20 +48,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    model, checkpoint = load_checkpoint(args)
-    data = DataSpec(root=args.data_root)
-    train = data.load("train", None, input_shape=model.input_shape)
-    val = data.load("test-search", args.val_limit, input_shape=model.input_shape)
+    setup = recovery_setup(args)
+    model, train, val, gm, teacher, accuracy = setup.model, setup.train, setup.val, setup.gm, setup.teacher, \
+        setup.accuracy
     screen = val.subset(slice(0, args.screen_limit))
-    gm = propagate_shapes(trace(model.module), example_input(model.input_shape))
-    teacher = copy.deepcopy(gm).eval()
-
-    def accuracy(g, dataset) -> float:
-        return evaluate(g, dataset, model.mean, model.std, progress=False).accuracy
 
     base_val = accuracy(gm, val)
     offset = base_val - accuracy(gm, screen)  # the search's paired estimate: parent's val + child - parent
-    print(f"{args.arch} ({checkpoint}): val top-1 {base_val:.4f} on {len(val)} images, screens on the first "
+    print(f"{args.arch} ({setup.checkpoint}): val top-1 {base_val:.4f} on {len(val)} images, screens on the first "
           f"{len(screen)}; distill {args.distill}; seed {args.seed}", flush=True)
 
     def recalibrated(pipeline: str):

@@ -29,13 +29,12 @@ import argparse
 import copy
 import time
 
-from _checkpoints import add_checkpoint_args, load_checkpoint
+from _checkpoints import add_checkpoint_args
 from _measure import table
+from _recovery import recovery_setup
 
-from pyprune.data import DataSpec
-from pyprune.ir import example_input, propagate_shapes, trace
 from pyprune.passes import build_pipeline, constraint_hooks
-from pyprune.train import TrainConfig, evaluate, fine_tune, recalibrate_bn
+from pyprune.train import TrainConfig, fine_tune, recalibrate_bn
 
 WAYS = {"tied": ("regrow=False", "grad=mean"), "ste": ("regrow=False", "grad=ste"),
         "ste+regrow": ("regrow=True", "grad=ste")}
@@ -55,17 +54,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    model, checkpoint = load_checkpoint(args)
-    data = DataSpec(root=args.data_root)
-    train = data.load("train", None, input_shape=model.input_shape)
-    val = data.load("test-search", args.val_limit, input_shape=model.input_shape)
-    gm = propagate_shapes(trace(model.module), example_input(model.input_shape))
-    teacher = copy.deepcopy(gm).eval()
-
-    def accuracy(g) -> float:
-        return evaluate(g, val, model.mean, model.std, progress=False).accuracy
-
-    print(f"{args.arch} ({checkpoint}): val top-1 {accuracy(gm):.4f} on {len(val)} images; "
+    setup = recovery_setup(args)
+    model, train, val, gm, teacher, accuracy = setup.model, setup.train, setup.val, setup.gm, setup.teacher, \
+        setup.accuracy
+    print(f"{args.arch} ({setup.checkpoint}): val top-1 {accuracy(gm):.4f} on {len(val)} images; "
           f"distill {args.distill}; seed {args.seed}", flush=True)
     rows = []
     for epochs in args.epochs:
