@@ -265,7 +265,8 @@ class Evaluator:
     # -- candidates of one stage
 
     def screen(self, parent: State, stage: Stage, level: Any) -> Candidate:
-        """Cheap: recalibrated accuracy on the screening subset of val."""
+        """Cheap: recalibrated accuracy on the screening subset of val (after
+        :attr:`EvalSettings.screen_steps` fine-tuning steps, if any)."""
         return self.screen_pipeline(parent, [stage.spec(level)], stage.name, level)
 
     def screen_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
