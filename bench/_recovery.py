@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from _checkpoints import load_checkpoint
+from _checkpoints import add_checkpoint_args, load_checkpoint
 from pyprune.data import ArrayDataset, DataSpec
 from pyprune.ir import example_input, propagate_shapes, trace
 from pyprune.models import LoadedModel
@@ -30,6 +30,17 @@ class RecoverySetup:
         """Top-1 of ``g`` on ``dataset`` (default: all of val)."""
         data = self.val if dataset is None else dataset
         return evaluate(g, data, self.model.mean, self.model.std, progress=False).accuracy
+
+
+def add_recovery_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`recovery_setup` reads, and the distillation and seed every
+    fine-tune of these benchmarks uses (as ``compile`` does by default)."""
+    p.add_argument("--arch", default="resnet20")
+    add_checkpoint_args(p)
+    p.add_argument("--data-root", help="default: $PYPRUNE_DATA, else ./data")
+    p.add_argument("--val-limit", type=int, default=2000)
+    p.add_argument("--distill", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def recovery_setup(args: argparse.Namespace) -> RecoverySetup:

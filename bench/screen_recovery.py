@@ -23,9 +23,8 @@ import argparse
 import copy
 import time
 
-from _checkpoints import add_checkpoint_args
 from _measure import table
-from _recovery import recovery_setup
+from _recovery import add_recovery_args, recovery_setup
 
 from pyprune.passes import build_pipeline, constraint_hooks
 from pyprune.train import TrainConfig, fine_tune, recalibrate_bn
@@ -36,16 +35,11 @@ PIPELINES = ["mask(sparsity=0.7)", "mask(sparsity=0.85)", "quant(bits=3)", "mask
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20")
-    add_checkpoint_args(p)
-    p.add_argument("--data-root", help="default: $PYPRUNE_DATA, else ./data")
+    add_recovery_args(p)
     p.add_argument("--pipelines", nargs="+", default=PIPELINES)
     p.add_argument("--steps", type=int, nargs="+", default=[0, 8, 16, 32, 64])
     p.add_argument("--epochs", type=float, default=0.5, help="the deciding fine-tune's length")
-    p.add_argument("--val-limit", type=int, default=2000)
     p.add_argument("--screen-limit", type=int, default=1000)
-    p.add_argument("--distill", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     setup = recovery_setup(args)

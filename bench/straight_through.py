@@ -29,9 +29,8 @@ import argparse
 import copy
 import time
 
-from _checkpoints import add_checkpoint_args
 from _measure import table
-from _recovery import recovery_setup
+from _recovery import add_recovery_args, recovery_setup
 
 from pyprune.passes import build_pipeline, constraint_hooks
 from pyprune.train import TrainConfig, fine_tune, recalibrate_bn
@@ -42,16 +41,11 @@ WAYS = {"tied": ("regrow=False", "grad=mean"), "ste": ("regrow=False", "grad=ste
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20")
-    add_checkpoint_args(p)
-    p.add_argument("--data-root", help="default: $PYPRUNE_DATA, else ./data")
+    add_recovery_args(p)
     p.add_argument("--settings", nargs="+", default=["0.7:3", "0.8:3", "0.7:2"],
                    help="SPARSITY:BITS pairs (default: 0.7:3 0.8:3 0.7:2)")
     p.add_argument("--epochs", type=float, nargs="+", default=[0.5])
     p.add_argument("--ways", nargs="+", choices=tuple(WAYS), default=list(WAYS))
-    p.add_argument("--val-limit", type=int, default=2000)
-    p.add_argument("--distill", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     setup = recovery_setup(args)
