@@ -4,6 +4,8 @@ and print a table of what each run found and what it cost."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,11 @@ def add_common_args(p: argparse.ArgumentParser, finetune_epochs: float) -> None:
     p.add_argument("--distill", type=float, default=0.5, help="compile's --distill (0: labels only)")
     p.add_argument("--final-epochs", type=float, default=0.0, help="compile's --final-epochs")
     p.add_argument("--screen-steps", type=int, default=0, help="compile's --screen-steps")
+    p.add_argument("--measure-from", choices=("accepted", "baseline"), default="accepted",
+                   help="compile's --measure-from (the marginal search's deciding measurements)")
+    p.add_argument("--keep-reports", metavar="DIR",
+                   help="keep each run's compile output (report.json with the search's moves, report.md, "
+                        "model.ppz) in DIR/<arch>-<label>; by default it is deleted")
     add_checkpoint_args(p)
 
 
@@ -54,14 +61,16 @@ def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args)
     settings = {"budget_minutes": args.budget_minutes, "distill": args.distill, "final_epochs": args.final_epochs,
-                "screen_steps": args.screen_steps, **settings}
-    with tempfile.TemporaryDirectory() as tmp:
-        config = CompileConfig(Target(max_drop=args.max_drop), Path(tmp) / "out",
+                "screen_steps": args.screen_steps, "measure_from": args.measure_from, **settings}
+    kept = Path(args.keep_reports) / re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.arch}-{label}") if args.keep_reports \
+        else None
+    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory() as tmp:
+        config = CompileConfig(Target(max_drop=args.max_drop), kept or Path(tmp) / "out",
                                finetune_epochs=args.finetune_epochs, val_from="test", val_limit=args.val_limit,
                                screen_limit=args.screen_limit, train_limit=args.train_limit,
                                train=TrainConfig(), data=DataSpec(root=args.data_root), quiet=True, **settings)
         result = compile_model(model, config, log=lambda s: None)
     result.report["checkpoint"] = checkpoint
     print(f"  {label}: {result.report['chosen']['pipeline'] or '(baseline)'}, "
-          f"{result.report['search']['seconds']:.0f}s", flush=True)
+          f"{result.report['search']['seconds']:.0f}s" + (f"; output in {kept}" if kept else ""), flush=True)
     return Run(label, result.report)

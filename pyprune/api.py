@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .compile import DEFAULT_ORDER, SEARCHES, CompileConfig, CompileResult, compile_model, fp32_bytes
+from .compile import DEFAULT_ORDER, MEASURE_FROM, SEARCHES, CompileConfig, CompileResult, compile_model, fp32_bytes
 from .data import DataSpec, DatasetNotFoundError
 from .encode import CorruptFileError, GraphFormatError, graph_to_json, inspect, save_graph_module
 from .encode.model_ppz import save_ppz
@@ -221,7 +221,7 @@ def set_threads(threads: int | None) -> None:
 
 
 __all__: Sequence[str] = [
-    "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET",
+    "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET", "MEASURE_FROM",
     "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo", "OnnxReport",
     "OptConfig", "OptResult", "RUNTIMES", "Target", "TrainConfig", "USER_ERRORS", "VerificationError",
     "check_savable", "compile_model", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",

@@ -125,6 +125,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="recover every screen with N fine-tuning steps (constraints kept, distilled) before it is "
                         "measured, so screens estimate what a fine-tune reaches rather than what recalibration "
                         "alone gives (default 0: recalibration only; each step costs about one training batch)")
+    g.add_argument("--measure-from", choices=api.MEASURE_FROM, default="accepted",
+                   help="where the marginal search's deciding measurements start: accepted (default) fine-tunes "
+                        "the most compressed model already accepted further, carrying its training forward; "
+                        "baseline applies every pass of the setting to the uncompressed model and fine-tunes that, "
+                        "as the grid does (no restarted learning rate on settled weights, no codebook of a codebook)")
     g.add_argument("--recal-images", type=int, default=1024, metavar="N",
                    help="training images used to recalibrate BatchNorm statistics after each pass")
     g = p.add_argument_group("data")
@@ -182,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
         max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
-        screen_steps=args.screen_steps)
+        screen_steps=args.screen_steps, measure_from=args.measure_from)
     api.set_threads(args.threads)
     model = load(args)
     result = api.compile_model(model, config)

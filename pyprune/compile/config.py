@@ -21,6 +21,7 @@ VAL_FROM = {"train": ("val", "test"), "test": ("test-search", "test-report")}
 # marginal: the trade-off search (pyprune.search.marginal); heuristic: stage by stage,
 # each stage's boundary by bisection; grid: every combination (the brute-force baseline)
 SEARCHES = ("marginal", "heuristic", "grid")
+MEASURE_FROM = ("accepted", "baseline")  # where the marginal search's deciding measurements start
 
 
 @dataclass
@@ -61,6 +62,7 @@ class CompileConfig:
     per_layer: bool = True  # after the marginal search, push single layers further (pyprune.search.layerwise)
     gradual_mask: bool = False  # deciding candidates reach their mask during fine-tuning (EvalSettings)
     screen_steps: int = 0  # fine-tuning steps in every screen, after recalibration (EvalSettings)
+    measure_from: str = "accepted"  # or "baseline" (pyprune.search.marginal_oracle)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -78,6 +80,8 @@ class CompileConfig:
                             ("--recal-images", self.recal_images)):
             if value is not None and value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
+        if self.measure_from not in MEASURE_FROM:
+            raise ValueError(f"--measure-from must be accepted or baseline, got {self.measure_from!r}")
         if self.screen_steps < 0:
             raise ValueError(f"--screen-steps must be >= 0, got {self.screen_steps}")
         if self.max_effort is None:
@@ -127,5 +131,6 @@ class CompileConfig:
                 "max_effort": self.max_effort, "per_layer": self.per_layer,
                 **({"gradual_mask": True} if self.gradual_mask else {}),
                 **({"screen_steps": self.screen_steps} if self.screen_steps else {}),
+                **({"measure_from": self.measure_from} if self.measure_from != "accepted" else {}),
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

@@ -143,7 +143,8 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
         ev.progress.say(f"order chosen on the screen-only proxy: {' -> '.join(s.name for s in stages)}")
     if config.search == "marginal":
         outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0,
-                            config.max_effort if config.finetune_epochs > 0 else 1, config.per_layer)
+                            config.max_effort if config.finetune_epochs > 0 else 1, config.per_layer,
+                            config.measure_from == "baseline")
     else:
         outcome = HeuristicSearch(ev, stages, config.margin).run(start)
     outcome.l1, outcome.orders = l1_record, orders
@@ -151,8 +152,8 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
 
 
 def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, max_effort: int,
-              per_layer: bool) -> SearchOutcome:
-    oracle = EvaluatorOracle(ev, stages, start)
+              per_layer: bool, from_baseline: bool = False) -> SearchOutcome:
+    oracle = EvaluatorOracle(ev, stages, start, from_baseline)
     names, ladders = [s.name for s in stages], [s.levels for s in stages]
     ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
     search = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort)

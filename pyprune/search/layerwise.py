@@ -138,13 +138,14 @@ class LayerRefinement:
                         break
                     trial = {**overrides, k: {**fixed, **dict.fromkeys(chosen, further)}}
                     specs, steps = self._specs(setting, trial, k)
-                    c = self.ev.measure_pipeline(parent, specs, stage.name, further, steps=steps,
+                    start, specs = self.oracle.measured_from(setting, trial, accepted=(parent, specs))
+                    c = self.ev.measure_pipeline(start, specs, stage.name, further, steps=steps,
                                                  effort=self.effort)
                     accepted = c.meets and c.size_bytes < best_bytes
                     self._log(outcome, "layers", f"{stage.name}: {len(chosen)} layers +1", c, c.accuracy, accepted)
                     if accepted:
                         # the next stage's layers start from this model, its overrides in the weights
-                        outcome.state = parent = self.ev.state_of(parent, specs, c, steps=steps)
+                        outcome.state = parent = self.ev.state_of(start, specs, c, steps=steps)
                         best_bytes, overrides = c.size_bytes, trial
                         break
                     chosen = chosen[:len(chosen) // 2]

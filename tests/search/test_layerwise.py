@@ -155,7 +155,8 @@ class FloorsMatter:
 def test_floors_kept_less_compressed_give_their_accuracy_to_the_other_layers():
     gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
     parent = SimpleNamespace(gm=gm, val_accuracy=0.91, candidate=SimpleNamespace(size_bytes=10000))
-    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.7, 0.8))], absolute=[True], state=lambda s: parent)
+    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.7, 0.8))], absolute=[True], state=lambda s: parent,
+                             measured_from=lambda setting, overrides, accepted: accepted)
     ev = FloorsMatter(floor_gain=0.02)
     outcome = LayerRefinement(ev, oracle, margin=0.001, effort=4).run(Setting((1,)))
     assert ev.efforts == [4]  # fine-tuned as long as the measurement that verified the chosen model
