@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 
+#include "../common/sparse_conv_tile.h"
 #include "sparse.h"
 
 namespace pyprune {
@@ -65,30 +66,72 @@ auto parsed(F&& parse, const std::string& name, const char* fn) {
   }
 }
 
+// A convolution's arguments checked once for every kernel that takes them: the input
+// made contiguous (kept alive here), its geometry, the CSR view and the bias.
+struct CheckedConv {
+  at::Tensor x;
+  sp::ConvGeometry g;
+  sp::Csr w;
+  const float* bias;
+};
+
+CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                         Pair stride, Pair padding, Pair dilation, const char* fn) {
+  check_tensor(input, at::kFloat, 4, fn, "input");
+  CheckedConv c;
+  c.x = input.contiguous();
+  c.g = sp::ConvGeometry{c.x.size(0),       c.x.size(1),        c.x.size(2),  c.x.size(3),   rowptr.numel() - 1,
+                         kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
+                         padding.second,    dilation.first,     dilation.second};
+  const sp::ConvGeometry& g = c.g;
+  TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
+                  g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
+              fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
+  c.w = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
+  c.bias = bias_ptr(bias, c.w.rows, fn);
+  TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
+              " is larger than the padded input ", c.x.sizes());
+  return c;
+}
+
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                          Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
                          const std::string& algo) {
   constexpr const char* fn = "sparse_conv2d";
-  check_tensor(input, at::kFloat, 4, fn, "input");
-  const at::Tensor x = input.contiguous();
-  sp::ConvGeometry g{x.size(0),      x.size(1),       x.size(2),       x.size(3),       rowptr.numel() - 1,
-                     kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
-                     padding.second, dilation.first, dilation.second};
-  TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
-                  g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
-              fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
-  const sp::Csr w = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
-  const float* b = bias_ptr(bias, w.rows, fn);
+  const CheckedConv c = checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
-  TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
-              " is larger than the padded input ", x.sizes());
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, x.options());
+  at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
-    sp::conv2d(x.const_data_ptr<float>(), w, b, relu, g, out.mutable_data_ptr<float>(), i, threads, a);
+    sp::conv2d(c.x.const_data_ptr<float>(), c.w, c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a);
+  }
+  return out;
+}
+
+// The CUDA kernel's arithmetic (csrc/common/sparse_conv_tile.h) run on the host, grid
+// and chunks as on the device: a test hook, slow by design.
+at::Tensor sparse_conv2d_portable(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                                  const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                                  Pair stride, Pair padding, Pair dilation, bool relu) {
+  const CheckedConv c =
+      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, "sparse_conv2d_portable");
+  const sp::ConvGeometry& g = c.g;
+  for (const int64_t v : {g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dilation_h, g.dilation_w})
+    TORCH_CHECK(v <= INT32_MAX, "sparse_conv2d_portable: kernel_size, stride, padding and dilation must fit in int32");
+  const auto i32 = [](int64_t v) { return static_cast<int>(v); };  // the device kernel's argument type
+  const sparse_tile::Shape s{g.batch,           g.in_channels,     g.height,          g.width,
+                             g.out_channels,    g.out_h(),         g.out_w(),         i32(g.kernel_h),
+                             i32(g.kernel_w),   i32(g.stride_h),   i32(g.stride_w),   i32(g.pad_h),
+                             i32(g.pad_w),      i32(g.dilation_h), i32(g.dilation_w)};
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, c.x.options());
+  {
+    pybind11::gil_scoped_release nogil;
+    sparse_tile::run_on_host(s, c.x.const_data_ptr<float>(), c.w.rowptr, c.w.colidx, c.w.values, c.bias, relu,
+                             out.mutable_data_ptr<float>());
   }
   return out;
 }
@@ -122,6 +165,11 @@ void register_sparse_kernels(pybind11::module_& m) {
         "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
         "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values. "
         "Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: direct | im2col.");
+  m.def("sparse_conv2d_portable", &sparse_conv2d_portable, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
+        py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
+        py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
+        "sparse_conv2d computed by the CUDA kernel's own per-block and per-thread code "
+        "(csrc/common/sparse_conv_tile.h), run on the host block by block: a test hook for that code.");
   m.def("sparse_linear", &sparse_linear, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "auto",
         "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");

@@ -175,6 +175,40 @@ def test_bad_arguments_are_refused():
 
 # ---- CUDA --------------------------------------------------------------------------------
 
+# The CUDA kernel's per-block and per-thread code (csrc/common/sparse_conv_tile.h) runs in
+# the CPU extension too, grid and chunks as on the device: checked here without a GPU.
+# CONV_CASES has planes larger than one 128-pixel tile and smaller than one, and rows of
+# up to 576 entries (several 128-entry chunks).
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_the_cuda_kernels_logic_matches_torch_on_the_host(case, density):
+    n, c, h, w_, oc, k, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(hash((case, density)) % 2**31)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    w = sparse_weight((oc, c, *k), density, gen)
+    bias = torch.randn(oc, generator=gen)
+    rowptr, col, val = to_csr(w)
+    for relu, b in ((False, None), (True, bias), (False, bias)):
+        out = C.sparse_conv2d_portable(x, rowptr, col, val, k, b, pair(stride), pair(padding), pair(dilation), relu)
+        torch.testing.assert_close(out, reference_conv(x, w, b, stride, padding, dilation, relu), rtol=1e-4, atol=1e-4)
+    if density == 0.0:
+        out = C.sparse_conv2d_portable(x, rowptr, col, val, k, None, pair(stride), pair(padding), pair(dilation))
+        assert torch.equal(out, torch.zeros_like(out))  # no entries, no bias: exact zeros
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda rp, col, val: (rp, col + 100, val), "column index"),
+    (lambda rp, col, val: (rp.flip(0).contiguous(), col, val), "rowptr"),
+    (lambda rp, col, val: (rp, col[:-1].contiguous(), val), "entries"),
+])
+def test_the_cuda_kernels_host_path_refuses_malformed_csr(mutate, message):
+    rowptr, col, val = mutate(*to_csr(torch.randn(3, 2, 3, 3)))
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        C.sparse_conv2d_portable(torch.randn(1, 2, 5, 5), rowptr, col, val, (3, 3))
+
+
 
 
 @pytest.mark.gpu
