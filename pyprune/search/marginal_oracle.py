@@ -120,8 +120,9 @@ class EvaluatorOracle:
         if setting == Setting.off(len(self.stages)):
             c = self.base.candidate
             return Point(setting, c.accuracy, c.size_bytes, True, True)
-        stage, level = self._label(self.parent(setting)[0], setting)
-        start, specs = self.measured_from(setting)
+        parent, specs = self.parent(setting)
+        stage, level = self._label(parent, setting)
+        start, specs = self.measured_from(setting, accepted=(self.states[parent], specs))
         steps = self.steps(setting)
         c = self.ev.measure_pipeline(start, specs, stage, level, steps=steps, within_budget=not final, effort=effort)
         if c.meets:
