@@ -52,6 +52,17 @@ struct Origin {
   int64_t y0, x0;
 };
 
+// The Shape of a geometry with sparse::ConvGeometry's fields (int64 each), for the
+// host side of both callers; kernel, stride, padding and dilation become int, the
+// device arithmetic's type.
+template <class Geometry>
+inline Shape shape_of(const Geometry& g) {
+  const auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  return Shape{g.batch,           g.in_channels,   g.height,          g.width,           g.out_channels,
+               g.out_h(),         g.out_w(),       i32(g.kernel_h),   i32(g.kernel_w),   i32(g.stride_h),
+               i32(g.stride_w),   i32(g.pad_h),    i32(g.pad_w),      i32(g.dilation_h), i32(g.dilation_w)};
+}
+
 PYPRUNE_TILE_HD int64_t tiles_per_plane(const Shape& s) { return (s.out_h * s.out_w + kPixels - 1) / kPixels; }
 
 PYPRUNE_TILE_HD Entry decode_entry(const Shape& s, int32_t column, float value) {

@@ -122,11 +122,7 @@ at::Tensor sparse_conv2d_portable(const at::Tensor& input, const at::Tensor& row
   const sp::ConvGeometry& g = c.g;
   for (const int64_t v : {g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dilation_h, g.dilation_w})
     TORCH_CHECK(v <= INT32_MAX, "sparse_conv2d_portable: kernel_size, stride, padding and dilation must fit in int32");
-  const auto i32 = [](int64_t v) { return static_cast<int>(v); };  // the device kernel's argument type
-  const sparse_tile::Shape s{g.batch,           g.in_channels,     g.height,          g.width,
-                             g.out_channels,    g.out_h(),         g.out_w(),         i32(g.kernel_h),
-                             i32(g.kernel_w),   i32(g.stride_h),   i32(g.stride_w),   i32(g.pad_h),
-                             i32(g.pad_w),      i32(g.dilation_h), i32(g.dilation_w)};
+  const sparse_tile::Shape s = sparse_tile::shape_of(g);
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, c.x.options());
   {
     pybind11::gil_scoped_release nogil;

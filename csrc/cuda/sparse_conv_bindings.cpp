@@ -65,10 +65,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, cons
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, x.options());
   SparseConvArgs a{x.const_data_ptr<float>(), rowptr.const_data_ptr<int32_t>(), colidx.const_data_ptr<int32_t>(),
                    values.const_data_ptr<float>(), bias ? bias->const_data_ptr<float>() : nullptr,
-                   out.mutable_data_ptr<float>(), g.batch, g.in_channels, g.height, g.width, g.out_channels,
-                   g.out_h(), g.out_w(), static_cast<int>(g.kernel_h), static_cast<int>(g.kernel_w),
-                   static_cast<int>(g.stride_h), static_cast<int>(g.stride_w), static_cast<int>(g.pad_h),
-                   static_cast<int>(g.pad_w), static_cast<int>(g.dilation_h), static_cast<int>(g.dilation_w), relu};
+                   out.mutable_data_ptr<float>(), pyprune::sparse_tile::shape_of(g), relu};
   const cudaError_t err = launch_sparse_conv2d(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sparse_conv2d (CUDA): kernel launch failed: ", cudaGetErrorString(err));
   return out;

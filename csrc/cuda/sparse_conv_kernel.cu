@@ -16,7 +16,8 @@ namespace {
 
 namespace tile = pyprune::sparse_tile;
 
-__global__ void sparse_conv2d_kernel(SparseConvArgs a, tile::Shape s) {
+__global__ void sparse_conv2d_kernel(SparseConvArgs a) {
+  const tile::Shape& s = a.shape;
   __shared__ tile::Entry staged[tile::kChunk];
 
   const int64_t oc = blockIdx.y, n = blockIdx.z, t = blockIdx.x;
@@ -38,14 +39,12 @@ __global__ void sparse_conv2d_kernel(SparseConvArgs a, tile::Shape s) {
 }  // namespace
 
 cudaError_t launch_sparse_conv2d(const SparseConvArgs& a, cudaStream_t stream) {
-  const tile::Shape s{a.batch,    a.in_channels, a.height,   a.width,    a.out_channels, a.out_h,      a.out_w,
-                      a.kernel_h, a.kernel_w,    a.stride_h, a.stride_w, a.pad_h,        a.pad_w,      a.dilation_h,
-                      a.dilation_w};
-  if (a.batch == 0 || a.out_channels == 0 || a.out_h * a.out_w == 0) return cudaSuccess;
-  if (a.out_channels > 65535 || a.batch > 65535) return cudaErrorInvalidConfiguration;  // grid y/z limits
-  const dim3 grid(static_cast<unsigned>(tile::tiles_per_plane(s)), static_cast<unsigned>(a.out_channels),
-                  static_cast<unsigned>(a.batch));
-  sparse_conv2d_kernel<<<grid, tile::kPixels, 0, stream>>>(a, s);
+  const tile::Shape& s = a.shape;
+  if (s.batch == 0 || s.out_channels == 0 || s.out_h * s.out_w == 0) return cudaSuccess;
+  if (s.out_channels > 65535 || s.batch > 65535) return cudaErrorInvalidConfiguration;  // grid y/z limits
+  const dim3 grid(static_cast<unsigned>(tile::tiles_per_plane(s)), static_cast<unsigned>(s.out_channels),
+                  static_cast<unsigned>(s.batch));
+  sparse_conv2d_kernel<<<grid, tile::kPixels, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

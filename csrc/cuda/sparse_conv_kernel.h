@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../common/sparse_conv_tile.h"
+
 namespace pyprune::cuda {
 
 struct SparseConvArgs {
@@ -16,8 +18,7 @@ struct SparseConvArgs {
   const float* values;     // [nnz]
   const float* bias;       // [out_channels] or null
   float* out;              // [batch, out_channels, out_h, out_w]
-  int64_t batch, in_channels, height, width, out_channels, out_h, out_w;
-  int kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  sparse_tile::Shape shape;
   bool relu;
 };
 
