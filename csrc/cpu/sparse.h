@@ -17,10 +17,14 @@ namespace pyprune {
 namespace sparse {
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
-// kDirect: direct sparse convolution on the stride-phase wide grid (sparse.cpp);
-// kIm2col: im2col, then the CSR x dense product. Both share the vectorised row kernel.
-enum class ConvAlgo { kDirect, kIm2col };
-ConvAlgo parse_algo(const std::string& name);  // "direct" | "im2col"
+// kDirect: direct sparse convolution on the stride-phase wide grid (sparse.cpp), output
+//   pixels on the vector lanes;
+// kBatched: direct convolution with groups of 8 or 16 images on the vector lanes;
+// kIm2col: im2col, then the CSR x dense product (shares kDirect's row kernel);
+// kAuto: kBatched from kBatchedFrom images on, else kDirect.
+enum class ConvAlgo { kAuto, kDirect, kBatched, kIm2col };
+constexpr int64_t kBatchedFrom = 8;
+ConvAlgo parse_algo(const std::string& name);  // "auto" | "direct" | "batched" | "im2col"
 
 // The best path this CPU supports.
 Isa best_isa();
@@ -79,7 +83,29 @@ struct ConvGeometry {
 // x: batch*in_channels*height*width floats; out: batch*out_channels*out_h*out_w floats;
 // bias may be null. Parallel over (image, output channel) with `threads` OpenMP threads.
 void conv2d(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out, Isa isa,
-            int threads, ConvAlgo algo = ConvAlgo::kDirect);
+            int threads, ConvAlgo algo = ConvAlgo::kAuto);
+
+// ---- the lanes layout: the batched convolution's activations kept between layers ----------
+// A batch of NCHW images as groups of `lanes` (8 or 16) images, each group
+// [channel][height + 2 pad][width + 2 pad][lane], zero on the border and in the lanes past
+// the batch; a lanes tensor is [groups, channels, height + 2 pad, width + 2 pad, lanes].
+// Consecutive sparse convolutions exchange it directly, so the transposes happen once
+// per run of such layers, not per layer. Element-wise operations (ReLU, residual adds)
+// keep the border zero.
+
+// The lane count the batched convolution uses for `batch` images on this CPU.
+int64_t lanes_for(int64_t batch);
+// x: batch*channels*height*width floats; dst: ceil(batch / lanes) groups.
+void to_lanes(const float* x, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t lanes,
+              int64_t pad, float* dst, Isa isa, int threads);
+// The first `batch` images of src back to NCHW.
+void from_lanes(const float* src, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t lanes,
+                int64_t pad, float* out, Isa isa, int threads);
+// conv2d on lanes tensors: g.batch = groups * lanes, g.height/width the images' size;
+// g.pad_h, g.pad_w <= in_pad. out gets the output with a zero border of out_pad; lanes
+// past the batch hold act(bias), which from_lanes drops.
+void conv2d_lanes(const float* x, int64_t in_pad, int64_t lanes, const Csr& w, const float* bias, bool relu,
+                  const ConvGeometry& g, int64_t out_pad, float* out, Isa isa, int threads);
 
 // out[n, o] = act(bias[o] + sum_j values[j] * x[n, colidx[j]]) over the entries j of row o.
 // x: batch*w.cols floats; out: batch*w.rows floats; bias may be null.

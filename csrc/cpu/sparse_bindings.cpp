@@ -75,13 +75,12 @@ struct CheckedConv {
   const float* bias;
 };
 
-CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
-                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
-                         Pair stride, Pair padding, Pair dilation, const char* fn) {
-  check_tensor(input, at::kFloat, 4, fn, "input");
+// The checks on an NCHW input of sizes `nchw` (x is left undefined).
+CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, const at::Tensor& colidx,
+                            const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                            Pair stride, Pair padding, Pair dilation, const char* fn) {
   CheckedConv c;
-  c.x = input.contiguous();
-  c.g = sp::ConvGeometry{c.x.size(0),       c.x.size(1),        c.x.size(2),  c.x.size(3),   rowptr.numel() - 1,
+  c.g = sp::ConvGeometry{nchw[0],           nchw[1],            nchw[2],      nchw[3],       rowptr.numel() - 1,
                          kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
                          padding.second,    dilation.first,     dilation.second};
   const sp::ConvGeometry& g = c.g;
@@ -91,7 +90,16 @@ CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, cons
   c.w = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
   c.bias = bias_ptr(bias, c.w.rows, fn);
   TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
-              " is larger than the padded input ", c.x.sizes());
+              " is larger than the padded input ", nchw);
+  return c;
+}
+
+CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                         Pair stride, Pair padding, Pair dilation, const char* fn) {
+  check_tensor(input, at::kFloat, 4, fn, "input");
+  CheckedConv c = checked_conv_of(input.sizes(), rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
+  c.x = input.contiguous();
   return c;
 }
 
@@ -132,6 +140,73 @@ at::Tensor sparse_conv2d_portable(const at::Tensor& input, const at::Tensor& row
   return out;
 }
 
+// ---- the lanes layout (sparse.h) --------------------------------------------------------
+
+at::Tensor to_lanes(const at::Tensor& input, int64_t lanes, int64_t pad) {
+  constexpr const char* fn = "to_lanes";
+  check_tensor(input, at::kFloat, 4, fn, "input");
+  TORCH_CHECK(lanes == 8 || lanes == 16, fn, ": lanes must be 8 or 16, got ", lanes);
+  TORCH_CHECK(pad >= 0, fn, ": pad must be >= 0, got ", pad);
+  const at::Tensor x = input.contiguous();
+  const int64_t groups = (x.size(0) + lanes - 1) / lanes;
+  at::Tensor out = at::empty({groups, x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad, lanes}, x.options());
+  {
+    pybind11::gil_scoped_release nogil;
+    sp::to_lanes(x.const_data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.size(3), lanes, pad,
+                 out.mutable_data_ptr<float>(), sp::best_isa(), at::get_num_threads());
+  }
+  return out;
+}
+
+// Checks a lanes tensor [groups, C, H + 2 pad, W + 2 pad, lanes] and returns it contiguous.
+at::Tensor checked_lanes(const at::Tensor& input, int64_t pad, const char* fn) {
+  check_tensor(input, at::kFloat, 5, fn, "input");
+  TORCH_CHECK(input.size(4) == 8 || input.size(4) == 16, fn, ": the last dimension (lanes) must be 8 or 16, got ",
+              input.sizes());
+  TORCH_CHECK(pad >= 0 && input.size(2) > 2 * pad && input.size(3) > 2 * pad, fn, ": pad ", pad,
+              " leaves no image inside a lanes tensor of shape ", input.sizes());
+  return input.contiguous();
+}
+
+at::Tensor from_lanes(const at::Tensor& input, int64_t batch, int64_t pad) {
+  constexpr const char* fn = "from_lanes";
+  const at::Tensor x = checked_lanes(input, pad, fn);
+  const int64_t lanes = x.size(4), height = x.size(2) - 2 * pad, width = x.size(3) - 2 * pad;
+  TORCH_CHECK(batch >= 0 && batch <= x.size(0) * lanes && batch > (x.size(0) - 1) * lanes, fn, ": batch ", batch,
+              " does not fill the ", x.size(0), " groups of ", lanes, " lanes");
+  at::Tensor out = at::empty({batch, x.size(1), height, width}, x.options());
+  {
+    pybind11::gil_scoped_release nogil;
+    sp::from_lanes(x.const_data_ptr<float>(), batch, x.size(1), height, width, lanes, pad,
+                   out.mutable_data_ptr<float>(), sp::best_isa(), at::get_num_threads());
+  }
+  return out;
+}
+
+at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                               const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                               Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
+                               int64_t in_pad, int64_t out_pad) {
+  constexpr const char* fn = "sparse_conv2d_lanes";
+  const at::Tensor x = checked_lanes(input, in_pad, fn);
+  TORCH_CHECK(padding.first <= in_pad && padding.second <= in_pad, fn, ": padding ", padding,
+              " exceeds the layout's padding ", in_pad);
+  TORCH_CHECK(out_pad >= 0, fn, ": out_pad must be >= 0, got ", out_pad);
+  const int64_t lanes = x.size(4);
+  // Checked as the NCHW convolution of the groups' images.
+  const std::vector<int64_t> nchw{x.size(0) * lanes, x.size(1), x.size(2) - 2 * in_pad, x.size(3) - 2 * in_pad};
+  const CheckedConv c = checked_conv_of(nchw, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
+  const sp::Isa i = parsed(sp::parse_isa, isa, fn);
+  at::Tensor out = at::empty({x.size(0), c.g.out_channels, c.g.out_h() + 2 * out_pad, c.g.out_w() + 2 * out_pad, lanes},
+                             x.options());
+  {
+    pybind11::gil_scoped_release nogil;
+    sp::conv2d_lanes(x.const_data_ptr<float>(), in_pad, lanes, c.w, c.bias, relu, c.g, out_pad,
+                     out.mutable_data_ptr<float>(), i, at::get_num_threads());
+  }
+  return out;
+}
+
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu,
                          const std::string& isa) {
@@ -157,15 +232,30 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d", &sparse_conv2d, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("algo") = "direct",
+        py::arg("isa") = "auto", py::arg("algo") = "auto",
         "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
         "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values. "
-        "Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: direct | im2col.");
+        "Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
+        "else direct) | direct (output pixels on the vector lanes) | batched (images on the lanes) | im2col.");
   m.def("sparse_conv2d_portable", &sparse_conv2d_portable, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
         "sparse_conv2d computed by the CUDA kernel's own per-block and per-thread code "
         "(csrc/common/sparse_conv_tile.h), run on the host block by block: a test hook for that code.");
+  m.def("to_lanes", &to_lanes, py::arg("input"), py::arg("lanes"), py::arg("pad"),
+        "NCHW float32 input as a lanes tensor [ceil(N / lanes), C, H + 2 pad, W + 2 pad, lanes]: groups of lanes "
+        "(8 or 16) images on the last dimension, zero on the border and past the batch (csrc/cpu/sparse.h).");
+  m.def("from_lanes", &from_lanes, py::arg("input"), py::arg("batch"), py::arg("pad"),
+        "The first `batch` images of a lanes tensor with border `pad`, back to NCHW.");
+  m.def("sparse_conv2d_lanes", &sparse_conv2d_lanes, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
+        py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
+        py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
+        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1,
+        "sparse_conv2d from a lanes tensor with border in_pad (>= padding) to one with border out_pad; lanes past "
+        "the batch come out as act(bias).");
+  m.def(
+      "sparse_lanes", [](int64_t batch) { return sp::lanes_for(batch); }, py::arg("batch"),
+      "The lane count (8 or 16) the batched sparse convolution uses for `batch` images on this CPU.");
   m.def("sparse_linear", &sparse_linear, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "auto",
         "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");

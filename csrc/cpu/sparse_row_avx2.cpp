@@ -27,5 +27,33 @@ void row_avx2(const float* base, const int32_t* col, const int32_t* table, const
   row_tiled<Avx2>(base, col, table, val, nnz, len, acc);
 }
 
+void pixels_avx2(const float* base, const int32_t* off, const float* val, int64_t nnz, int64_t np, int64_t step,
+                 int64_t lanes, float* acc) {
+  if (lanes == 16) {
+    pixel_tiles<Avx2, 2>(base, off, val, nnz, np, step, acc);
+  } else {
+    pixel_tiles<Avx2, 1>(base, off, val, nnz, np, step, acc);
+  }
+}
+
+void transpose8x8_avx2(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs: each 128-bit half holds one column's 4 rows
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // and the two halves of rows 0-3 and 4-7 joined
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
 }  // namespace sparse
 }  // namespace pyprune

@@ -27,5 +27,10 @@ void row_avx512(const float* base, const int32_t* col, const int32_t* table, con
   row_tiled<Avx512>(base, col, table, val, nnz, len, acc);
 }
 
+void pixels_avx512(const float* base, const int32_t* off, const float* val, int64_t nnz, int64_t np, int64_t step,
+                   int64_t /*lanes: always 16*/, float* acc) {
+  pixel_tiles<Avx512, 1>(base, off, val, nnz, np, step, acc);
+}
+
 }  // namespace sparse
 }  // namespace pyprune
