@@ -253,6 +253,7 @@ void register_sparse_kernels(pybind11::module_& m) {
         py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1,
         "sparse_conv2d from a lanes tensor with border in_pad (>= padding) to one with border out_pad; lanes past "
         "the batch come out as act(bias).");
+  m.attr("sparse_batched_from") = sp::kBatchedFrom;
   m.def(
       "sparse_lanes", [](int64_t batch) { return sp::lanes_for(batch); }, py::arg("batch"),
       "The lane count (8 or 16) the batched sparse convolution uses for `batch` images on this CPU.");

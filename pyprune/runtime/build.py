@@ -2,10 +2,13 @@
 Conv2d/Linear layer the dense or the sparse kernel.
 
 ``runtime="dense"`` keeps every layer a torch module, ``"sparse"`` runs every layer
-the sparse kernels can run on them, and ``"auto"`` times both on the layer's real
-input shape (from shape propagation at ``batch_size``) and keeps the faster. All
-three compute the same function as the input graph in eval mode, up to float
-rounding of the folded BatchNorm.
+the sparse kernels can run on them, and ``"auto"`` times the candidates on the layer's
+real input shape (from shape propagation at ``batch_size``) and keeps the fastest. From
+8 images on, a convolution has a third candidate besides dense and sparse, "lanes": the
+batched sparse kernel with its activations kept in the lanes layout (:mod:`.lanes`),
+timed without conversions since runs of such layers share them; the conversions are
+then placed where a neighbour needs NCHW. All compute the same function as the input
+graph in eval mode, up to float rounding of the folded BatchNorm.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from torch.fx.experimental.optimization import replace_node_module
 from ..ir import example_input, output_shape, propagate_shapes
 from .fusion import call_counts, fold_batchnorm, fuse_relu
 from .kernels import backend
-from .measure import time_modules
+from .lanes import FromLanes, LanesSparseConv2d, ToLanes, lanes_for, place_conversions
+from .measure import interleaved_medians, time_modules
 from .modules import sparse_layer, sparse_supported, unfused
 from .plan import RUNTIMES, Choice, LayerPlan, RuntimePlan
 
@@ -76,6 +80,18 @@ def _usable_cache(cached: Mapping[str, Any] | None, measurable: list[str]) -> bo
     return cached is not None and all(name in cached for name in measurable)
 
 
+@torch.inference_mode()
+def _time_lanes(layer: LanesSparseConv2d, x: torch.Tensor, lanes: int, pad: int, repeats: int) -> tuple[float, float]:
+    """Median ms of ``layer`` on the lanes form of ``x``, and of converting its input to
+    and its output from that layout."""
+    to_lanes, from_lanes = ToLanes(lanes, pad), FromLanes(pad)
+    xl = to_lanes(x)
+    out = layer(xl)
+    layer_s, to_s, from_s = interleaved_medians([lambda: layer(xl), lambda: to_lanes(x), lambda: from_lanes(out, x)],
+                                                repeats)
+    return layer_s * 1e3, (to_s + from_s) * 1e3
+
+
 def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str = "auto",
                   batch_size: int = 1, repeats: int = 5,
                   cached: Mapping[str, Mapping[str, Any]] | None = None) -> RuntimeModel:
@@ -103,6 +119,10 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
         else:
             reasons[node.target] = sparse_supported(graph.get_submodule(node.target), shapes[node.target])
     measurable = [n.target for n in nodes if reasons[n.target] is None]
+    lanes = lanes_for(batch_size)
+    lanes_able = {name for name in measurable if lanes and type(unfused(graph.get_submodule(name))[0]) is nn.Conv2d}
+    # One border for the whole run of lanes layers: the largest padding any of them needs.
+    pad = max((max(unfused(graph.get_submodule(name))[0].padding) for name in lanes_able), default=0)
     from_cache = runtime == "auto" and _usable_cache(cached, measurable)
     source = "forced" if runtime != "auto" else "cache" if from_cache else "measured"
 
@@ -113,30 +133,43 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
         layer, relu = unfused(dense)
         shape = shapes[name]
         choice: Choice = "dense"
-        dense_ms = sparse_ms = sparse = None
+        dense_ms = sparse_ms = lanes_ms = convert_ms = sparse = None
         if reasons[name] is None and runtime == "sparse":
-            choice = "sparse"
+            choice = "lanes" if name in lanes_able else "sparse"
         elif reasons[name] is None and runtime == "auto" and from_cache:
             entry = cached[name]
-            choice, dense_ms, sparse_ms = entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms")
+            choice, dense_ms, sparse_ms, lanes_ms, convert_ms = (
+                entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms"), entry.get("lanes_ms"),
+                entry.get("convert_ms"))
         elif reasons[name] is None and runtime == "auto":
             sparse = sparse_layer(layer, relu)
-            dense_ms, sparse_ms = time_modules([dense, sparse], torch.randn(shape), repeats=repeats)
+            x = torch.randn(shape)
+            dense_ms, sparse_ms = time_modules([dense, sparse], x, repeats=repeats)
             choice = "sparse" if sparse_ms < dense_ms else "dense"
-        if choice == "sparse":
+            if name in lanes_able:
+                lanes_ms, convert_ms = _time_lanes(LanesSparseConv2d(sparse, pad), x, lanes, pad, repeats)
+                # Leaving the lanes layout costs the conversions of this layer's input and output
+                # when its neighbours stay in it, as they mostly do from 8 images on.
+                if lanes_ms < min(dense_ms, sparse_ms) + convert_ms:
+                    choice = "lanes"
+        if choice in ("sparse", "lanes"):
             # Only layers called once get here, so swapping the module changes one call.
-            replace_node_module(node, modules, sparse or sparse_layer(layer, relu))
+            sparse = sparse or sparse_layer(layer, relu)
+            replace_node_module(node, modules, LanesSparseConv2d(sparse, pad) if choice == "lanes" else sparse)
         layers.append(LayerPlan(name, "linear" if isinstance(layer, nn.Linear) else "conv", shape,
                                 tuple(layer.weight.shape), (layer.weight == 0).float().mean().item(),
                                 name in bn_layers, name in relu_layers, choice, reasons[name] or "",
-                                dense_ms, sparse_ms))
+                                dense_ms, sparse_ms, lanes_ms, convert_ms))
+    conversions = place_conversions(graph, {p.name for p in layers if p.choice == "lanes"}, lanes or 8, pad)
     graph.recompile()
     graph.eval().requires_grad_(False)
-    plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers)
+    plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers,
+                       lanes=lanes, lanes_conversions=conversions)
     return RuntimeModel(graph, plan)
 
 
 def plan_cache_entry(plan: RuntimePlan) -> dict[str, dict[str, Any]]:
     """What :mod:`.cache` stores of a measured plan: the layers that had a choice."""
-    return {p.name: {"choice": p.choice, "dense_ms": p.dense_ms, "sparse_ms": p.sparse_ms}
+    return {p.name: {"choice": p.choice, "dense_ms": p.dense_ms, "sparse_ms": p.sparse_ms, "lanes_ms": p.lanes_ms,
+                     "convert_ms": p.convert_ms}
             for p in plan.layers if not p.reason}

@@ -24,7 +24,7 @@ from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: choices include "lanes"
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +59,7 @@ class CacheKey:
 
 
 def read_entry(cache_dir: Path, key: CacheKey) -> dict[str, dict[str, Any]] | None:
-    """The cached ``{layer: {"choice", "dense_ms", "sparse_ms"}}`` for ``key``, or None
+    """The cached ``{layer: {"choice", "dense_ms", "sparse_ms", "lanes_ms"}}`` for ``key``, or None
     if there is no usable entry."""
     path = cache_dir / key.filename()
     try:
@@ -80,8 +80,8 @@ def _well_formed(data: Any, key: CacheKey) -> bool:
         return False
     layers = data.get("layers")
     return isinstance(layers, dict) and all(
-        isinstance(v, dict) and v.get("choice") in ("dense", "sparse")
-        and all(isinstance(v.get(t), (int, float, type(None))) for t in ("dense_ms", "sparse_ms"))
+        isinstance(v, dict) and v.get("choice") in ("dense", "sparse", "lanes")
+        and all(isinstance(v.get(t), (int, float, type(None))) for t in ("dense_ms", "sparse_ms", "lanes_ms", "convert_ms"))
         for v in layers.values())
 
 

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from ..text import format_table
 
-Choice = Literal["dense", "sparse"]
+# sparse: the sparse kernel on NCHW activations; lanes: the batched sparse kernel on
+# activations in the lanes layout (.lanes), converted where a neighbour needs NCHW.
+Choice = Literal["dense", "sparse", "lanes"]
 RUNTIMES = ("dense", "sparse", "auto")
 
 
@@ -31,6 +33,8 @@ class LayerPlan:
     reason: str = ""
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    lanes_ms: float | None = None
+    convert_ms: float | None = None  # to and from the lanes layout, charged to leaving it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +53,8 @@ class RuntimePlan:
     source: str
     layers: list[LayerPlan] = field(default_factory=list)
     cache_file: str | None = None
+    lanes: int | None = None  # images per lane group of the lanes layers; None below 8 images
+    lanes_conversions: int = 0  # NCHW <-> lanes conversions placed between layers
 
     def choices(self) -> dict[str, Choice]:
         return {layer.name: layer.choice for layer in self.layers}
@@ -63,14 +69,16 @@ class RuntimePlan:
         def ms(v: float | None) -> str:
             return f"{v:.3f}" if v is not None else "-"
 
-        headers = ("layer", "kind", "input", "sparsity", "bn", "relu", "dense ms", "sparse ms", "choice")
+        headers = ("layer", "kind", "input", "sparsity", "bn", "relu", "dense ms", "sparse ms", "lanes ms", "choice")
         rows = [(p.name, p.kind, "x".join(map(str, p.input_shape)) if p.input_shape else "-",
                  f"{p.sparsity:.3f}", "folded" if p.bn_folded else "-", "fused" if p.relu_fused else "-",
-                 ms(p.dense_ms), ms(p.sparse_ms), p.choice + (f" ({p.reason})" if p.reason else ""))
+                 ms(p.dense_ms), ms(p.sparse_ms), ms(p.lanes_ms), p.choice + (f" ({p.reason})" if p.reason else ""))
                 for p in self.layers]
         lines = [format_table(headers, rows)]
-        n_sparse = sum(p.choice == "sparse" for p in self.layers)
-        lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse; batch {self.batch_size}, "
+        n_sparse = sum(p.choice != "dense" for p in self.layers)
+        n_lanes = sum(p.choice == "lanes" for p in self.layers)
+        lanes = f" ({n_lanes} in lanes of {self.lanes}, {self.lanes_conversions} conversions)" if n_lanes else ""
+        lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse{lanes}; batch {self.batch_size}, "
                      f"{self.threads} threads, {self.backend} sparse kernels, choices {self.source}"
                      + (f" ({self.cache_file})" if self.cache_file else ""))
         return "\n".join(lines)

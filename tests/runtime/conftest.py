@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pyprune.api import LoadedModel, load_model, save_model
-from pyprune.data import ArrayDataset, load_dataset
+from pyprune.data import ArrayDataset, BatchLoader, Normalize, load_dataset
 
 from ..conftest import shared_data_root
 from ..passes_helpers import compressed
@@ -68,5 +68,30 @@ def compressed_ppz(tmp_path_factory) -> Callable[[str], tuple[LoadedModel, Path]
             path = save_model(model, tmp_path_factory.mktemp(arch) / "model.ppz", gm=gm, codebooks=books)
             made[arch] = (LoadedModel(gm.eval(), model.name, model.mean, model.std, model.input_shape), path)
         return made[arch]
+
+    return get
+
+
+# DenseNet-40's concatenations make it ten times slower per image than the others here.
+N_IMAGES = {"densenet40": 64}
+
+
+def logits(module, model, images):
+    with torch.no_grad():
+        return torch.cat([module(x) for x, _ in BatchLoader(images, 256, Normalize(model.mean, model.std))])
+
+
+@pytest.fixture(scope="module")
+def reference(compressed_ppz, images):
+    """Per arch: the compressed model, the images it is tested on and its logits on them."""
+    results = {}
+
+    def get(arch):
+        if arch not in results:
+            model, _ = compressed_ppz(arch)
+            n = N_IMAGES.get(arch, len(images))
+            subset = ArrayDataset(images.images[:n], images.labels[:n], images.name)
+            results[arch] = model, subset, logits(model.module, model, subset)
+        return results[arch]
 
     return get

@@ -10,32 +10,7 @@ from pyprune.data import ArrayDataset, BatchLoader, Normalize
 from pyprune.runtime import RuntimeModel, SparseConv2d, SparseLinear, build_runtime
 from pyprune.train import evaluate
 
-from .conftest import ARCHS
-
-
-# DenseNet-40's concatenations make it ten times slower per image than the others here.
-N_IMAGES = {"densenet40": 64}
-
-
-def logits(module, model, images):
-    with torch.no_grad():
-        return torch.cat([module(x) for x, _ in BatchLoader(images, 256, Normalize(model.mean, model.std))])
-
-
-@pytest.fixture(scope="module")
-def reference(compressed_ppz, images):
-    """Per arch: the compressed model, the images it is tested on and its logits on them."""
-    results = {}
-
-    def get(arch):
-        if arch not in results:
-            model, _ = compressed_ppz(arch)
-            n = N_IMAGES.get(arch, len(images))
-            subset = ArrayDataset(images.images[:n], images.labels[:n], images.name)
-            results[arch] = model, subset, logits(model.module, model, subset)
-        return results[arch]
-
-    return get
+from .conftest import ARCHS, logits
 
 
 @pytest.mark.parametrize("runtime", ["dense", "sparse", "auto"])

@@ -1,8 +1,10 @@
 """The native sparse kernels (csrc/cpu/sparse*.cpp) against torch's dense conv2d / linear.
 
 Every instruction-set path this CPU has (scalar always, AVX2 and AVX-512 where present)
-and both convolution algorithms run on the same cases: strides 1 and 2, padding 0 and 1,
-odd sizes, dilation, empty rows, fully dense and fully zero weights."""
+and every convolution algorithm run on the same cases: strides 1 and 2, padding 0 and 1,
+odd sizes, dilation, empty rows, fully dense and fully zero weights. The batched
+algorithm and its lanes layout also run on batches that fill their groups of 8 or 16
+images partly, exactly and more than once."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pyprune.runtime.kernels import CSR
 
 C = _native.cpu()
 ALL_ISAS = ["scalar", "avx2", "avx512"]
-ALGOS = ["direct", "im2col"]
+ALGOS = ["direct", "batched", "im2col"]
 
 
 def isa_param(name: str):
@@ -95,19 +97,104 @@ def test_sparse_conv2d_matches_torch(case, density, isa, algo):
         assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_sparse_conv2d_is_deterministic_across_thread_counts():
+@pytest.mark.parametrize("algo, batch", [("direct", 3), ("batched", 20)])
+def test_sparse_conv2d_is_deterministic_across_thread_counts(algo, batch):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 16, 17, 15, generator=gen)
+    x = torch.randn(batch, 16, 17, 15, generator=gen)
     w = sparse_weight((24, 16, 3, 3), 0.2, gen)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_conv(x, w, None, 1, 1, 1, True)
+        one = run_conv(x, w, None, 1, 1, 1, True, algo=algo)
         torch.set_num_threads(2)
-        two = run_conv(x, w, None, 1, 1, 1, True)
+        two = run_conv(x, w, None, 1, 1, 1, True, algo=algo)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # each output is summed by one thread in a fixed order
+
+
+# (in_ch, size, out_ch, kernel, stride, padding, dilation): a ResNet layer, a stride-2 one
+# with an odd size, a 1x1 downsample, a dilated one.
+LANES_CASES = [(16, 8, 16, 3, 1, 1, 1), (5, 11, 7, 3, 2, 1, 1), (8, 9, 4, 1, 2, 0, 1), (3, 10, 6, 3, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch", [1, 7, 8, 9, 16, 17, 33])
+@pytest.mark.parametrize("case", LANES_CASES, ids=str)
+def test_batched_conv2d_matches_torch_on_partial_and_whole_groups(case, batch, isa):
+    c, size, oc, k, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, c, size, size + 1, generator=gen)
+    w = sparse_weight((oc, c, k, k), 0.3, gen)
+    bias = torch.randn(oc, generator=gen)
+    out = run_conv(x, w, bias, stride, padding, dilation, True, isa, "batched")
+    torch.testing.assert_close(out, reference_conv(x, w, bias, stride, padding, dilation, True), rtol=1e-4, atol=1e-4)
+
+
+def lanes_reference(x: torch.Tensor, lanes: int, pad: int) -> torch.Tensor:
+    """The lanes layout built by padding and permuting in torch."""
+    n = x.shape[0]
+    groups = -(-n // lanes)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    padded = torch.cat([padded, padded.new_zeros(groups * lanes - n, *padded.shape[1:])])
+    return padded.reshape(groups, lanes, *padded.shape[1:]).permute(0, 2, 3, 4, 1).contiguous()
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("pad", [0, 1, 2])
+@pytest.mark.parametrize("batch", [1, 8, 9, 16, 21])
+def test_lanes_layout_is_padding_and_a_permutation(batch, pad, lanes):
+    x = torch.randn(batch, 5, 9, 12, generator=torch.Generator().manual_seed(batch + pad))
+    packed = C.to_lanes(x, lanes, pad)
+    assert torch.equal(packed, lanes_reference(x, lanes, pad))
+    assert torch.equal(C.from_lanes(packed, batch, pad), x)
+
+
+def test_sparse_lanes_picks_a_lane_count_the_layout_takes():
+    assert C.sparse_lanes(1) == 8 and C.sparse_lanes(64) in (8, 16)
+    assert C.sparse_lanes(64) == (16 if C.kernel_isa() == "avx512" else 8)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("in_pad, out_pad", [(1, 1), (2, 0), (3, 2)])
+@pytest.mark.parametrize("case", LANES_CASES, ids=str)
+def test_sparse_conv2d_lanes_matches_torch(case, in_pad, out_pad, isa):
+    c, size, oc, k, stride, padding, dilation = case
+    if padding > in_pad:
+        pytest.skip("the layout's border is narrower than the padding (refusal tested below)")
+    gen = torch.Generator().manual_seed(in_pad * 10 + out_pad)
+    batch = 19
+    x = torch.randn(batch, c, size, size, generator=gen)
+    w = sparse_weight((oc, c, k, k), 0.4, gen)
+    bias = torch.randn(oc, generator=gen)
+    lanes = C.sparse_lanes(batch)
+    rowptr, col, val = to_csr(w)
+    out = C.sparse_conv2d_lanes(C.to_lanes(x, lanes, in_pad), rowptr, col, val, (k, k), bias, (stride, stride),
+                                (padding, padding), (dilation, dilation), True, isa, in_pad, out_pad)
+    expected = reference_conv(x, w, bias, stride, padding, dilation, True)
+    # the border is exactly zero (the next layer's padding); the lanes past the batch are dropped
+    interior = lanes_reference(expected, lanes, out_pad)
+    border = torch.ones_like(interior, dtype=torch.bool)
+    border[:, :, out_pad:out.shape[2] - out_pad, out_pad:out.shape[3] - out_pad] = False
+    assert torch.equal(out[border], torch.zeros_like(out[border]))
+    torch.testing.assert_close(C.from_lanes(out, batch, out_pad), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lanes_arguments_are_checked():
+    w = torch.randn(3, 2, 3, 3)
+    rowptr, col, val = to_csr(w)
+    x = torch.randn(9, 2, 5, 5)
+    with pytest.raises((RuntimeError, ValueError), match="lanes must be 8 or 16"):
+        C.to_lanes(x, 12, 1)
+    packed = C.to_lanes(x, 8, 1)
+    with pytest.raises((RuntimeError, ValueError), match="exceeds the layout"):
+        C.sparse_conv2d_lanes(packed, rowptr, col, val, (3, 3), padding=(2, 2), in_pad=1)
+    with pytest.raises((RuntimeError, ValueError), match="does not fill"):
+        C.from_lanes(packed, 30, 1)
+    with pytest.raises((RuntimeError, ValueError), match="lanes"):
+        C.sparse_conv2d_lanes(torch.randn(1, 2, 7, 7, 5), rowptr, col, val, (3, 3), in_pad=1)
+    with pytest.raises((RuntimeError, ValueError), match="column index"):
+        C.sparse_conv2d_lanes(packed, rowptr, col + 100, val, (3, 3), in_pad=1)
 
 
 def test_sparse_conv2d_accepts_non_contiguous_input():
