@@ -5,10 +5,12 @@ model, not typed in) plus one VGG-16 layer (256 -> 256 channels at 8x8, its thir
 on CIFAR). Weights are random with the given share of smallest-magnitude entries zeroed;
 inputs random. For each layer, sparsity and batch, dense and sparse are timed interleaved
 in one process with the same thread count; the table gives medians and their ratio, and
-beside it the physical limit, the ratio of multiply-adds (1 / density).
+beside it the physical limit, the ratio of multiply-adds (1 / density). From 8 images on
+it also times the batched kernel on the lanes layout, as the runtime runs it between two
+such layers, and the two layout conversions that this saves there.
 
-A second table, at 90% sparsity, compares the kernel's instruction-set paths and the
-im2col alternative, which is how the direct algorithm was chosen.
+A second table, at 90% sparsity, compares the kernel's instruction-set paths and
+algorithms (direct, batched, im2col) on NCHW input and output.
 
     python bench/sparse_conv.py                 # the tables of bench/README.md and sparse_conv.png
     python bench/sparse_conv.py --repeats 5 --sparsity 0.9 --batch 1
@@ -69,49 +71,72 @@ def pruned_weight(shape: ConvShape, sparsity: float, gen: torch.Generator) -> to
     return w
 
 
-def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, variants: dict[str, dict]) -> list[float]:
-    """Median seconds of dense conv2d, then of each sparse variant (kwargs of sparse_conv2d)."""
+def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, variants: dict[str, dict],
+               lanes: bool = False) -> dict[str, float]:
+    """Median seconds of dense conv2d ("dense"), of each sparse variant (kwargs of
+    sparse_conv2d, NCHW in and out) and, with ``lanes``, of the batched kernel on the lanes
+    layout ("lanes": in and out already in it, as between two such layers of the runtime)
+    and of the two conversions it saves there ("convert": to_lanes of the input plus
+    from_lanes of the output)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=gen)
     w = pruned_weight(shape, sparsity, gen)
     csr = CSR.from_dense(w)
     rowptr, col, val = csr.rowptr, csr.colidx, csr.values
     s = (shape.stride, shape.stride)
-    dense = lambda: F.conv2d(x, w, None, s, (1, 1))  # noqa: E731
-    sparse = [lambda kw=kw: C.sparse_conv2d(x, rowptr, col, val, (3, 3), None, s, (1, 1), (1, 1), False, **kw)
-              for kw in variants.values()]
-    expected = dense()
-    for f in sparse:  # a benchmark of a wrong kernel is worthless
+    fns = {"dense": lambda: F.conv2d(x, w, None, s, (1, 1))}
+    expected = fns["dense"]()
+    for name, kw in variants.items():
+        fns[name] = lambda kw=kw: C.sparse_conv2d(x, rowptr, col, val, (3, 3), None, s, (1, 1), (1, 1), False, **kw)
+    checks = {name: fns[name] for name in variants}
+    if lanes:
+        n_lanes = C.sparse_lanes(batch)
+        xl = C.to_lanes(x, n_lanes, 1)
+        fns["lanes"] = lambda: C.sparse_conv2d_lanes(xl, rowptr, col, val, (3, 3), None, s, (1, 1), (1, 1), False)
+        out = fns["lanes"]()
+        fns["convert"] = lambda: (C.to_lanes(x, n_lanes, 1), C.from_lanes(out, batch, 1))
+        checks["lanes"] = lambda: C.from_lanes(fns["lanes"](), batch, 1)
+    for f in checks.values():  # a benchmark of a wrong kernel is worthless
         torch.testing.assert_close(f(), expected, rtol=1e-3, atol=1e-3)
     with torch.no_grad():
-        return interleaved_medians([dense, *sparse], repeats=repeats, warmup=2, min_seconds=0.002)
+        return dict(zip(fns, interleaved_medians(list(fns.values()), repeats=repeats, warmup=2, min_seconds=0.002)))
 
 
 def speedup_table(C, args) -> list[tuple[ConvShape, float, int, float]]:
+    """Per layer, batch and sparsity: dense, the sparse kernel on NCHW (algo auto: direct
+    below 8 images, batched from 8) and, from 8 images, the lanes layers of the runtime.
+    The plotted speedup is the runtime's: lanes where they run, else NCHW."""
     rows, results = [], []
     for shape in SHAPES:
         for batch in args.batch:
             for sparsity in args.sparsity:
-                dense, sparse = time_layer(C, shape, sparsity, batch, args.repeats, {"auto": {}})
-                results.append((shape, sparsity, batch, dense / sparse))
-                rows.append([shape.label(), str(batch), f"{sparsity:.2f}", f"{dense * 1e3:.3f}", f"{sparse * 1e3:.3f}",
-                             f"{dense / sparse:.2f}x", f"{1 / (1 - sparsity):.0f}x"])
+                lanes = batch >= C.sparse_batched_from
+                t = time_layer(C, shape, sparsity, batch, args.repeats, {"nchw": {}}, lanes=lanes)
+                best = t["dense"] / (t["lanes"] if lanes else t["nchw"])
+                results.append((shape, sparsity, batch, best))
+                ms = lambda k: f"{t[k] * 1e3:.3f}" if k in t else "-"  # noqa: E731
+                ratio = lambda k: f"{t['dense'] / t[k]:.2f}x" if k in t else "-"  # noqa: E731
+                rows.append([shape.label(), str(batch), f"{sparsity:.2f}", ms("dense"), ms("nchw"), ms("lanes"),
+                             ms("convert"), ratio("nchw"), ratio("lanes"), f"{1 / (1 - sparsity):.0f}x"])
                 print(f"  {rows[-1]}", flush=True)
     print()
-    print(table(["layer", "batch", "sparsity", "dense ms", "sparse ms", "speedup", "MAC ratio (limit)"], rows))
+    print(table(["layer", "batch", "sparsity", "dense ms", "sparse ms (NCHW)", "lanes ms", "conversions ms",
+                 "speedup NCHW", "speedup lanes", "MAC ratio (limit)"], rows))
     return results
 
 
 def variants_table(C, args) -> None:
-    variants = {isa: {"isa": isa} for isa in ("avx512", "avx2", "scalar") if supports(C, isa)}
+    variants = {isa: {"isa": isa, "algo": "direct"} for isa in ("avx512", "avx2", "scalar") if supports(C, isa)}
+    variants["batched"] = {"algo": "batched"}
     variants["im2col"] = {"algo": "im2col"}
     rows = []
     for shape in SHAPES:
         for batch in args.batch:
             times = time_layer(C, shape, 0.9, batch, args.repeats, variants)
-            rows.append([shape.label(), str(batch)] + [f"{t * 1e3:.3f}" for t in times])
+            rows.append([shape.label(), str(batch)] + [f"{t * 1e3:.3f}" for t in times.values()])
     print()
-    print(f"At 90% sparsity, ms (direct algorithm unless named; im2col uses isa={C.kernel_isa()}):")
+    print(f"At 90% sparsity, ms, NCHW in and out (direct algorithm per isa; batched and im2col use isa="
+          f"{C.kernel_isa()}):")
     print(table(["layer", "batch", "dense"] + list(variants), rows))
 
 

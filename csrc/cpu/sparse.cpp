@@ -497,6 +497,34 @@ void pixels_scalar(const float* base, const int32_t* off, const float* val, int6
   }
 }
 
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* values) {
+  if (p.code_bits < 1 || p.code_bits > 7) throw std::invalid_argument("codes CSR: code_bits must be in [1, 7]");
+  if (p.rows < 0 || p.cols < 0 || p.rowptr[0] != 0 || p.rowptr[p.rows] != n_entries) {
+    throw std::invalid_argument("codes CSR: rowptr must start at 0 and end at the number of entries");
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {  // all of it before any entry is read
+    if (p.rowptr[r + 1] < p.rowptr[r]) throw std::invalid_argument("codes CSR: rowptr decreases at row " + std::to_string(r));
+  }
+  const uint32_t mask = (1u << p.code_bits) - 1;
+  const int shift = p.code_bits;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
+    int64_t col = -1;
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint32_t e = p.entries[j], code = e & mask;
+      col += static_cast<int64_t>(e >> shift) + 1;
+      if (code >= p.codebook_size || col >= p.cols) {
+        throw std::invalid_argument("codes CSR: entry " + std::to_string(j) + " has " +
+                                    (code >= p.codebook_size ? "code " + std::to_string(code) + " past the codebook"
+                                                             : "column " + std::to_string(col) + " past " +
+                                                                   std::to_string(p.cols)));
+      }
+      colidx[j] = static_cast<int32_t>(col);
+      values[j] = p.codebook[code];
+    }
+  }
+}
+
 Isa best_isa() {
   static const Isa best = __builtin_cpu_supports("avx512f")                               ? Isa::kAvx512
                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2

@@ -70,6 +70,27 @@ inline void validate(const Csr& w, int64_t nnz) {
   }
 }
 
+// A CSR matrix whose values are codebook indices, one byte per entry, as deep compression
+// stores it (the .ppz's CSR-quantized sections hold the same, Huffman-coded): the low
+// `code_bits` of an entry index `codebook` (index 0 is the value 0), the high
+// 8 - code_bits hold gap - 1, where gap is the entry's column minus the previous entry's
+// in its row (the first entry's: its column + 1). A gap wider than 2^(8 - code_bits) is
+// bridged by filler entries of code 0 and the widest gap. `codebook_size` floats.
+struct CodesCsr {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int32_t* rowptr = nullptr;  // rows + 1 entries over `entries`, fillers included
+  const uint8_t* entries = nullptr;
+  int code_bits = 0;  // 1..7
+  const float* codebook = nullptr;
+  int64_t codebook_size = 0;
+};
+
+// The plain CSR of `p` into colidx and values (rowptr[rows] entries each, fillers kept as
+// zeros). Throws std::invalid_argument for a bad rowptr, a code past the codebook or a
+// column past `cols`.
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* values);
+
 struct ConvGeometry {
   int64_t batch, in_channels, height, width;  // input NCHW
   int64_t out_channels, kernel_h, kernel_w;

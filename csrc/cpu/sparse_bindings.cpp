@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../common/sparse_conv_tile.h"
 #include "sparse.h"
@@ -23,30 +24,60 @@ void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const 
   TORCH_CHECK(t.dim() == dim, fn, ": ", what, " must have ", dim, " dimension(s), got shape ", t.sizes());
 }
 
-// Checks the CSR tensors against `rows` x `cols` and returns a view of them; the tensors
-// passed in must outlive it.
-sp::Csr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
-                 const char* fn) {
+// A checked CSR view. Its arrays are the tensors passed in (which must outlive it) or,
+// for codes, the buffers unpacked here.
+struct CheckedCsr {
+  sp::Csr w;
+  std::vector<int32_t> colidx;
+  std::vector<float> values;
+};
+
+// The weights as the bindings take them: rowptr (int32) and either colidx (int32) and
+// values (float32), one per entry, or codes (sp::CodesCsr): uint8 entries and the
+// codebook (float32, index 0 the value 0), whose length K + 1 sets code_bits to
+// ceil(log2(K + 1)). Checked against `cols` columns.
+CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
+                    const char* fn) {
   check_tensor(rowptr, at::kInt, 1, fn, "rowptr");
-  check_tensor(colidx, at::kInt, 1, fn, "colidx");
-  check_tensor(values, at::kFloat, 1, fn, "values");
+  const bool codes = colidx.scalar_type() == at::kByte;
+  check_tensor(colidx, codes ? at::kByte : at::kInt, 1, fn, codes ? "entries" : "colidx");
+  check_tensor(values, at::kFloat, 1, fn, codes ? "codebook" : "values");
   TORCH_CHECK(rowptr.is_contiguous() && colidx.is_contiguous() && values.is_contiguous(), fn,
               ": rowptr, colidx and values must be contiguous");
   TORCH_CHECK(rowptr.numel() >= 1, fn, ": rowptr needs rows + 1 >= 1 entries");
-  TORCH_CHECK(colidx.numel() == values.numel(), fn, ": colidx has ", colidx.numel(), " entries but values has ",
-              values.numel());
-  sp::Csr w;
+  CheckedCsr c;
+  sp::Csr& w = c.w;
   w.rows = rowptr.numel() - 1;
   w.cols = cols;
   w.rowptr = rowptr.const_data_ptr<int32_t>();
-  w.colidx = colidx.const_data_ptr<int32_t>();
-  w.values = values.const_data_ptr<float>();
+  const int64_t n = colidx.numel();
   try {
-    sp::validate(w, values.numel());
+    if (codes) {
+      const int64_t k = values.numel();
+      TORCH_CHECK(k >= 2 && k <= 128, fn, ": a codebook has 2 to 128 values (the first 0), got ", k);
+      sp::CodesCsr p;
+      p.rows = w.rows;
+      p.cols = cols;
+      p.rowptr = w.rowptr;
+      p.entries = colidx.const_data_ptr<uint8_t>();
+      p.code_bits = 64 - __builtin_clzll(static_cast<uint64_t>(k - 1));
+      p.codebook = values.const_data_ptr<float>();
+      p.codebook_size = k;
+      c.colidx.resize(static_cast<size_t>(n));
+      c.values.resize(static_cast<size_t>(n));
+      sp::unpack_codes(p, n, c.colidx.data(), c.values.data());
+      w.colidx = c.colidx.data();
+      w.values = c.values.data();
+    } else {
+      TORCH_CHECK(n == values.numel(), fn, ": colidx has ", n, " entries but values has ", values.numel());
+      w.colidx = colidx.const_data_ptr<int32_t>();
+      w.values = values.const_data_ptr<float>();
+    }
+    sp::validate(w, n);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, fn, ": ", e.what());
   }
-  return w;
+  return c;
 }
 
 const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t rows, const char* fn) {
@@ -71,7 +102,8 @@ auto parsed(F&& parse, const std::string& name, const char* fn) {
 struct CheckedConv {
   at::Tensor x;
   sp::ConvGeometry g;
-  sp::Csr w;
+  CheckedCsr csr;
+  const sp::Csr& w() const { return csr.w; }
   const float* bias;
 };
 
@@ -87,8 +119,8 @@ CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, cons
   TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
                   g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
               fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
-  c.w = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
-  c.bias = bias_ptr(bias, c.w.rows, fn);
+  c.csr = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
+  c.bias = bias_ptr(bias, c.w().rows, fn);
   TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
               " is larger than the padded input ", nchw);
   return c;
@@ -115,7 +147,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, cons
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
-    sp::conv2d(c.x.const_data_ptr<float>(), c.w, c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a);
+    sp::conv2d(c.x.const_data_ptr<float>(), c.w(), c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a);
   }
   return out;
 }
@@ -134,7 +166,7 @@ at::Tensor sparse_conv2d_portable(const at::Tensor& input, const at::Tensor& row
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h(), g.out_w()}, c.x.options());
   {
     pybind11::gil_scoped_release nogil;
-    sparse_tile::run_on_host(s, c.x.const_data_ptr<float>(), c.w.rowptr, c.w.colidx, c.w.values, c.bias, relu,
+    sparse_tile::run_on_host(s, c.x.const_data_ptr<float>(), c.w().rowptr, c.w().colidx, c.w().values, c.bias, relu,
                              out.mutable_data_ptr<float>());
   }
   return out;
@@ -201,7 +233,7 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
                              x.options());
   {
     pybind11::gil_scoped_release nogil;
-    sp::conv2d_lanes(x.const_data_ptr<float>(), in_pad, lanes, c.w, c.bias, relu, c.g, out_pad,
+    sp::conv2d_lanes(x.const_data_ptr<float>(), in_pad, lanes, c.w(), c.bias, relu, c.g, out_pad,
                      out.mutable_data_ptr<float>(), i, at::get_num_threads());
   }
   return out;
@@ -213,7 +245,8 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, cons
   constexpr const char* fn = "sparse_linear";
   check_tensor(input, at::kFloat, 2, fn, "input");
   const at::Tensor x = input.contiguous();
-  const sp::Csr w = csr_view(rowptr, colidx, values, x.size(1), fn);
+  const CheckedCsr checked = csr_view(rowptr, colidx, values, x.size(1), fn);
+  const sp::Csr& w = checked.w;
   const float* b = bias_ptr(bias, w.rows, fn);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   at::Tensor out = at::empty({x.size(0), w.rows}, x.options());

@@ -6,11 +6,11 @@ sparse kernels (:func:`load_runtime`).
 """
 
 from .build import RuntimeModel, build_runtime, prepare_graph
-from .kernels import CSR, backend, reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
+from .kernels import CSR, CodesCSR, backend, reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
 from .load import load_runtime
 from .modules import SparseConv2d, SparseLinear
 from .plan import RUNTIMES, LayerPlan, RuntimePlan
 
-__all__ = ["CSR", "RUNTIMES", "LayerPlan", "RuntimeModel", "RuntimePlan", "SparseConv2d", "SparseLinear",
+__all__ = ["CSR", "CodesCSR", "RUNTIMES", "LayerPlan", "RuntimeModel", "RuntimePlan", "SparseConv2d", "SparseLinear",
            "backend", "build_runtime", "load_runtime", "prepare_graph", "reference_conv2d", "reference_linear",
            "sparse_conv2d", "sparse_linear"]

@@ -37,6 +37,8 @@ class CSR:
     values: torch.Tensor
     shape: tuple[int, ...]
 
+    FIELDS = ("rowptr", "colidx", "values")  # what kernel_args() returns
+
     def __post_init__(self) -> None:
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         if self.rowptr.dtype != torch.int32 or self.colidx.dtype != torch.int32:
@@ -88,6 +90,106 @@ class CSR:
     def density(self) -> float:
         return self.nnz / max(math.prod(self.shape), 1)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: row pointers, column indices and values."""
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.colidx, self.values))
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rowptr, self.colidx, self.values
+
+
+@dataclass(frozen=True)
+class CodesCSR:
+    """A quantized weight as deep compression stores it, one byte per entry: ``entries``
+    uint8, the low ``code_bits`` an index into ``codebook`` (float32, ``codebook[0] == 0``),
+    the high bits the gap to the previous entry's column minus one (the first entry's
+    column counts from -1); gaps wider than the field are bridged by filler entries of
+    code 0. ``rowptr`` int32 ``[OC+1]`` over the entries, fillers included. The native
+    kernels unpack it per call, so this, not fp32 CSR, is what stays in memory: about
+    one byte per non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr)."""
+
+    rowptr: torch.Tensor
+    entries: torch.Tensor
+    codebook: torch.Tensor
+    shape: tuple[int, ...]
+
+    MAX_CODE_BITS = 7  # at least one bit of gap
+    FIELDS = ("rowptr", "entries", "codebook")  # what kernel_args() returns
+
+    @property
+    def code_bits(self) -> int:
+        return max(1, (self.codebook.numel() - 1).bit_length())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> "CodesCSR | None":
+        """The codes form of a float32 weight with at most 127 distinct non-zero values
+        (a codebook-quantized one), or None when it has more."""
+        csr = CSR.from_dense(weight)
+        values, codes = torch.unique(csr.values, return_inverse=True)
+        if values.numel() + 1 > 2 ** cls.MAX_CODE_BITS:
+            return None
+        codebook = torch.cat([values.new_zeros(1), values])
+        code_bits = max(1, values.numel().bit_length())
+        widest = 1 << (8 - code_bits)  # the largest gap one entry spans
+        rows = csr.shape[0]
+        row_of = torch.repeat_interleave(torch.arange(rows), (csr.rowptr[1:] - csr.rowptr[:-1]).long())
+        cols = csr.colidx.long()
+        previous = torch.full_like(cols, -1)
+        same_row = torch.ones_like(cols, dtype=torch.bool)
+        if cols.numel():
+            same_row[1:] = row_of[1:] == row_of[:-1]
+            previous[1:] = torch.where(same_row[1:], cols[:-1], previous[1:])
+        gaps = cols - previous
+        fillers = (gaps - 1) // widest  # each filler spans the widest gap, the entry the rest
+        last_gap = gaps - fillers * widest
+        # Entry i becomes fillers[i] filler bytes followed by its own byte.
+        counts = fillers + 1
+        starts = torch.cumsum(counts, 0) - counts
+        entries = torch.full((int(counts.sum()),), (widest - 1) << code_bits, dtype=torch.uint8)
+        entries[starts + fillers] = (((last_gap - 1) << code_bits) | (codes + 1)).to(torch.uint8)
+        per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of, counts)
+        rowptr = torch.zeros(rows + 1, dtype=torch.int32)
+        rowptr[1:] = torch.cumsum(per_row, 0).to(torch.int32)
+        return cls(rowptr, entries, codebook, tuple(weight.shape))
+
+    def unpacked(self) -> CSR:
+        """The plain CSR of the same weight (fillers dropped), computed in torch: the
+        reference the native unpacking is tested against."""
+        e = self.entries.long()
+        bits = self.code_bits
+        rows = self.shape[0]
+        row_of = torch.repeat_interleave(torch.arange(rows), (self.rowptr[1:] - self.rowptr[:-1]).long())
+        step = (e >> bits) + 1
+        # the column is the running sum of steps within each row, from -1
+        total = torch.cumsum(step, 0)
+        row_start = torch.zeros(rows + 1, dtype=torch.long)
+        row_start[1:] = torch.cumsum(torch.zeros(rows, dtype=torch.long).index_add_(0, row_of, step), 0)
+        cols = total - row_start[row_of] - 1
+        codes = e & ((1 << bits) - 1)
+        keep = codes != 0
+        counts = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of[keep], torch.ones_like(codes[keep]))
+        rowptr = torch.zeros(rows + 1, dtype=torch.int32)
+        rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        return CSR(rowptr, cols[keep].to(torch.int32), self.codebook[codes[keep]].contiguous(), self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.unpacked().to_dense()
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: row pointers, entries and codebook."""
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.entries, self.codebook))
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rowptr, entries, codebook)``: what the native kernels take in place of
+        ``(rowptr, colidx, values)``."""
+        return self.rowptr, self.entries, self.codebook
+
 
 def native_module() -> ModuleType | None:
     """``pyprune._C`` if it has both sparse kernels, else None (the reference is used)."""
@@ -107,13 +209,13 @@ def _finish(out: torch.Tensor, relu: bool) -> torch.Tensor:
     return out.relu_() if relu else out
 
 
-def reference_conv2d(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
+def reference_conv2d(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
                      dilation: Pair, relu: bool) -> torch.Tensor:
     """The native kernel's contract, in plain torch: rebuild the weight, convolve."""
     return _finish(F.conv2d(x, csr.to_dense(), bias, stride, padding, dilation), relu)
 
 
-def reference_linear(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     return _finish(F.linear(x, csr.to_dense(), bias), relu)
 
 
@@ -124,7 +226,7 @@ def _check_input(x: torch.Tensor, dims: int, what: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def sparse_conv2d(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
+def sparse_conv2d(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
                   dilation: Pair, relu: bool, isa: str = "auto") -> torch.Tensor:
     """``conv2d(x, csr.to_dense(), bias, stride, padding, dilation)`` (groups 1), then ReLU
     if ``relu``. ``x`` is ``[N, C, H, W]`` float32 on the CPU; ``isa`` picks the native
@@ -136,11 +238,11 @@ def sparse_conv2d(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, stride: 
     if native is None:
         return reference_conv2d(x, csr, bias, stride, padding, dilation, relu)
     kh, kw = csr.kernel_size
-    return native.sparse_conv2d(x, csr.rowptr, csr.colidx, csr.values, (kh, kw), bias, tuple(stride),
-                                tuple(padding), tuple(dilation), relu, isa)
+    return native.sparse_conv2d(x, *csr.kernel_args(), (kh, kw), bias, tuple(stride), tuple(padding),
+                                tuple(dilation), relu, isa)
 
 
-def sparse_linear(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, relu: bool,
+def sparse_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, relu: bool,
                   isa: str = "auto") -> torch.Tensor:
     """``linear(x, csr.to_dense(), bias)``, then ReLU if ``relu``; ``x`` is ``[N, IN]``."""
     x = _check_input(x, 2, "sparse_linear")
@@ -149,4 +251,4 @@ def sparse_linear(x: torch.Tensor, csr: CSR, bias: torch.Tensor | None, relu: bo
     native = native_module()
     if native is None:
         return reference_linear(x, csr, bias, relu)
-    return native.sparse_linear(x, csr.rowptr, csr.colidx, csr.values, bias, relu, isa)
+    return native.sparse_linear(x, *csr.kernel_args(), bias, relu, isa)

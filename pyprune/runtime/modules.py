@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic import ConvReLU2d, LinearReLU
 
-from .kernels import CSR, sparse_conv2d, sparse_linear
+from .kernels import CSR, CodesCSR, sparse_conv2d, sparse_linear
 
 Layer = nn.Conv2d | nn.Linear
 
@@ -61,33 +61,39 @@ def dense_layer(layer: Layer, relu: bool) -> nn.Module:
 
 
 class _SparseLayer(nn.Module):
-    """Holds the CSR weight (also as buffers, so ``state_dict`` shows it) and the bias."""
+    """Holds the weight (also as buffers, so ``state_dict`` shows it) and the bias: as
+    :class:`CodesCSR`, one byte per entry, when it is codebook-quantized and ``codes`` is
+    on, else as fp32 :class:`CSR`. The kernels take either."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, codes: bool = True) -> None:
         super().__init__()
-        self.csr = CSR.from_dense(weight)
-        self.register_buffer("rowptr", self.csr.rowptr)
-        self.register_buffer("colidx", self.csr.colidx)
-        self.register_buffer("values", self.csr.values)
+        self.csr: CSR | CodesCSR = (codes and CodesCSR.from_dense(weight)) or CSR.from_dense(weight)
+        for name, t in zip(self.csr.FIELDS, self.csr.kernel_args()):
+            self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.relu = relu
+        self.sparsity = float((weight == 0).float().mean())
+        self.nnz = int((weight != 0).sum())
 
     @property
-    def sparsity(self) -> float:
-        return 1.0 - self.csr.density
+    def weight_bytes(self) -> int:
+        """Bytes the weight takes in memory."""
+        return self.csr.nbytes
 
     def extra_repr(self) -> str:
-        return f"shape={self.csr.shape}, nnz={self.csr.nnz}, bias={self.bias is not None}, relu={self.relu}"
+        form = f"codes of {self.csr.code_bits} bits" if isinstance(self.csr, CodesCSR) else "fp32 CSR"
+        return (f"shape={self.csr.shape}, nnz={self.nnz}, {form}, {self.weight_bytes} bytes, bias={self.bias is not None}, "
+                f"relu={self.relu}")
 
 
 class SparseConv2d(_SparseLayer):
     """``relu?(conv2d(x, W, b))`` of a groups-1 ``nn.Conv2d`` with zero padding, on its CSR."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, codes: bool = True) -> None:
         reason = sparse_supported(conv, None)
         if reason:
             raise ValueError(f"SparseConv2d cannot run this convolution: {reason}")
-        super().__init__(conv.weight, conv.bias, relu)
+        super().__init__(conv.weight, conv.bias, relu, codes)
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +106,13 @@ class SparseConv2d(_SparseLayer):
 class SparseLinear(_SparseLayer):
     """``relu?(linear(x, W, b))`` of an ``nn.Linear`` on a ``[N, IN]`` input, on its CSR."""
 
-    def __init__(self, linear: nn.Linear, relu: bool = False) -> None:
-        super().__init__(linear.weight, linear.bias, relu)
+    def __init__(self, linear: nn.Linear, relu: bool = False, codes: bool = True) -> None:
+        super().__init__(linear.weight, linear.bias, relu, codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.csr, self.bias, self.relu)
 
 
-def sparse_layer(layer: Layer, relu: bool) -> nn.Module:
+def sparse_layer(layer: Layer, relu: bool, codes: bool = True) -> nn.Module:
     """The sparse path for ``layer`` (check :func:`sparse_supported` first)."""
-    return SparseConv2d(layer, relu) if isinstance(layer, nn.Conv2d) else SparseLinear(layer, relu)
+    return SparseConv2d(layer, relu, codes) if isinstance(layer, nn.Conv2d) else SparseLinear(layer, relu, codes)

@@ -6,7 +6,7 @@ import torch
 from torch import fx, nn
 
 from pyprune.api import LoadedModel
-from pyprune.data import ArrayDataset, BatchLoader, Normalize
+from pyprune.data import ArrayDataset
 from pyprune.runtime import RuntimeModel, SparseConv2d, SparseLinear, build_runtime
 from pyprune.train import evaluate
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyprune.runtime import CSR, reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
+from pyprune import _native
+from pyprune.runtime import CSR, CodesCSR, reference_conv2d, reference_linear, sparse_conv2d, sparse_linear
 
 
 def sparse_weight(shape, density, seed=0):
@@ -101,3 +102,75 @@ def test_wrappers_take_non_contiguous_inputs_and_refuse_wrong_ones():
 def test_negative_zero_is_not_stored():
     csr = CSR.from_dense(torch.tensor([[-0.0, 1.0], [0.0, -0.0]]))
     assert csr.nnz == 1 and torch.equal(bits(csr.to_dense()), bits(torch.tensor([[0.0, 1.0], [0.0, 0.0]])))
+
+
+# ---- codes: one byte per entry -------------------------------------------------------------
+
+def quantized_weight(shape, levels, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    book = torch.randn(levels, generator=g)
+    w = book[torch.randint(0, levels, shape, generator=g)]
+    return torch.where(torch.rand(shape, generator=g) < density, w, 0.0)
+
+
+def entries_by_hand(weight, code_bits):
+    """The documented byte layout, row by row in plain Python: gap - 1 above the code,
+    fillers of code 0 and the widest gap where a gap is wider than the field holds."""
+    rows = weight.reshape(weight.shape[0], -1)
+    book = sorted(set(rows[rows != 0].tolist()))
+    widest = 1 << (8 - code_bits)
+    out = []
+    for r in range(rows.shape[0]):
+        col = -1
+        for c in rows[r].nonzero().flatten().tolist():
+            gap = c - col
+            while gap > widest:
+                out.append((widest - 1) << code_bits)
+                gap -= widest
+            out.append(((gap - 1) << code_bits) | (book.index(rows[r, c].item()) + 1))
+            col = c
+    return out
+
+
+@pytest.mark.parametrize("levels, density, code_bits", [
+    (1, 0.3, 1), (3, 0.5, 2), (8, 0.1, 4), (8, 0.02, 4), (15, 0.6, 4), (16, 0.3, 5), (127, 0.9, 7)])
+def test_codes_layout_and_round_trip(levels, density, code_bits):
+    weight = quantized_weight((12, 9, 3, 3), levels, density, seed=levels)
+    present = int(torch.unique(weight[weight != 0]).numel())
+    codes = CodesCSR.from_dense(weight)
+    assert codes.code_bits == max(1, present.bit_length()) and (present < levels or codes.code_bits == code_bits)
+    assert codes.entries.tolist() == entries_by_hand(weight, codes.code_bits)
+    assert torch.equal(codes.to_dense(), weight)
+    assert codes.codebook[0] == 0 and codes.codebook.numel() == present + 1
+
+
+def test_codes_are_refused_past_127_values():
+    assert CodesCSR.from_dense(quantized_weight((20, 30), 100_000, 0.9)) is None
+    assert CodesCSR.from_dense(quantized_weight((20, 30), 127, 1.0)) is not None
+
+
+@pytest.mark.parametrize("levels, density", [(4, 0.05), (8, 0.3), (100, 0.5)])
+def test_native_kernels_on_codes_match_fp32_csr(levels, density):
+    weight = quantized_weight((16, 8, 3, 3), levels, density)
+    codes, csr = CodesCSR.from_dense(weight), CSR.from_dense(weight)
+    x = torch.randn(9, 8, 10, 10)
+    for algo in ("direct", "batched"):
+        torch.testing.assert_close(sparse_conv2d(x, codes, None, (1, 1), (1, 1), (1, 1), True),
+                                   sparse_conv2d(x, csr, None, (1, 1), (1, 1), (1, 1), True), rtol=0, atol=0)
+    linear = quantized_weight((7, 50), levels, density)
+    xl = torch.randn(5, 50)
+    torch.testing.assert_close(sparse_linear(xl, CodesCSR.from_dense(linear), None, False),
+                               F.linear(xl, linear), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda rp, e, book: (rp, e, book[:1].contiguous()), "codebook has 2 to 128"),
+    (lambda rp, e, book: (rp, torch.full_like(e, 255), book), "past"),
+    (lambda rp, e, book: (rp.flip(0).contiguous(), e, book), "rowptr"),
+    (lambda rp, e, book: (rp, e[:-1].contiguous(), book), "rowptr"),
+])
+def test_malformed_codes_are_refused(mutate, message):
+    from pyprune import _native
+    codes = CodesCSR.from_dense(quantized_weight((3, 2, 3, 3), 4, 0.5))
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        _native.cpu().sparse_conv2d(torch.randn(1, 2, 5, 5), *mutate(*codes.kernel_args()), (3, 3))

@@ -30,6 +30,33 @@ def test_sparse_conv_module_matches_conv(relu, bias):
     assert not any(p.requires_grad for p in dense.parameters()) and "nnz=" in repr(sparse)
 
 
+def quantized(layer, levels: int, density=0.3, seed=0):
+    """``layer`` pruned, its remaining weights snapped to ``levels`` values."""
+    g = torch.Generator().manual_seed(seed)
+    book = torch.randn(levels, generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(book[torch.randint(0, levels, layer.weight.shape, generator=g)])
+    return pruned(layer, density, seed)
+
+
+@pytest.mark.parametrize("levels, codes, form", [(8, True, "codes of 4 bits"), (4, True, "codes of 3 bits"),
+                                                 (8, False, "fp32 CSR"), (100_000, True, "fp32 CSR")])
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv2d(6, 10, 3, padding=1), (3, 6, 9, 9)),
+                                         (lambda: nn.Linear(40, 7), (5, 40))])
+def test_a_quantized_layer_is_held_as_codes(make, shape, levels, codes, form):
+    layer = quantized(make(), levels, density=0.7 if levels > 128 else 0.3)
+    sparse = sparse_layer(layer, relu=True, codes=codes)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x).relu(), rtol=1e-5, atol=1e-5)
+    assert form in repr(sparse)
+    nnz = int((layer.weight != 0).sum())
+    if form.startswith("codes"):  # a byte per entry (few fillers at 30% density), not eight
+        assert nnz <= sparse.weight_bytes - 4 * (layer.weight.shape[0] + 1) - 4 * (levels + 1) <= 1.2 * nnz
+    else:
+        assert sparse.weight_bytes == 8 * nnz + 4 * (layer.weight.shape[0] + 1)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_sparse_linear_module_matches_linear(relu):
     linear = pruned(nn.Linear(20, 7))
