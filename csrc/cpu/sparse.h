@@ -75,7 +75,9 @@ inline void validate(const Csr& w, int64_t nnz) {
 // `code_bits` of an entry index `codebook` (index 0 is the value 0), the high
 // 8 - code_bits hold gap - 1, where gap is the entry's column minus the previous entry's
 // in its row (the first entry's: its column + 1). A gap wider than 2^(8 - code_bits) is
-// bridged by filler entries of code 0 and the widest gap. `codebook_size` floats.
+// bridged by filler entries of code 0 and the widest gap. `codebook_size` floats, one
+// codebook for all rows (codebook_stride 0) or one per row, codebook_stride apart (a
+// layer with BatchNorm folded in: each row's codebook scaled by its channel's factor).
 struct CodesCsr {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -84,6 +86,7 @@ struct CodesCsr {
   int code_bits = 0;  // 1..7
   const float* codebook = nullptr;
   int64_t codebook_size = 0;
+  int64_t codebook_stride = 0;
 };
 
 // The plain CSR of `p` into colidx and values (rowptr[rows] entries each, fillers kept as

@@ -34,14 +34,14 @@ struct CheckedCsr {
 
 // The weights as the bindings take them: rowptr (int32) and either colidx (int32) and
 // values (float32), one per entry, or codes (sp::CodesCsr): uint8 entries and the
-// codebook (float32, index 0 the value 0), whose length K + 1 sets code_bits to
-// ceil(log2(K + 1)). Checked against `cols` columns.
+// codebook (float32 [K + 1], or [rows, K + 1] for one per row; index 0 the value 0),
+// whose K + 1 sets code_bits to ceil(log2(K + 1)). Checked against `cols` columns.
 CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
                     const char* fn) {
   check_tensor(rowptr, at::kInt, 1, fn, "rowptr");
   const bool codes = colidx.scalar_type() == at::kByte;
   check_tensor(colidx, codes ? at::kByte : at::kInt, 1, fn, codes ? "entries" : "colidx");
-  check_tensor(values, at::kFloat, 1, fn, codes ? "codebook" : "values");
+  check_tensor(values, at::kFloat, codes && values.dim() == 2 ? 2 : 1, fn, codes ? "codebook" : "values");
   TORCH_CHECK(rowptr.is_contiguous() && colidx.is_contiguous() && values.is_contiguous(), fn,
               ": rowptr, colidx and values must be contiguous");
   TORCH_CHECK(rowptr.numel() >= 1, fn, ": rowptr needs rows + 1 >= 1 entries");
@@ -53,8 +53,11 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
   const int64_t n = colidx.numel();
   try {
     if (codes) {
-      const int64_t k = values.numel();
+      const bool per_row = values.dim() == 2;
+      const int64_t k = values.size(-1);
       TORCH_CHECK(k >= 2 && k <= 128, fn, ": a codebook has 2 to 128 values (the first 0), got ", k);
+      TORCH_CHECK(!per_row || values.size(0) == w.rows, fn, ": a codebook per row needs ", w.rows, " rows, got ",
+                  values.sizes());
       sp::CodesCsr p;
       p.rows = w.rows;
       p.cols = cols;
@@ -63,6 +66,7 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
       p.code_bits = 64 - __builtin_clzll(static_cast<uint64_t>(k - 1));
       p.codebook = values.const_data_ptr<float>();
       p.codebook_size = k;
+      p.codebook_stride = per_row ? k : 0;
       c.colidx.resize(static_cast<size_t>(n));
       c.values.resize(static_cast<size_t>(n));
       sp::unpack_codes(p, n, c.colidx.data(), c.values.data());

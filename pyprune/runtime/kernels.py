@@ -102,12 +102,14 @@ class CSR:
 @dataclass(frozen=True)
 class CodesCSR:
     """A quantized weight as deep compression stores it, one byte per entry: ``entries``
-    uint8, the low ``code_bits`` an index into ``codebook`` (float32, ``codebook[0] == 0``),
-    the high bits the gap to the previous entry's column minus one (the first entry's
+    uint8, the low ``code_bits`` an index into the codebook (float32, index 0 the value
+    0), the high bits the gap to the previous entry's column minus one (the first entry's
     column counts from -1); gaps wider than the field are bridged by filler entries of
-    code 0. ``rowptr`` int32 ``[OC+1]`` over the entries, fillers included. The native
-    kernels unpack it per call, so this, not fp32 CSR, is what stays in memory: about
-    one byte per non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr)."""
+    code 0. ``rowptr`` int32 ``[OC+1]`` over the entries, fillers included. ``codebook`` is
+    ``[K+1]`` for all rows, or ``[OC, K+1]`` when rows have their own values (a layer with
+    BatchNorm folded in scales each output channel's codebook). The native kernels unpack
+    it per call, so this, not fp32 CSR, is what stays in memory: about one byte per
+    non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr)."""
 
     rowptr: torch.Tensor
     entries: torch.Tensor
@@ -119,39 +121,54 @@ class CodesCSR:
 
     @property
     def code_bits(self) -> int:
-        return max(1, (self.codebook.numel() - 1).bit_length())
+        return max(1, (self.codebook.shape[-1] - 1).bit_length())
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> "CodesCSR | None":
-        """The codes form of a float32 weight with at most 127 distinct non-zero values
-        (a codebook-quantized one), or None when it has more."""
+        """The codes form of a float32 weight whose rows have at most 127 distinct
+        non-zero values each (a codebook-quantized one, BatchNorm folded in or not), or
+        None when a row has more or the codes would not take fewer bytes than fp32 CSR."""
         csr = CSR.from_dense(weight)
-        values, codes = torch.unique(csr.values, return_inverse=True)
-        if values.numel() + 1 > 2 ** cls.MAX_CODE_BITS:
-            return None
-        codebook = torch.cat([values.new_zeros(1), values])
-        code_bits = max(1, values.numel().bit_length())
-        widest = 1 << (8 - code_bits)  # the largest gap one entry spans
         rows = csr.shape[0]
-        row_of = torch.repeat_interleave(torch.arange(rows), (csr.rowptr[1:] - csr.rowptr[:-1]).long())
+        counts = (csr.rowptr[1:] - csr.rowptr[:-1]).long()
+        union = torch.unique(csr.values)
+        if union.numel() + 1 <= 2 ** cls.MAX_CODE_BITS:  # one codebook for all rows
+            codebook = torch.cat([union.new_zeros(1), union])
+            codes = torch.searchsorted(union, csr.values) + 1
+        else:  # one per row, when each row has few values (BatchNorm folded into a quantized layer)
+            books = [torch.unique(v) for v in torch.split(csr.values, counts.tolist())]
+            k = max(b.numel() for b in books)
+            if k + 1 > 2 ** cls.MAX_CODE_BITS:
+                return None
+            codebook = csr.values.new_zeros(rows, k + 1)
+            for r, b in enumerate(books):
+                codebook[r, 1:b.numel() + 1] = b
+            codes = torch.cat([torch.searchsorted(b, v) + 1
+                               for b, v in zip(books, torch.split(csr.values, counts.tolist()))])
+        if codebook.shape[-1] < 2:  # an all-zero weight still gets a two-value codebook
+            codebook = torch.cat([codebook, codebook.new_zeros(*codebook.shape[:-1], 1)], -1)
+        code_bits = max(1, (codebook.shape[-1] - 1).bit_length())
+        widest = 1 << (8 - code_bits)  # the largest gap one entry spans
+        row_of = torch.repeat_interleave(torch.arange(rows), counts)
         cols = csr.colidx.long()
         previous = torch.full_like(cols, -1)
-        same_row = torch.ones_like(cols, dtype=torch.bool)
         if cols.numel():
-            same_row[1:] = row_of[1:] == row_of[:-1]
-            previous[1:] = torch.where(same_row[1:], cols[:-1], previous[1:])
+            same_row = row_of[1:] == row_of[:-1]
+            previous[1:] = torch.where(same_row, cols[:-1], previous[1:])
         gaps = cols - previous
         fillers = (gaps - 1) // widest  # each filler spans the widest gap, the entry the rest
         last_gap = gaps - fillers * widest
         # Entry i becomes fillers[i] filler bytes followed by its own byte.
-        counts = fillers + 1
-        starts = torch.cumsum(counts, 0) - counts
-        entries = torch.full((int(counts.sum()),), (widest - 1) << code_bits, dtype=torch.uint8)
-        entries[starts + fillers] = (((last_gap - 1) << code_bits) | (codes + 1)).to(torch.uint8)
-        per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of, counts)
+        sizes = fillers + 1
+        starts = torch.cumsum(sizes, 0) - sizes
+        entries = torch.full((int(sizes.sum()),), (widest - 1) << code_bits, dtype=torch.uint8)
+        entries[starts + fillers] = (((last_gap - 1) << code_bits) | codes).to(torch.uint8)
+        per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of, sizes)
         rowptr = torch.zeros(rows + 1, dtype=torch.int32)
         rowptr[1:] = torch.cumsum(per_row, 0).to(torch.int32)
-        return cls(rowptr, entries, codebook, tuple(weight.shape))
+        codes_csr = cls(rowptr, entries, codebook.contiguous(), tuple(weight.shape))
+        # Per-row codebooks of rows with many values can outweigh what they save.
+        return codes_csr if codes_csr.nbytes < csr.nbytes else None
 
     def unpacked(self) -> CSR:
         """The plain CSR of the same weight (fillers dropped), computed in torch: the
@@ -171,7 +188,9 @@ class CodesCSR:
         counts = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of[keep], torch.ones_like(codes[keep]))
         rowptr = torch.zeros(rows + 1, dtype=torch.int32)
         rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-        return CSR(rowptr, cols[keep].to(torch.int32), self.codebook[codes[keep]].contiguous(), self.shape)
+        book = self.codebook if self.codebook.dim() == 2 else self.codebook.expand(rows, -1)
+        values = book[row_of[keep], codes[keep]]
+        return CSR(rowptr, cols[keep].to(torch.int32), values.contiguous(), self.shape)
 
     def to_dense(self) -> torch.Tensor:
         return self.unpacked().to_dense()

@@ -144,9 +144,13 @@ def test_codes_layout_and_round_trip(levels, density, code_bits):
     assert codes.codebook[0] == 0 and codes.codebook.numel() == present + 1
 
 
-def test_codes_are_refused_past_127_values():
-    assert CodesCSR.from_dense(quantized_weight((20, 30), 100_000, 0.9)) is None
-    assert CodesCSR.from_dense(quantized_weight((20, 30), 127, 1.0)) is not None
+def test_codes_are_refused_past_127_values_a_row_or_where_they_save_nothing():
+    assert CodesCSR.from_dense(quantized_weight((20, 600), 100_000, 0.9)) is None  # ~540 values a row
+    assert CodesCSR.from_dense(quantized_weight((20, 600), 127, 1.0)) is not None
+    # ~100 values a row, each its own, 10% dense: 7-bit codes leave one bit of gap, and the
+    # fillers plus a codebook per row would outweigh fp32 CSR
+    weight = quantized_weight((20, 1000), 100_000, 0.1)
+    assert torch.unique(weight[0]).numel() < 128 and CodesCSR.from_dense(weight) is None
 
 
 @pytest.mark.parametrize("levels, density", [(4, 0.05), (8, 0.3), (100, 0.5)])
@@ -175,3 +179,18 @@ def test_malformed_codes_are_refused(mutate, message):
     codes = CodesCSR.from_dense(quantized_weight((3, 2, 3, 3), 4, 0.5))
     with pytest.raises((RuntimeError, ValueError), match=message):
         _native.cpu().sparse_conv2d(torch.randn(1, 2, 5, 5), *mutate(*codes.kernel_args()), (3, 3))
+
+
+def test_rows_scaled_apart_get_a_codebook_each():
+    """BatchNorm folded into a quantized layer: every row its own scale of one codebook."""
+    g = torch.Generator().manual_seed(0)
+    weight = quantized_weight((40, 6, 3, 3), 8, 0.4) * (torch.rand(40, 1, 1, 1, generator=g) + 0.5)
+    assert torch.unique(weight).numel() > 128
+    codes = CodesCSR.from_dense(weight)
+    assert codes.codebook.shape == (40, 9) and codes.code_bits == 4
+    assert torch.equal(codes.to_dense(), weight)
+    x = torch.randn(3, 6, 7, 7)
+    torch.testing.assert_close(sparse_conv2d(x, codes, None, (1, 1), (1, 1), (1, 1), False),
+                               F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises((RuntimeError, ValueError), match="per row"):
+        _native.cpu().sparse_conv2d(x, codes.rowptr, codes.entries, codes.codebook[:5].contiguous(), (3, 3))
