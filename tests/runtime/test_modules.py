@@ -41,8 +41,9 @@ def quantized(layer, levels: int, density=0.3, seed=0):
 
 @pytest.mark.parametrize("levels, codes, form", [(8, True, "codes of 4 bits"), (4, True, "codes of 3 bits"),
                                                  (8, False, "fp32 CSR"), (100_000, True, "fp32 CSR")])
-@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv2d(6, 10, 3, padding=1), (3, 6, 9, 9)),
-                                         (lambda: nn.Linear(40, 7), (5, 40))])
+# rows of 576 and 200 columns: unquantized at 70% density, more than 127 values a row
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Conv2d(64, 10, 3, padding=1), (3, 64, 9, 9)),
+                                         (lambda: nn.Linear(200, 7), (5, 200))])
 def test_a_quantized_layer_is_held_as_codes(make, shape, levels, codes, form):
     layer = quantized(make(), levels, density=0.7 if levels > 128 else 0.3)
     sparse = sparse_layer(layer, relu=True, codes=codes)
