@@ -7,7 +7,16 @@ Models, all in eval mode under ``torch.inference_mode`` on ``--threads`` threads
 * compiled (as loaded): the ``.ppz`` as ``pyprune eval`` runs it, without the runtime;
 * runtime dense / sparse / auto: the ``.ppz`` through :func:`pyprune.runtime.load_runtime`
   (BatchNorm folded, ReLUs fused; auto measures its per-layer choice at the batch
-  size of the row, without the cache).
+  size of the row, without the cache; from 8 images on, runs of sparse convolutions
+  keep their activations in the lanes layout). Quantized sparse weights stay in memory
+  as one-byte codes; "runtime auto, fp32 CSR" holds them as fp32 CSR instead, the
+  baseline of the codes' speed and memory.
+
+After the timings it prints the bytes every model holds in memory (all tensors of its
+state, weights and biases) beside the .ppz's tensor sections, and with
+``--check-predictions DIR`` it writes the top-1 class of every test image as the
+compiled model predicts it as loaded and through runtime auto at the largest batch,
+then compares the two files with ``cmp``.
 
 For each batch size (latency at 1, throughput at 64) every model runs on the same
 random input; within each repeat the models take turns, so load from other
@@ -15,7 +24,7 @@ processes hits them alike; the table gives medians. The MAC ratios are the limit
 a kernel could reach: slimming removes whole channels (dense MACs), masking makes
 the remaining weights sparse (non-zero MACs).
 
-    python bench/end_to_end.py [--ppz runs/resnet56-final/model.ppz] [--threads 2]
+    python bench/end_to_end.py [--ppz runs/resnet56-final/model.ppz] [--threads 2] [--check-predictions DIR]
 
 Without the .ppz it builds a stand-in: the pretrained ResNet-56 after
 slim(ratio=0.35),mask(sparsity=0.7),quant(bits=4) with no fine-tuning, and says so.
@@ -24,13 +33,14 @@ slim(ratio=0.35),mask(sparsity=0.7),quant(bits=4) with no fine-tuning, and says 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pyprune.api import LoadedModel, load_model, save_model, trace_model
+from pyprune.api import LoadedModel, evaluate_model, inspect_file, load_model, save_model, trace_model
 from pyprune.ir import layer_stats
 from pyprune.passes import build_pipeline
 from pyprune.passes.quant import codebooks
@@ -75,6 +85,33 @@ def macs(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, float]:
     return int(dense), nonzero
 
 
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of every tensor a model holds (parameters and buffers, shared ones once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def check_predictions(path: Path, batch: int, folder: Path) -> None:
+    """The compiled model's test predictions as loaded and through runtime auto at
+    ``batch``, written to two files and compared with cmp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, model in (("as-loaded", load_model(str(path))),
+                        (f"runtime-auto-b{batch}", load_runtime(path, runtime="auto", batch_size=batch,
+                                                                use_cache=False))):
+        result = evaluate_model(model, "cifar10", "test", batch_size=batch, progress=False)
+        files[name] = folder / f"{name}.txt"
+        files[name].write_text("".join(f"{c}\n" for c in result.predictions.tolist()))
+        print(f"{name}: top-1 {result.accuracy:.4f} on {result.n} test images -> {files[name]}")
+    a, b = files.values()
+    same = subprocess.run(["cmp", str(a), str(b)]).returncode == 0
+    print(f"cmp {a} {b}: {'identical' if same else 'DIFFERENT'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ppz", type=Path, default=DEFAULT_PPZ, help="compiled ResNet-56 (default: %(default)s)")
@@ -83,6 +120,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=0, help="timed runs per model (default: 50 at batch 1, "
                                                           "scaled down for larger batches, at least 10)")
     p.add_argument("--auto-repeats", type=int, default=5, help="per-layer timings of --runtime auto")
+    p.add_argument("--check-predictions", type=Path, metavar="DIR",
+                   help="write and cmp the test predictions as loaded and through runtime auto (needs the data)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,15 +136,17 @@ def main() -> None:
         base_macs, _ = macs(original, input_shape)
         dense_macs, nonzero_macs = macs(compiled.module, input_shape)
         rows = []
-        for batch in (int(b) for b in args.batches.split(",")):
+        batches = [int(b) for b in args.batches.split(",")]
+        for batch in batches:
             models: dict[str, nn.Module] = {"original (dense, uncompressed)": original,
                                             "compiled, as loaded": compiled.module.eval()}
             plans = {}
-            for runtime in ("dense", "sparse", "auto"):
+            for runtime, codes in (("dense", True), ("sparse", True), ("auto", True), ("auto", False)):
                 rt = load_runtime(path, runtime=runtime, batch_size=batch, repeats=args.auto_repeats,
-                                  use_cache=False).module
-                models[f"compiled, runtime {runtime}"] = rt
-                plans[runtime] = rt.plan
+                                  use_cache=False, codes=codes).module
+                name = f"compiled, runtime {runtime}" + ("" if codes else ", fp32 CSR")
+                models[name] = rt
+                plans[name] = rt.plan
             x = torch.randn(batch, *input_shape)
             with torch.inference_mode():
                 ref = models["compiled, as loaded"](x)
@@ -115,20 +156,34 @@ def main() -> None:
             base = ms[0]
             for (name, _), t in zip(models.items(), ms):
                 rows.append((name, batch, t, batch / t * 1e3, base / t))
-            auto = plans["auto"]
-            n_sparse = sum(layer.choice == "sparse" for layer in auto.layers)
-            print(f"batch {batch}: {repeats} repeats; auto chose sparse for {n_sparse}/{len(auto.layers)} layers; "
-                  "max |runtime - as loaded| " + ", ".join(f"{k.split()[-1]} {v:.1e}" for k, v in diffs.items()))
+            auto = plans["compiled, runtime auto"]
+            n_sparse = sum(layer.choice != "dense" for layer in auto.layers)
+            n_lanes = sum(layer.choice == "lanes" for layer in auto.layers)
+            print(f"batch {batch}: {repeats} repeats; auto chose sparse for {n_sparse}/{len(auto.layers)} layers "
+                  f"({n_lanes} in lanes, {auto.lanes_conversions} conversions); max |runtime - as loaded| "
+                  + ", ".join(f"{k.removeprefix('compiled, ')} {v:.1e}" for k, v in diffs.items()))
+            memory = {name: held_bytes(m) for name, m in models.items()}
 
-    print()
-    print("| model | batch | ms/batch | images/s | speedup vs original |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, batch, t, ips, speedup in rows:
-        print(f"| {name} | {batch} | {t:.2f} | {ips:,.0f} | {speedup:.2f}x |")
-    print()
-    print(f"MACs per image: original {base_macs / 1e6:.1f}M; compiled {dense_macs / 1e6:.1f}M dense "
-          f"({base_macs / dense_macs:.2f}x fewer: the limit for dense kernels), {nonzero_macs / 1e6:.1f}M "
-          f"non-zero ({base_macs / nonzero_macs:.2f}x fewer: the limit for sparse kernels)")
+        print()
+        print("| model | batch | ms/batch | images/s | speedup vs original |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, batch, t, ips, speedup in rows:
+            print(f"| {name} | {batch} | {t:.2f} | {ips:,.0f} | {speedup:.2f}x |")
+        print()
+        print(f"MACs per image: original {base_macs / 1e6:.1f}M; compiled {dense_macs / 1e6:.1f}M dense "
+              f"({base_macs / dense_macs:.2f}x fewer: the limit for dense kernels), {nonzero_macs / 1e6:.1f}M "
+              f"non-zero ({base_macs / nonzero_macs:.2f}x fewer: the limit for sparse kernels)")
+        sections = sum(t["bytes"] for t in inspect_file(path)["tensors"])
+        print()
+        print(f"Bytes held in memory at batch {batches[-1]} (every tensor of the model's state), against the .ppz's "
+              f"{sections:,} bytes of tensor sections:")
+        print("| model | bytes | vs .ppz sections |")
+        print("| --- | ---: | ---: |")
+        for name, held in memory.items():
+            print(f"| {name} | {held:,} | {held / sections:.2f}x |")
+        if args.check_predictions:
+            print()
+            check_predictions(path, batches[-1], args.check_predictions)
 
 
 if __name__ == "__main__":

@@ -510,6 +510,7 @@ void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* 
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
     const float* book = p.codebook + r * p.codebook_stride;
+    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
     int64_t col = -1;
     for (int64_t j = lo; j < hi; ++j) {
       const uint32_t e = p.entries[j], code = e & mask;
@@ -521,7 +522,7 @@ void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* 
                                                                    std::to_string(p.cols)));
       }
       colidx[j] = static_cast<int32_t>(col);
-      values[j] = book[code];
+      values[j] = p.row_scale ? book[code] * scale : book[code];
     }
   }
 }

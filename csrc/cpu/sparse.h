@@ -87,6 +87,9 @@ struct CodesCsr {
   const float* codebook = nullptr;
   int64_t codebook_size = 0;
   int64_t codebook_stride = 0;
+  // Optional, `rows` floats: row r's values are codebook[code] * row_scale[r], the
+  // product BatchNorm folding computes, so one shared codebook serves a folded layer.
+  const float* row_scale = nullptr;
 };
 
 // The plain CSR of `p` into colidx and values (rowptr[rows] entries each, fillers kept as

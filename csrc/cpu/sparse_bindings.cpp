@@ -37,7 +37,7 @@ struct CheckedCsr {
 // codebook (float32 [K + 1], or [rows, K + 1] for one per row; index 0 the value 0),
 // whose K + 1 sets code_bits to ceil(log2(K + 1)). Checked against `cols` columns.
 CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
-                    const char* fn) {
+                    const char* fn, const std::optional<at::Tensor>& row_scale = std::nullopt) {
   check_tensor(rowptr, at::kInt, 1, fn, "rowptr");
   const bool codes = colidx.scalar_type() == at::kByte;
   check_tensor(colidx, codes ? at::kByte : at::kInt, 1, fn, codes ? "entries" : "colidx");
@@ -67,12 +67,19 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
       p.codebook = values.const_data_ptr<float>();
       p.codebook_size = k;
       p.codebook_stride = per_row ? k : 0;
+      if (row_scale) {
+        check_tensor(*row_scale, at::kFloat, 1, fn, "row_scale");
+        TORCH_CHECK(row_scale->is_contiguous() && row_scale->numel() == w.rows, fn, ": row_scale needs ", w.rows,
+                    " contiguous entries, got ", row_scale->sizes());
+        p.row_scale = row_scale->const_data_ptr<float>();
+      }
       c.colidx.resize(static_cast<size_t>(n));
       c.values.resize(static_cast<size_t>(n));
       sp::unpack_codes(p, n, c.colidx.data(), c.values.data());
       w.colidx = c.colidx.data();
       w.values = c.values.data();
     } else {
+      TORCH_CHECK(!row_scale, fn, ": row_scale goes with codes (uint8 entries), not with float values");
       TORCH_CHECK(n == values.numel(), fn, ": colidx has ", n, " entries but values has ", values.numel());
       w.colidx = colidx.const_data_ptr<int32_t>();
       w.values = values.const_data_ptr<float>();
@@ -114,7 +121,8 @@ struct CheckedConv {
 // The checks on an NCHW input of sizes `nchw` (x is left undefined).
 CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, const at::Tensor& colidx,
                             const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
-                            Pair stride, Pair padding, Pair dilation, const char* fn) {
+                            Pair stride, Pair padding, Pair dilation, const char* fn,
+                            const std::optional<at::Tensor>& row_scale = std::nullopt) {
   CheckedConv c;
   c.g = sp::ConvGeometry{nchw[0],           nchw[1],            nchw[2],      nchw[3],       rowptr.numel() - 1,
                          kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
@@ -123,7 +131,7 @@ CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, cons
   TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
                   g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
               fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
-  c.csr = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn);
+  c.csr = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn, row_scale);
   c.bias = bias_ptr(bias, c.w().rows, fn);
   TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
               " is larger than the padded input ", nchw);
@@ -132,9 +140,11 @@ CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, cons
 
 CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
-                         Pair stride, Pair padding, Pair dilation, const char* fn) {
+                         Pair stride, Pair padding, Pair dilation, const char* fn,
+                         const std::optional<at::Tensor>& row_scale = std::nullopt) {
   check_tensor(input, at::kFloat, 4, fn, "input");
-  CheckedConv c = checked_conv_of(input.sizes(), rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
+  CheckedConv c = checked_conv_of(input.sizes(), rowptr, colidx, values, kernel_size, bias, stride, padding, dilation,
+                                  fn, row_scale);
   c.x = input.contiguous();
   return c;
 }
@@ -142,9 +152,10 @@ CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, cons
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                          Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                         const std::string& algo) {
+                         const std::string& algo, const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_conv2d";
-  const CheckedConv c = checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
+  const CheckedConv c =
+      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, row_scale);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
   at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
@@ -222,7 +233,7 @@ at::Tensor from_lanes(const at::Tensor& input, int64_t batch, int64_t pad) {
 at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                                const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                                Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                               int64_t in_pad, int64_t out_pad) {
+                               int64_t in_pad, int64_t out_pad, const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_conv2d_lanes";
   const at::Tensor x = checked_lanes(input, in_pad, fn);
   TORCH_CHECK(padding.first <= in_pad && padding.second <= in_pad, fn, ": padding ", padding,
@@ -231,7 +242,8 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
   const int64_t lanes = x.size(4);
   // Checked as the NCHW convolution of the groups' images.
   const std::vector<int64_t> nchw{x.size(0) * lanes, x.size(1), x.size(2) - 2 * in_pad, x.size(3) - 2 * in_pad};
-  const CheckedConv c = checked_conv_of(nchw, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn);
+  const CheckedConv c =
+      checked_conv_of(nchw, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, row_scale);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   at::Tensor out = at::empty({x.size(0), c.g.out_channels, c.g.out_h() + 2 * out_pad, c.g.out_w() + 2 * out_pad, lanes},
                              x.options());
@@ -245,11 +257,11 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
 
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu,
-                         const std::string& isa) {
+                         const std::string& isa, const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_linear";
   check_tensor(input, at::kFloat, 2, fn, "input");
   const at::Tensor x = input.contiguous();
-  const CheckedCsr checked = csr_view(rowptr, colidx, values, x.size(1), fn);
+  const CheckedCsr checked = csr_view(rowptr, colidx, values, x.size(1), fn, row_scale);
   const sp::Csr& w = checked.w;
   const float* b = bias_ptr(bias, w.rows, fn);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
@@ -269,10 +281,11 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d", &sparse_conv2d, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("algo") = "auto",
+        py::arg("isa") = "auto", py::arg("algo") = "auto", py::arg("row_scale") = py::none(),
         "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
-        "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values. "
-        "Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
+        "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values, or codes: "
+        "uint8 entries in place of colidx and the codebook in place of values, optionally times row_scale "
+        "(csrc/cpu/sparse.h, CodesCsr). Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
         "else direct) | direct (output pixels on the vector lanes) | batched (images on the lanes) | im2col.");
   m.def("sparse_conv2d_portable", &sparse_conv2d_portable, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
@@ -287,7 +300,7 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d_lanes", &sparse_conv2d_lanes, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1,
+        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1, py::arg("row_scale") = py::none(),
         "sparse_conv2d from a lanes tensor with border in_pad (>= padding) to one with border out_pad; lanes past "
         "the batch come out as act(bias).");
   m.attr("sparse_batched_from") = sp::kBatchedFrom;
@@ -296,7 +309,7 @@ void register_sparse_kernels(pybind11::module_& m) {
       "The lane count (8 or 16) the batched sparse convolution uses for `batch` images on this CPU.");
   m.def("sparse_linear", &sparse_linear, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "auto",
-        "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");
+        py::arg("row_scale") = py::none(), "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");
   m.def(
       "kernel_isa", [] { return std::string(sp::isa_name(sp::best_isa())); },
       "The instruction set isa='auto' selects on this CPU: 'avx512', 'avx2' or 'scalar'.");

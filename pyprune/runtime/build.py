@@ -80,6 +80,13 @@ def _usable_cache(cached: Mapping[str, Any] | None, measurable: list[str]) -> bo
     return cached is not None and all(name in cached for name in measurable)
 
 
+def _weight_bytes(layer: nn.Module) -> int:
+    """Bytes a layer's weight takes in memory: its CSR or codes, else the dense tensor."""
+    if hasattr(layer, "weight_bytes"):
+        return layer.weight_bytes
+    return layer.weight.numel() * layer.weight.element_size()
+
+
 @torch.inference_mode()
 def _time_lanes(layer: LanesSparseConv2d, x: torch.Tensor, lanes: int, pad: int, repeats: int) -> tuple[float, float]:
     """Median ms of ``layer`` on the lanes form of ``x``, and of converting its input to
@@ -94,12 +101,14 @@ def _time_lanes(layer: LanesSparseConv2d, x: torch.Tensor, lanes: int, pad: int,
 
 def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str = "auto",
                   batch_size: int = 1, repeats: int = 5,
-                  cached: Mapping[str, Mapping[str, Any]] | None = None) -> RuntimeModel:
+                  cached: Mapping[str, Mapping[str, Any]] | None = None, codes: bool = True) -> RuntimeModel:
     """The runtime model of ``gm`` for one-sample input ``input_shape``.
 
     ``cached`` (``{layer: {"choice", "dense_ms", "sparse_ms"}}``, as :mod:`.cache`
     stores) replaces the measurement of ``runtime="auto"`` when it covers every layer
-    that has a choice; otherwise every such layer is measured ``repeats`` times."""
+    that has a choice; otherwise every such layer is measured ``repeats`` times.
+    ``codes`` keeps a quantized sparse layer's weight as one-byte codes (:class:`CodesCSR`)
+    rather than fp32 CSR."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if batch_size < 1:
@@ -127,6 +136,14 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
     source = "forced" if runtime != "auto" else "cache" if from_cache else "measured"
 
     modules = dict(graph.named_modules())
+    originals = dict(gm.named_modules())
+
+    def unfolded(name: str) -> torch.Tensor | None:
+        """The layer's weight before BatchNorm folding, which codes keep apart from its factor."""
+        original = originals.get(name)
+        weight = getattr(unfused(original)[0], "weight", None) if original is not None else None
+        return weight.detach() if isinstance(weight, torch.Tensor) else None
+
     layers = []
     for node in nodes:
         name, dense = node.target, modules[node.target]
@@ -142,7 +159,7 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
                 entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms"), entry.get("lanes_ms"),
                 entry.get("convert_ms"))
         elif reasons[name] is None and runtime == "auto":
-            sparse = sparse_layer(layer, relu)
+            sparse = sparse_layer(layer, relu, codes, unfolded(name))
             x = torch.randn(shape)
             dense_ms, sparse_ms = time_modules([dense, sparse], x, repeats=repeats)
             choice = "sparse" if sparse_ms < dense_ms else "dense"
@@ -154,12 +171,13 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
                     choice = "lanes"
         if choice in ("sparse", "lanes"):
             # Only layers called once get here, so swapping the module changes one call.
-            sparse = sparse or sparse_layer(layer, relu)
+            sparse = sparse or sparse_layer(layer, relu, codes, unfolded(name))
             replace_node_module(node, modules, LanesSparseConv2d(sparse, pad) if choice == "lanes" else sparse)
         layers.append(LayerPlan(name, "linear" if isinstance(layer, nn.Linear) else "conv", shape,
                                 tuple(layer.weight.shape), (layer.weight == 0).float().mean().item(),
                                 name in bn_layers, name in relu_layers, choice, reasons[name] or "",
-                                dense_ms, sparse_ms, lanes_ms, convert_ms))
+                                dense_ms, sparse_ms, lanes_ms, convert_ms,
+                                _weight_bytes(sparse if choice != "dense" else layer)))
     conversions = place_conversions(graph, {p.name for p in layers if p.choice == "lanes"}, lanes or 8, pad)
     graph.recompile()
     graph.eval().requires_grad_(False)

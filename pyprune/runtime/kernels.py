@@ -98,6 +98,9 @@ class CSR:
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.rowptr, self.colidx, self.values
 
+    def kernel_kwargs(self) -> dict[str, torch.Tensor]:
+        return {}
+
 
 @dataclass(frozen=True)
 class CodesCSR:
@@ -109,12 +112,15 @@ class CodesCSR:
     ``[K+1]`` for all rows, or ``[OC, K+1]`` when rows have their own values (a layer with
     BatchNorm folded in scales each output channel's codebook). The native kernels unpack
     it per call, so this, not fp32 CSR, is what stays in memory: about one byte per
-    non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr)."""
+    non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr). A folded
+    layer is better held by :meth:`from_folded`: the codes of the quantized weight and the
+    BatchNorm's per-channel factor as ``row_scale``, one shared codebook."""
 
     rowptr: torch.Tensor
     entries: torch.Tensor
     codebook: torch.Tensor
     shape: tuple[int, ...]
+    row_scale: torch.Tensor | None = None  # [OC]: row r's values are codebook[code] * row_scale[r]
 
     MAX_CODE_BITS = 7  # at least one bit of gap
     FIELDS = ("rowptr", "entries", "codebook")  # what kernel_args() returns
@@ -170,6 +176,34 @@ class CodesCSR:
         # Per-row codebooks of rows with many values can outweigh what they save.
         return codes_csr if codes_csr.nbytes < csr.nbytes else None
 
+    @classmethod
+    def from_folded(cls, quantized: torch.Tensor, folded: torch.Tensor) -> "CodesCSR | None":
+        """The codes of ``folded``, a layer's weight with BatchNorm folded in, as the codes
+        of ``quantized`` (the same weight before folding) and a per-row factor, where
+        ``quantized[r] * factor[r]`` gives ``folded[r]`` bit for bit (the product folding
+        computes); else :meth:`from_dense` of ``folded``."""
+        if quantized.shape != folded.shape or quantized.dtype != torch.float32:
+            return cls.from_dense(folded)
+        rows_q, rows_f = quantized.reshape(quantized.shape[0], -1), folded.reshape(folded.shape[0], -1)
+        nonzero = rows_q != 0
+        if not torch.equal(nonzero, rows_f != 0):
+            return cls.from_dense(folded)
+        first = nonzero.float().argmax(1)  # a non-zero column of each row (0 in an empty row)
+        take = torch.arange(rows_q.shape[0])
+        ratio = rows_f[take, first] / torch.where(nonzero.any(1), rows_q[take, first], 1.0)
+        # The quotient is within an ulp of the factor folding used; take, per row, the
+        # neighbour that reproduces the row exactly.
+        factor, found = ratio.clone(), torch.zeros_like(ratio, dtype=torch.bool)
+        for candidate in (ratio, torch.nextafter(ratio, ratio + 1), torch.nextafter(ratio, ratio - 1)):
+            exact = (rows_q * candidate[:, None] + 0.0 == rows_f).all(1) & ~found
+            factor[exact], found = candidate[exact], found | exact
+        if not found.all():
+            return cls.from_dense(folded)
+        codes = cls.from_dense(quantized)
+        if codes is None or codes.codebook.dim() != 1:
+            return cls.from_dense(folded)
+        return cls(codes.rowptr, codes.entries, codes.codebook, codes.shape, factor.contiguous())
+
     def unpacked(self) -> CSR:
         """The plain CSR of the same weight (fillers dropped), computed in torch: the
         reference the native unpacking is tested against."""
@@ -190,6 +224,8 @@ class CodesCSR:
         rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
         book = self.codebook if self.codebook.dim() == 2 else self.codebook.expand(rows, -1)
         values = book[row_of[keep], codes[keep]]
+        if self.row_scale is not None:
+            values = values * self.row_scale[row_of[keep]]
         return CSR(rowptr, cols[keep].to(torch.int32), values.contiguous(), self.shape)
 
     def to_dense(self) -> torch.Tensor:
@@ -201,13 +237,17 @@ class CodesCSR:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: row pointers, entries and codebook."""
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.entries, self.codebook))
+        """Bytes held: row pointers, entries, codebook and row factors."""
+        held = (self.rowptr, self.entries, self.codebook) + (() if self.row_scale is None else (self.row_scale,))
+        return sum(t.numel() * t.element_size() for t in held)
 
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rowptr, entries, codebook)``: what the native kernels take in place of
         ``(rowptr, colidx, values)``."""
         return self.rowptr, self.entries, self.codebook
+
+    def kernel_kwargs(self) -> dict[str, torch.Tensor]:
+        return {} if self.row_scale is None else {"row_scale": self.row_scale}
 
 
 def native_module() -> ModuleType | None:
@@ -258,7 +298,7 @@ def sparse_conv2d(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | Non
         return reference_conv2d(x, csr, bias, stride, padding, dilation, relu)
     kh, kw = csr.kernel_size
     return native.sparse_conv2d(x, *csr.kernel_args(), (kh, kw), bias, tuple(stride), tuple(padding),
-                                tuple(dilation), relu, isa)
+                                tuple(dilation), relu, isa, **csr.kernel_kwargs())
 
 
 def sparse_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, relu: bool,
@@ -270,4 +310,4 @@ def sparse_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | Non
     native = native_module()
     if native is None:
         return reference_linear(x, csr, bias, relu)
-    return native.sparse_linear(x, *csr.kernel_args(), bias, relu, isa)
+    return native.sparse_linear(x, *csr.kernel_args(), bias, relu, isa, **csr.kernel_kwargs())

@@ -82,7 +82,8 @@ class LanesSparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         return _native.cpu().sparse_conv2d_lanes(x, *c.csr.kernel_args(), c.csr.kernel_size, c.bias, c.stride,
-                                                 c.padding, c.dilation, c.relu, "auto", self.pad, self.pad)
+                                                 c.padding, c.dilation, c.relu, "auto", self.pad, self.pad,
+                                                 **c.csr.kernel_kwargs())
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}"

@@ -17,7 +17,8 @@ from .kernels import backend
 
 
 def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int = 1, repeats: int = 5,
-                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> LoadedModel:
+                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                 codes: bool = True) -> LoadedModel:
     """Load a saved pyprune model (``.ppz`` or graph file) as a runtime model.
 
     The returned model's ``module`` is a :class:`~pyprune.runtime.build.RuntimeModel`
@@ -25,7 +26,9 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
     are read from the cache folder (``cache_dir``, else ``$PYPRUNE_CACHE``, else
     ``~/.cache/pyprune/runtime``) when an entry exists for this file's sha256, batch
     size, thread count, CPU model and kernel backend; otherwise they are measured and
-    stored there. ``use_cache=False`` always measures and stores nothing.
+    stored there. ``use_cache=False`` always measures and stores nothing. ``codes=False``
+    holds sparse weights as fp32 CSR even where they are quantized (see
+    :func:`~pyprune.runtime.build.build_runtime`).
 
     Raises ``ValueError`` for a file that is not a saved pyprune model."""
     if not is_saved_model(path):
@@ -35,9 +38,10 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cached = None
     if runtime == "auto" and use_cache:
-        key = CacheKey(sha256_file(path), batch_size, torch.get_num_threads(), cpu_model(), backend())
+        key = CacheKey(sha256_file(path), batch_size, torch.get_num_threads(), cpu_model(),
+                       backend() + ("" if codes else "-csr"))
         cached = read_entry(cache, key)
-    module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached)
+    module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached, codes)
     if key is not None:
         written = cache / key.filename() if module.plan.source == "cache" else \
             write_entry(cache, key, plan_cache_entry(module.plan))

@@ -65,11 +65,16 @@ class _SparseLayer(nn.Module):
     :class:`CodesCSR`, one byte per entry, when it is codebook-quantized and ``codes`` is
     on, else as fp32 :class:`CSR`. The kernels take either."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, codes: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, codes: bool = True,
+                 unfolded: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.csr: CSR | CodesCSR = (codes and CodesCSR.from_dense(weight)) or CSR.from_dense(weight)
+        as_codes = None
+        if codes:
+            as_codes = CodesCSR.from_folded(unfolded, weight) if unfolded is not None else CodesCSR.from_dense(weight)
+        self.csr: CSR | CodesCSR = as_codes or CSR.from_dense(weight)
         for name, t in zip(self.csr.FIELDS, self.csr.kernel_args()):
             self.register_buffer(name, t)
+        self.register_buffer("row_scale", getattr(self.csr, "row_scale", None))
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.relu = relu
         self.sparsity = float((weight == 0).float().mean())
@@ -82,6 +87,8 @@ class _SparseLayer(nn.Module):
 
     def extra_repr(self) -> str:
         form = f"codes of {self.csr.code_bits} bits" if isinstance(self.csr, CodesCSR) else "fp32 CSR"
+        if getattr(self.csr, "row_scale", None) is not None:
+            form += " times a factor per row"
         return (f"shape={self.csr.shape}, nnz={self.nnz}, {form}, {self.weight_bytes} bytes, bias={self.bias is not None}, "
                 f"relu={self.relu}")
 
@@ -89,11 +96,12 @@ class _SparseLayer(nn.Module):
 class SparseConv2d(_SparseLayer):
     """``relu?(conv2d(x, W, b))`` of a groups-1 ``nn.Conv2d`` with zero padding, on its CSR."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, codes: bool = True) -> None:
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, codes: bool = True,
+                 unfolded: torch.Tensor | None = None) -> None:
         reason = sparse_supported(conv, None)
         if reason:
             raise ValueError(f"SparseConv2d cannot run this convolution: {reason}")
-        super().__init__(conv.weight, conv.bias, relu, codes)
+        super().__init__(conv.weight, conv.bias, relu, codes, unfolded)
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,13 +114,16 @@ class SparseConv2d(_SparseLayer):
 class SparseLinear(_SparseLayer):
     """``relu?(linear(x, W, b))`` of an ``nn.Linear`` on a ``[N, IN]`` input, on its CSR."""
 
-    def __init__(self, linear: nn.Linear, relu: bool = False, codes: bool = True) -> None:
-        super().__init__(linear.weight, linear.bias, relu, codes)
+    def __init__(self, linear: nn.Linear, relu: bool = False, codes: bool = True,
+                 unfolded: torch.Tensor | None = None) -> None:
+        super().__init__(linear.weight, linear.bias, relu, codes, unfolded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.csr, self.bias, self.relu)
 
 
-def sparse_layer(layer: Layer, relu: bool, codes: bool = True) -> nn.Module:
-    """The sparse path for ``layer`` (check :func:`sparse_supported` first)."""
-    return SparseConv2d(layer, relu, codes) if isinstance(layer, nn.Conv2d) else SparseLinear(layer, relu, codes)
+def sparse_layer(layer: Layer, relu: bool, codes: bool = True, unfolded: torch.Tensor | None = None) -> nn.Module:
+    """The sparse path for ``layer`` (check :func:`sparse_supported` first); ``unfolded``
+    is its weight before BatchNorm was folded in, which codes keep apart."""
+    kind = SparseConv2d if isinstance(layer, nn.Conv2d) else SparseLinear
+    return kind(layer, relu, codes, unfolded)

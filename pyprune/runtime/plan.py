@@ -35,6 +35,7 @@ class LayerPlan:
     sparse_ms: float | None = None
     lanes_ms: float | None = None
     convert_ms: float | None = None  # to and from the lanes layout, charged to leaving it
+    weight_bytes: int | None = None  # the weight in memory: dense tensor, fp32 CSR or codes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +79,9 @@ class RuntimePlan:
         n_sparse = sum(p.choice != "dense" for p in self.layers)
         n_lanes = sum(p.choice == "lanes" for p in self.layers)
         lanes = f" ({n_lanes} in lanes of {self.lanes}, {self.lanes_conversions} conversions)" if n_lanes else ""
-        lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse{lanes}; batch {self.batch_size}, "
+        held = sum(p.weight_bytes or 0 for p in self.layers)
+        lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse{lanes}, weights "
+                     f"{held:,} bytes in memory; batch {self.batch_size}, "
                      f"{self.threads} threads, {self.backend} sparse kernels, choices {self.source}"
                      + (f" ({self.cache_file})" if self.cache_file else ""))
         return "\n".join(lines)

@@ -194,3 +194,28 @@ def test_rows_scaled_apart_get_a_codebook_each():
                                F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises((RuntimeError, ValueError), match="per row"):
         _native.cpu().sparse_conv2d(x, codes.rowptr, codes.entries, codes.codebook[:5].contiguous(), (3, 3))
+
+
+def test_a_folded_layer_keeps_one_codebook_and_a_factor_per_row():
+    """Folding computes weight * factor per row; codes of the weight times the factor
+    rebuild it bit for bit, with one shared codebook instead of one per row."""
+    g = torch.Generator().manual_seed(1)
+    quantized = quantized_weight((40, 6, 3, 3), 8, 0.4)
+    factor = torch.rand(40, generator=g) + 0.5
+    folded = quantized * factor.view(-1, 1, 1, 1) + 0.0
+    codes = CodesCSR.from_folded(quantized, folded)
+    assert codes.row_scale is not None and codes.codebook.shape == (9,)
+    assert torch.equal(codes.to_dense(), folded)
+    assert codes.nbytes < CodesCSR.from_dense(folded).nbytes  # 40 factors, not 40 codebooks
+    x = torch.randn(3, 6, 7, 7)
+    for algo in ("direct", "batched"):
+        out = _native.cpu().sparse_conv2d(x, *codes.kernel_args(), (3, 3), None, (1, 1), (1, 1), (1, 1), False,
+                                          "auto", algo, **codes.kernel_kwargs())
+        torch.testing.assert_close(out, F.conv2d(x, folded, None, 1, 1), rtol=1e-5, atol=1e-5)
+    # not a product of the two: the folded weight's own codes
+    other = folded.clone()
+    other[0, 0, 0, 0] = 123.0
+    assert CodesCSR.from_folded(quantized, other).row_scale is None
+    with pytest.raises((RuntimeError, ValueError), match="row_scale"):
+        csr = CSR.from_dense(folded)
+        _native.cpu().sparse_conv2d(x, *csr.kernel_args(), (3, 3), row_scale=factor)
