@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from _measure import interleaved_medians, table
 from pyprune import _native
 from pyprune.models import build_model
-from pyprune.runtime.kernels import CSR
+from pyprune.runtime.kernels import CSR, CodesCSR
 
 
 @dataclass(frozen=True)
@@ -71,23 +71,38 @@ def pruned_weight(shape: ConvShape, sparsity: float, gen: torch.Generator) -> to
     return w
 
 
+def quantized(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The non-zeros of ``w`` snapped to 2**bits evenly spaced levels (speed does not
+    depend on which levels)."""
+    levels = torch.linspace(float(w.min()), float(w.max()), 2 ** bits)
+    snapped = levels[(w.unsqueeze(-1) - levels).abs().argmin(-1)]
+    return torch.where(w != 0, snapped, 0.0)
+
+
 def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, variants: dict[str, dict],
-               lanes: bool = False) -> dict[str, float]:
+               lanes: bool = False, bits: int | None = None) -> dict[str, float]:
     """Median seconds of dense conv2d ("dense"), of each sparse variant (kwargs of
-    sparse_conv2d, NCHW in and out) and, with ``lanes``, of the batched kernel on the lanes
-    layout ("lanes": in and out already in it, as between two such layers of the runtime)
-    and of the two conversions it saves there ("convert": to_lanes of the input plus
-    from_lanes of the output)."""
+    sparse_conv2d, NCHW in and out; ``codes=True`` passes the weight as one-byte codes,
+    which needs ``bits``, the quantization of every contender's weight) and, with
+    ``lanes``, of the batched kernel on the lanes layout ("lanes": in and out already in
+    it, as between two such layers of the runtime) and of the two conversions it saves
+    there ("convert": to_lanes of the input plus from_lanes of the output)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, generator=gen)
     w = pruned_weight(shape, sparsity, gen)
+    if bits:
+        w = quantized(w, bits)
     csr = CSR.from_dense(w)
     rowptr, col, val = csr.rowptr, csr.colidx, csr.values
+    codes = CodesCSR.from_dense(w) if bits else None
     s = (shape.stride, shape.stride)
     fns = {"dense": lambda: F.conv2d(x, w, None, s, (1, 1))}
     expected = fns["dense"]()
     for name, kw in variants.items():
-        fns[name] = lambda kw=kw: C.sparse_conv2d(x, rowptr, col, val, (3, 3), None, s, (1, 1), (1, 1), False, **kw)
+        kw = dict(kw)
+        weights = codes.kernel_args() if kw.pop("codes", False) else (rowptr, col, val)
+        fns[name] = lambda kw=kw, weights=weights: C.sparse_conv2d(x, *weights, (3, 3), None, s, (1, 1), (1, 1),
+                                                                   False, **kw)
     checks = {name: fns[name] for name in variants}
     if lanes:
         n_lanes = C.sparse_lanes(batch)
@@ -129,14 +144,17 @@ def variants_table(C, args) -> None:
     variants = {isa: {"isa": isa, "algo": "direct"} for isa in ("avx512", "avx2", "scalar") if supports(C, isa)}
     variants["batched"] = {"algo": "batched"}
     variants["im2col"] = {"algo": "im2col"}
+    variants["auto, fp32 CSR"] = {}
+    variants["auto, codes"] = {"codes": True}
     rows = []
     for shape in SHAPES:
         for batch in args.batch:
-            times = time_layer(C, shape, 0.9, batch, args.repeats, variants)
+            times = time_layer(C, shape, 0.9, batch, args.repeats, variants, bits=4)
             rows.append([shape.label(), str(batch)] + [f"{t * 1e3:.3f}" for t in times.values()])
     print()
-    print(f"At 90% sparsity, ms, NCHW in and out (direct algorithm per isa; batched and im2col use isa="
-          f"{C.kernel_isa()}):")
+    print(f"At 90% sparsity, weights quantized to 4 bits, ms, NCHW in and out (direct algorithm per isa; the "
+          f"others use isa={C.kernel_isa()}; auto: direct below 8 images, batched from 8; codes: the weight "
+          "as one-byte codes, unpacked per call):")
     print(table(["layer", "batch", "dense"] + list(variants), rows))
 
 
