@@ -498,23 +498,41 @@ void pixels_scalar(const float* base, const int32_t* off, const float* val, int6
 }
 
 void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* values) {
-  if (p.code_bits < 1 || p.code_bits > 7) throw std::invalid_argument("codes CSR: code_bits must be in [1, 7]");
+  if (p.code_bits < 1 || p.code_bits > 8 || p.gap_bits < 1 || p.gap_bits > 8) {
+    throw std::invalid_argument("codes CSR: code_bits and gap_bits must be in [1, 8]");
+  }
+  const int width = p.code_bits + p.gap_bits;
+  if (p.entry_bytes * 8 < n_entries * width) {
+    throw std::invalid_argument("codes CSR: " + std::to_string(n_entries) + " entries of " + std::to_string(width) +
+                                " bits need " + std::to_string((n_entries * width + 7) / 8) + " bytes, got " +
+                                std::to_string(p.entry_bytes));
+  }
   if (p.rows < 0 || p.cols < 0 || p.rowptr[0] != 0 || p.rowptr[p.rows] != n_entries) {
     throw std::invalid_argument("codes CSR: rowptr must start at 0 and end at the number of entries");
   }
   for (int64_t r = 0; r < p.rows; ++r) {  // all of it before any entry is read
     if (p.rowptr[r + 1] < p.rowptr[r]) throw std::invalid_argument("codes CSR: rowptr decreases at row " + std::to_string(r));
   }
-  const uint32_t mask = (1u << p.code_bits) - 1;
-  const int shift = p.code_bits;
+  const uint32_t code_mask = (1u << p.code_bits) - 1, entry_mask = (1u << width) - 1;
+  // Rows follow each other in the stream: one sequential pass, refilled a byte at a time
+  // (the size check above keeps every byte read inside the stream).
+  uint64_t buffer = 0;
+  int buffered = 0;
+  int64_t next = 0;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
     const float* book = p.codebook + r * p.codebook_stride;
     const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
     int64_t col = -1;
     for (int64_t j = lo; j < hi; ++j) {
-      const uint32_t e = p.entries[j], code = e & mask;
-      col += static_cast<int64_t>(e >> shift) + 1;
+      while (buffered < width) {
+        buffer |= static_cast<uint64_t>(p.entries[next++]) << buffered;
+        buffered += 8;
+      }
+      const uint32_t e = static_cast<uint32_t>(buffer) & entry_mask, code = e & code_mask;
+      buffer >>= width;
+      buffered -= width;
+      col += static_cast<int64_t>(e >> p.code_bits) + 1;
       if (code >= p.codebook_size || col >= p.cols) {
         throw std::invalid_argument("codes CSR: entry " + std::to_string(j) + " has " +
                                     (code >= p.codebook_size ? "code " + std::to_string(code) + " past the codebook"

@@ -70,20 +70,22 @@ inline void validate(const Csr& w, int64_t nnz) {
   }
 }
 
-// A CSR matrix whose values are codebook indices, one byte per entry, as deep compression
-// stores it (the .ppz's CSR-quantized sections hold the same, Huffman-coded): the low
-// `code_bits` of an entry index `codebook` (index 0 is the value 0), the high
-// 8 - code_bits hold gap - 1, where gap is the entry's column minus the previous entry's
-// in its row (the first entry's: its column + 1). A gap wider than 2^(8 - code_bits) is
-// bridged by filler entries of code 0 and the widest gap. `codebook_size` floats, one
-// codebook for all rows (codebook_stride 0) or one per row, codebook_stride apart (a
-// layer with BatchNorm folded in: each row's codebook scaled by its channel's factor).
+// A CSR matrix whose values are codebook indices, as deep compression stores it (the .ppz's
+// CSR-quantized sections hold the same, Huffman-coded). Entry j is the `code_bits +
+// gap_bits` bits at bit j * (code_bits + gap_bits) of the little-endian bit stream
+// `entries`: the low `code_bits` index `codebook` (index 0 is the value 0), the high
+// `gap_bits` hold gap - 1, where gap is the entry's column minus the previous entry's in its
+// row (the first entry's: its column + 1). A gap wider than 2^gap_bits is bridged by
+// filler entries of code 0 and the widest gap. `codebook_size` floats, one codebook for all
+// rows (codebook_stride 0) or one per row, codebook_stride apart.
 struct CodesCsr {
   int64_t rows = 0;
   int64_t cols = 0;
   const int32_t* rowptr = nullptr;  // rows + 1 entries over `entries`, fillers included
   const uint8_t* entries = nullptr;
-  int code_bits = 0;  // 1..7
+  int64_t entry_bytes = 0;  // of the stream
+  int code_bits = 0;  // 1..8
+  int gap_bits = 0;   // 1..8
   const float* codebook = nullptr;
   int64_t codebook_size = 0;
   int64_t codebook_stride = 0;

@@ -36,8 +36,15 @@ struct CheckedCsr {
 // values (float32), one per entry, or codes (sp::CodesCsr): uint8 entries and the
 // codebook (float32 [K + 1], or [rows, K + 1] for one per row; index 0 the value 0),
 // whose K + 1 sets code_bits to ceil(log2(K + 1)). Checked against `cols` columns.
+// Codes' extra arguments: the gap width and the optional per-row factor.
+struct CodesArgs {
+  int64_t gap_bits = 0;
+  std::optional<at::Tensor> row_scale;
+};
+
 CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at::Tensor& values, int64_t cols,
-                    const char* fn, const std::optional<at::Tensor>& row_scale = std::nullopt) {
+                    const char* fn, const CodesArgs& extra = {}) {
+  const std::optional<at::Tensor>& row_scale = extra.row_scale;
   check_tensor(rowptr, at::kInt, 1, fn, "rowptr");
   const bool codes = colidx.scalar_type() == at::kByte;
   check_tensor(colidx, codes ? at::kByte : at::kInt, 1, fn, codes ? "entries" : "colidx");
@@ -50,12 +57,14 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
   w.rows = rowptr.numel() - 1;
   w.cols = cols;
   w.rowptr = rowptr.const_data_ptr<int32_t>();
-  const int64_t n = colidx.numel();
+  int64_t n = colidx.numel();
   try {
     if (codes) {
+      n = rowptr.const_data_ptr<int32_t>()[w.rows];
+      TORCH_CHECK(n >= 0, fn, ": rowptr ends at a negative count ", n);
       const bool per_row = values.dim() == 2;
       const int64_t k = values.size(-1);
-      TORCH_CHECK(k >= 2 && k <= 128, fn, ": a codebook has 2 to 128 values (the first 0), got ", k);
+      TORCH_CHECK(k >= 2 && k <= 256, fn, ": a codebook has 2 to 256 values (the first 0), got ", k);
       TORCH_CHECK(!per_row || values.size(0) == w.rows, fn, ": a codebook per row needs ", w.rows, " rows, got ",
                   values.sizes());
       sp::CodesCsr p;
@@ -63,7 +72,11 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
       p.cols = cols;
       p.rowptr = w.rowptr;
       p.entries = colidx.const_data_ptr<uint8_t>();
+      p.entry_bytes = colidx.numel();
       p.code_bits = 64 - __builtin_clzll(static_cast<uint64_t>(k - 1));
+      p.gap_bits = static_cast<int>(extra.gap_bits);
+      TORCH_CHECK(extra.gap_bits >= 1 && extra.gap_bits <= 8, fn, ": codes need gap_bits in [1, 8], got ",
+                  extra.gap_bits);
       p.codebook = values.const_data_ptr<float>();
       p.codebook_size = k;
       p.codebook_stride = per_row ? k : 0;
@@ -79,7 +92,8 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
       w.colidx = c.colidx.data();
       w.values = c.values.data();
     } else {
-      TORCH_CHECK(!row_scale, fn, ": row_scale goes with codes (uint8 entries), not with float values");
+      TORCH_CHECK(!row_scale && extra.gap_bits == 0, fn,
+                  ": row_scale and gap_bits go with codes (uint8 entries), not with float values");
       TORCH_CHECK(n == values.numel(), fn, ": colidx has ", n, " entries but values has ", values.numel());
       w.colidx = colidx.const_data_ptr<int32_t>();
       w.values = values.const_data_ptr<float>();
@@ -122,7 +136,7 @@ struct CheckedConv {
 CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, const at::Tensor& colidx,
                             const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                             Pair stride, Pair padding, Pair dilation, const char* fn,
-                            const std::optional<at::Tensor>& row_scale = std::nullopt) {
+                            const CodesArgs& codes = {}) {
   CheckedConv c;
   c.g = sp::ConvGeometry{nchw[0],           nchw[1],            nchw[2],      nchw[3],       rowptr.numel() - 1,
                          kernel_size.first, kernel_size.second, stride.first, stride.second, padding.first,
@@ -131,7 +145,7 @@ CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, cons
   TORCH_CHECK(g.kernel_h >= 1 && g.kernel_w >= 1 && g.stride_h >= 1 && g.stride_w >= 1 && g.dilation_h >= 1 &&
                   g.dilation_w >= 1 && g.pad_h >= 0 && g.pad_w >= 0,
               fn, ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
-  c.csr = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn, row_scale);
+  c.csr = csr_view(rowptr, colidx, values, g.in_channels * g.kernel_h * g.kernel_w, fn, codes);
   c.bias = bias_ptr(bias, c.w().rows, fn);
   TORCH_CHECK(g.out_h() >= 1 && g.out_w() >= 1, fn, ": the kernel ", kernel_size, " with dilation ", dilation,
               " is larger than the padded input ", nchw);
@@ -140,11 +154,10 @@ CheckedConv checked_conv_of(at::IntArrayRef nchw, const at::Tensor& rowptr, cons
 
 CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
-                         Pair stride, Pair padding, Pair dilation, const char* fn,
-                         const std::optional<at::Tensor>& row_scale = std::nullopt) {
+                         Pair stride, Pair padding, Pair dilation, const char* fn, const CodesArgs& codes = {}) {
   check_tensor(input, at::kFloat, 4, fn, "input");
   CheckedConv c = checked_conv_of(input.sizes(), rowptr, colidx, values, kernel_size, bias, stride, padding, dilation,
-                                  fn, row_scale);
+                                  fn, codes);
   c.x = input.contiguous();
   return c;
 }
@@ -152,10 +165,10 @@ CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, cons
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                          Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                         const std::string& algo, const std::optional<at::Tensor>& row_scale) {
+                         const std::string& algo, int64_t gap_bits, const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_conv2d";
   const CheckedConv c =
-      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, row_scale);
+      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, {gap_bits, row_scale});
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
   at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
@@ -233,7 +246,8 @@ at::Tensor from_lanes(const at::Tensor& input, int64_t batch, int64_t pad) {
 at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                                const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                                Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                               int64_t in_pad, int64_t out_pad, const std::optional<at::Tensor>& row_scale) {
+                               int64_t in_pad, int64_t out_pad, int64_t gap_bits,
+                               const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_conv2d_lanes";
   const at::Tensor x = checked_lanes(input, in_pad, fn);
   TORCH_CHECK(padding.first <= in_pad && padding.second <= in_pad, fn, ": padding ", padding,
@@ -243,7 +257,7 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
   // Checked as the NCHW convolution of the groups' images.
   const std::vector<int64_t> nchw{x.size(0) * lanes, x.size(1), x.size(2) - 2 * in_pad, x.size(3) - 2 * in_pad};
   const CheckedConv c =
-      checked_conv_of(nchw, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, row_scale);
+      checked_conv_of(nchw, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, {gap_bits, row_scale});
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   at::Tensor out = at::empty({x.size(0), c.g.out_channels, c.g.out_h() + 2 * out_pad, c.g.out_w() + 2 * out_pad, lanes},
                              x.options());
@@ -257,11 +271,11 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
 
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu,
-                         const std::string& isa, const std::optional<at::Tensor>& row_scale) {
+                         const std::string& isa, int64_t gap_bits, const std::optional<at::Tensor>& row_scale) {
   constexpr const char* fn = "sparse_linear";
   check_tensor(input, at::kFloat, 2, fn, "input");
   const at::Tensor x = input.contiguous();
-  const CheckedCsr checked = csr_view(rowptr, colidx, values, x.size(1), fn, row_scale);
+  const CheckedCsr checked = csr_view(rowptr, colidx, values, x.size(1), fn, {gap_bits, row_scale});
   const sp::Csr& w = checked.w;
   const float* b = bias_ptr(bias, w.rows, fn);
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
@@ -281,10 +295,11 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d", &sparse_conv2d, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("algo") = "auto", py::arg("row_scale") = py::none(),
+        py::arg("isa") = "auto", py::arg("algo") = "auto", py::arg("gap_bits") = 0, py::arg("row_scale") = py::none(),
         "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
         "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values, or codes: "
-        "uint8 entries in place of colidx and the codebook in place of values, optionally times row_scale "
+        "a uint8 bit stream of entries in place of colidx, the codebook in place of values, their gap_bits, "
+        "optionally times row_scale "
         "(csrc/cpu/sparse.h, CodesCsr). Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
         "else direct) | direct (output pixels on the vector lanes) | batched (images on the lanes) | im2col.");
   m.def("sparse_conv2d_portable", &sparse_conv2d_portable, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
@@ -300,7 +315,7 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d_lanes", &sparse_conv2d_lanes, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1, py::arg("row_scale") = py::none(),
+        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1, py::arg("gap_bits") = 0, py::arg("row_scale") = py::none(),
         "sparse_conv2d from a lanes tensor with border in_pad (>= padding) to one with border out_pad; lanes past "
         "the batch come out as act(bias).");
   m.attr("sparse_batched_from") = sp::kBatchedFrom;
@@ -309,7 +324,7 @@ void register_sparse_kernels(pybind11::module_& m) {
       "The lane count (8 or 16) the batched sparse convolution uses for `batch` images on this CPU.");
   m.def("sparse_linear", &sparse_linear, py::arg("input"), py::arg("rowptr"), py::arg("colidx"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "auto",
-        py::arg("row_scale") = py::none(), "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");
+        py::arg("gap_bits") = 0, py::arg("row_scale") = py::none(), "input [N, in] times the transposed CSR weight [out, in], plus bias, optional ReLU.");
   m.def(
       "kernel_isa", [] { return std::string(sp::isa_name(sp::best_isa())); },
       "The instruction set isa='auto' selects on this CPU: 'avx512', 'avx2' or 'scalar'.");

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,40 +99,59 @@ class CSR:
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.rowptr, self.colidx, self.values
 
-    def kernel_kwargs(self) -> dict[str, torch.Tensor]:
+    def kernel_kwargs(self) -> dict[str, Any]:
         return {}
+
+
+def _pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``values`` (non-negative, below 2**width) as a little-endian bit stream of
+    ``width`` bits each, in uint8."""
+    bits = ((values[:, None] >> torch.arange(width)) & 1).flatten()
+    bits = torch.cat([bits, bits.new_zeros(-bits.numel() % 8)])
+    return (bits.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def _unpack_bits(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    bits = ((stream.long()[:, None] >> torch.arange(8)) & 1).flatten()[:count * width]
+    return (bits.view(count, width) << torch.arange(width)).sum(1)
 
 
 @dataclass(frozen=True)
 class CodesCSR:
-    """A quantized weight as deep compression stores it, one byte per entry: ``entries``
-    uint8, the low ``code_bits`` an index into the codebook (float32, index 0 the value
-    0), the high bits the gap to the previous entry's column minus one (the first entry's
-    column counts from -1); gaps wider than the field are bridged by filler entries of
-    code 0. ``rowptr`` int32 ``[OC+1]`` over the entries, fillers included. ``codebook`` is
-    ``[K+1]`` for all rows, or ``[OC, K+1]`` when rows have their own values (a layer with
-    BatchNorm folded in scales each output channel's codebook). The native kernels unpack
-    it per call, so this, not fp32 CSR, is what stays in memory: about one byte per
-    non-zero where fp32 CSR takes eight (``csrc/cpu/sparse.h``, CodesCsr). A folded
-    layer is better held by :meth:`from_folded`: the codes of the quantized weight and the
-    BatchNorm's per-channel factor as ``row_scale``, one shared codebook."""
+    """A quantized weight as deep compression stores it: each entry ``code_bits +
+    gap_bits`` bits of the little-endian bit stream ``entries`` (uint8), the low
+    ``code_bits`` an index into the codebook (float32, index 0 the value 0), the high
+    ``gap_bits`` the gap to the previous entry's column minus one (the first entry's column
+    counts from -1); gaps wider than 2**gap_bits are bridged by filler entries of code 0.
+    ``rowptr`` int32 ``[OC+1]`` counts entries, fillers included. ``codebook`` is ``[K+1]``
+    for all rows, or ``[OC, K+1]`` when rows have their own values; ``row_scale`` ``[OC]``,
+    if present, multiplies row r's values (a BatchNorm folded in: see :meth:`from_folded`).
+    ``gap_bits`` is chosen per weight to make the stream smallest, as the .ppz does. The
+    native kernels unpack it per call, so this, not fp32 CSR, is what stays in memory:
+    about ``code_bits + gap_bits`` bits per non-zero where fp32 CSR takes 64
+    (``csrc/cpu/sparse.h``, CodesCsr)."""
 
     rowptr: torch.Tensor
     entries: torch.Tensor
     codebook: torch.Tensor
+    gap_bits: int
     shape: tuple[int, ...]
     row_scale: torch.Tensor | None = None  # [OC]: row r's values are codebook[code] * row_scale[r]
 
-    MAX_CODE_BITS = 7  # at least one bit of gap
+    MAX_CODE_BITS = 8
     FIELDS = ("rowptr", "entries", "codebook")  # what kernel_args() returns
 
     @property
     def code_bits(self) -> int:
         return max(1, (self.codebook.shape[-1] - 1).bit_length())
 
+    @property
+    def n_entries(self) -> int:
+        return int(self.rowptr[-1])
+
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> "CodesCSR | None":
-        """The codes form of a float32 weight whose rows have at most 127 distinct
+        """The codes form of a float32 weight whose rows have at most 255 distinct
         non-zero values each (a codebook-quantized one, BatchNorm folded in or not), or
         None when a row has more or the codes would not take fewer bytes than fp32 CSR."""
         csr = CSR.from_dense(weight)
@@ -141,7 +161,7 @@ class CodesCSR:
         if union.numel() + 1 <= 2 ** cls.MAX_CODE_BITS:  # one codebook for all rows
             codebook = torch.cat([union.new_zeros(1), union])
             codes = torch.searchsorted(union, csr.values) + 1
-        else:  # one per row, when each row has few values (BatchNorm folded into a quantized layer)
+        else:  # one per row, when each row has few values
             books = [torch.unique(v) for v in torch.split(csr.values, counts.tolist())]
             k = max(b.numel() for b in books)
             if k + 1 > 2 ** cls.MAX_CODE_BITS:
@@ -154,7 +174,6 @@ class CodesCSR:
         if codebook.shape[-1] < 2:  # an all-zero weight still gets a two-value codebook
             codebook = torch.cat([codebook, codebook.new_zeros(*codebook.shape[:-1], 1)], -1)
         code_bits = max(1, (codebook.shape[-1] - 1).bit_length())
-        widest = 1 << (8 - code_bits)  # the largest gap one entry spans
         row_of = torch.repeat_interleave(torch.arange(rows), counts)
         cols = csr.colidx.long()
         previous = torch.full_like(cols, -1)
@@ -162,17 +181,24 @@ class CodesCSR:
             same_row = row_of[1:] == row_of[:-1]
             previous[1:] = torch.where(same_row, cols[:-1], previous[1:])
         gaps = cols - previous
+
+        def stream_bits(gap_bits: int) -> int:
+            return (cols.numel() + int(((gaps - 1) >> gap_bits).sum())) * (code_bits + gap_bits)
+
+        gap_bits = min(range(1, 9), key=stream_bits)
+        widest = 1 << gap_bits  # the largest gap one entry spans
         fillers = (gaps - 1) // widest  # each filler spans the widest gap, the entry the rest
         last_gap = gaps - fillers * widest
-        # Entry i becomes fillers[i] filler bytes followed by its own byte.
+        # Entry i becomes fillers[i] filler entries followed by its own.
         sizes = fillers + 1
         starts = torch.cumsum(sizes, 0) - sizes
-        entries = torch.full((int(sizes.sum()),), (widest - 1) << code_bits, dtype=torch.uint8)
-        entries[starts + fillers] = (((last_gap - 1) << code_bits) | codes).to(torch.uint8)
+        values = torch.full((int(sizes.sum()),), (widest - 1) << code_bits, dtype=torch.long)
+        values[starts + fillers] = ((last_gap - 1) << code_bits) | codes
         per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of, sizes)
         rowptr = torch.zeros(rows + 1, dtype=torch.int32)
         rowptr[1:] = torch.cumsum(per_row, 0).to(torch.int32)
-        codes_csr = cls(rowptr, entries, codebook.contiguous(), tuple(weight.shape))
+        codes_csr = cls(rowptr, _pack_bits(values, code_bits + gap_bits), codebook.contiguous(), gap_bits,
+                        tuple(weight.shape))
         # Per-row codebooks of rows with many values can outweigh what they save.
         return codes_csr if codes_csr.nbytes < csr.nbytes else None
 
@@ -202,13 +228,13 @@ class CodesCSR:
         codes = cls.from_dense(quantized)
         if codes is None or codes.codebook.dim() != 1:
             return cls.from_dense(folded)
-        return cls(codes.rowptr, codes.entries, codes.codebook, codes.shape, factor.contiguous())
+        return cls(codes.rowptr, codes.entries, codes.codebook, codes.gap_bits, codes.shape, factor.contiguous())
 
     def unpacked(self) -> CSR:
         """The plain CSR of the same weight (fillers dropped), computed in torch: the
         reference the native unpacking is tested against."""
-        e = self.entries.long()
         bits = self.code_bits
+        e = _unpack_bits(self.entries, bits + self.gap_bits, self.n_entries)
         rows = self.shape[0]
         row_of = torch.repeat_interleave(torch.arange(rows), (self.rowptr[1:] - self.rowptr[:-1]).long())
         step = (e >> bits) + 1
@@ -246,8 +272,8 @@ class CodesCSR:
         ``(rowptr, colidx, values)``."""
         return self.rowptr, self.entries, self.codebook
 
-    def kernel_kwargs(self) -> dict[str, torch.Tensor]:
-        return {} if self.row_scale is None else {"row_scale": self.row_scale}
+    def kernel_kwargs(self) -> dict[str, Any]:
+        return {"gap_bits": self.gap_bits, "row_scale": self.row_scale}
 
 
 def native_module() -> ModuleType | None:

@@ -113,44 +113,47 @@ def quantized_weight(shape, levels, density, seed=0):
     return torch.where(torch.rand(shape, generator=g) < density, w, 0.0)
 
 
-def entries_by_hand(weight, code_bits):
-    """The documented byte layout, row by row in plain Python: gap - 1 above the code,
-    fillers of code 0 and the widest gap where a gap is wider than the field holds."""
+def entries_by_hand(weight, code_bits, gap_bits):
+    """The documented layout, row by row in plain Python: each entry gap - 1 above the
+    code, fillers of code 0 and the widest gap where a gap is wider than the field holds,
+    all entries one after the other in a little-endian bit stream."""
     rows = weight.reshape(weight.shape[0], -1)
     book = sorted(set(rows[rows != 0].tolist()))
-    widest = 1 << (8 - code_bits)
-    out = []
+    widest = 1 << gap_bits
+    values = []
     for r in range(rows.shape[0]):
         col = -1
         for c in rows[r].nonzero().flatten().tolist():
             gap = c - col
             while gap > widest:
-                out.append((widest - 1) << code_bits)
+                values.append((widest - 1) << code_bits)
                 gap -= widest
-            out.append(((gap - 1) << code_bits) | (book.index(rows[r, c].item()) + 1))
+            values.append(((gap - 1) << code_bits) | (book.index(rows[r, c].item()) + 1))
             col = c
-    return out
+    width = code_bits + gap_bits
+    stream = sum(v << (i * width) for i, v in enumerate(values))
+    return list(stream.to_bytes((len(values) * width + 7) // 8, "little"))
 
 
 @pytest.mark.parametrize("levels, density, code_bits", [
-    (1, 0.3, 1), (3, 0.5, 2), (8, 0.1, 4), (8, 0.02, 4), (15, 0.6, 4), (16, 0.3, 5), (127, 0.9, 7)])
+    (1, 0.3, 1), (3, 0.5, 2), (8, 0.1, 4), (8, 0.02, 4), (15, 0.6, 4), (16, 0.3, 5), (127, 0.9, 7),
+    (255, 0.9, 8)])
 def test_codes_layout_and_round_trip(levels, density, code_bits):
     weight = quantized_weight((12, 9, 3, 3), levels, density, seed=levels)
     present = int(torch.unique(weight[weight != 0]).numel())
     codes = CodesCSR.from_dense(weight)
     assert codes.code_bits == max(1, present.bit_length()) and (present < levels or codes.code_bits == code_bits)
-    assert codes.entries.tolist() == entries_by_hand(weight, codes.code_bits)
+    assert codes.entries.tolist() == entries_by_hand(weight, codes.code_bits, codes.gap_bits)
+    # the gap width is the one that makes the stream smallest
+    sizes = {g: len(entries_by_hand(weight, codes.code_bits, g)) for g in range(1, 9)}
+    assert sizes[codes.gap_bits] == min(sizes.values())
     assert torch.equal(codes.to_dense(), weight)
     assert codes.codebook[0] == 0 and codes.codebook.numel() == present + 1
 
 
-def test_codes_are_refused_past_127_values_a_row_or_where_they_save_nothing():
+def test_codes_are_refused_past_255_values_a_row():
     assert CodesCSR.from_dense(quantized_weight((20, 600), 100_000, 0.9)) is None  # ~540 values a row
-    assert CodesCSR.from_dense(quantized_weight((20, 600), 127, 1.0)) is not None
-    # ~100 values a row, each its own, 10% dense: 7-bit codes leave one bit of gap, and the
-    # fillers plus a codebook per row would outweigh fp32 CSR
-    weight = quantized_weight((20, 1000), 100_000, 0.1)
-    assert torch.unique(weight[0]).numel() < 128 and CodesCSR.from_dense(weight) is None
+    assert CodesCSR.from_dense(quantized_weight((20, 600), 255, 1.0)) is not None
 
 
 @pytest.mark.parametrize("levels, density", [(4, 0.05), (8, 0.3), (100, 0.5)])
@@ -161,7 +164,7 @@ def test_native_kernels_on_codes_match_fp32_csr(levels, density):
     native = _native.cpu()
     for algo in ("direct", "batched"):  # fillers add zeros: the same sums, exactly
         on_codes, on_csr = (native.sparse_conv2d(x, *w.kernel_args(), (3, 3), None, (1, 1), (1, 1), (1, 1), True,
-                                                 "auto", algo) for w in (codes, csr))
+                                                 "auto", algo, **w.kernel_kwargs()) for w in (codes, csr))
         assert torch.equal(on_codes, on_csr)
     linear = quantized_weight((7, 50), levels, density)
     xl = torch.randn(5, 50)
@@ -170,15 +173,18 @@ def test_native_kernels_on_codes_match_fp32_csr(levels, density):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda rp, e, book: (rp, e, book[:1].contiguous()), "codebook has 2 to 128"),
+    (lambda rp, e, book: (rp, e, book[:1].contiguous()), "codebook has 2 to 256"),
     (lambda rp, e, book: (rp, torch.full_like(e, 255), book), "past"),
     (lambda rp, e, book: (rp.flip(0).contiguous(), e, book), "rowptr"),
-    (lambda rp, e, book: (rp, e[:-1].contiguous(), book), "rowptr"),
+    (lambda rp, e, book: (rp, e[:-1].contiguous(), book), "bytes"),
 ])
 def test_malformed_codes_are_refused(mutate, message):
     codes = CodesCSR.from_dense(quantized_weight((3, 2, 3, 3), 4, 0.5))
     with pytest.raises((RuntimeError, ValueError), match=message):
-        _native.cpu().sparse_conv2d(torch.randn(1, 2, 5, 5), *mutate(*codes.kernel_args()), (3, 3))
+        _native.cpu().sparse_conv2d(torch.randn(1, 2, 5, 5), *mutate(*codes.kernel_args()), (3, 3),
+                                    **codes.kernel_kwargs())
+    with pytest.raises((RuntimeError, ValueError), match="gap_bits"):
+        _native.cpu().sparse_conv2d(torch.randn(1, 2, 5, 5), *codes.kernel_args(), (3, 3))
 
 
 def test_rows_scaled_apart_get_a_codebook_each():
@@ -193,7 +199,8 @@ def test_rows_scaled_apart_get_a_codebook_each():
     torch.testing.assert_close(sparse_conv2d(x, codes, None, (1, 1), (1, 1), (1, 1), False),
                                F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises((RuntimeError, ValueError), match="per row"):
-        _native.cpu().sparse_conv2d(x, codes.rowptr, codes.entries, codes.codebook[:5].contiguous(), (3, 3))
+        _native.cpu().sparse_conv2d(x, codes.rowptr, codes.entries, codes.codebook[:5].contiguous(), (3, 3),
+                                    gap_bits=codes.gap_bits)
 
 
 def test_a_folded_layer_keeps_one_codebook_and_a_factor_per_row():
