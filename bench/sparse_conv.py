@@ -100,7 +100,11 @@ def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, v
     expected = fns["dense"]()
     for name, kw in variants.items():
         kw = dict(kw)
-        weights = codes.kernel_args() if kw.pop("codes", False) else (rowptr, col, val)
+        if kw.pop("codes", False):
+            weights = codes.kernel_args()
+            kw.update(codes.kernel_kwargs())
+        else:
+            weights = (rowptr, col, val)
         fns[name] = lambda kw=kw, weights=weights: C.sparse_conv2d(x, *weights, (3, 3), None, s, (1, 1), (1, 1),
                                                                    False, **kw)
     checks = {name: fns[name] for name in variants}
@@ -154,7 +158,7 @@ def variants_table(C, args) -> None:
     print()
     print(f"At 90% sparsity, weights quantized to 4 bits, ms, NCHW in and out (direct algorithm per isa; the "
           f"others use isa={C.kernel_isa()}; auto: direct below 8 images, batched from 8; codes: the weight "
-          "as one-byte codes, unpacked per call):")
+          "as codes (code and gap bits per entry), unpacked per call):")
     print(table(["layer", "batch", "dense"] + list(variants), rows))
 
 

@@ -514,24 +514,27 @@ void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* 
     if (p.rowptr[r + 1] < p.rowptr[r]) throw std::invalid_argument("codes CSR: rowptr decreases at row " + std::to_string(r));
   }
   const uint32_t code_mask = (1u << p.code_bits) - 1, entry_mask = (1u << width) - 1;
-  // Rows follow each other in the stream: one sequential pass, refilled a byte at a time
-  // (the size check above keeps every byte read inside the stream).
-  uint64_t buffer = 0;
-  int buffered = 0;
-  int64_t next = 0;
+  // Entry j starts at bit j * width. Where 8 bytes from its first byte lie inside the
+  // stream, one unaligned 64-bit load holds it (width <= 16, shift <= 7); the last few
+  // entries are read a byte at a time.
+  const int64_t fast_end = p.entry_bytes >= 8 ? (p.entry_bytes - 8) * 8 / width : 0;
+  auto entry_at = [&](int64_t j) -> uint32_t {
+    const int64_t bit = j * width, byte = bit >> 3;
+    uint64_t word = 0;
+    if (j < fast_end) {
+      std::memcpy(&word, p.entries + byte, sizeof(word));
+    } else {
+      for (int64_t b = byte, k = 0; b < p.entry_bytes && k < 8; ++b, ++k) word |= uint64_t{p.entries[b]} << (8 * k);
+    }
+    return static_cast<uint32_t>(word >> (bit & 7)) & entry_mask;
+  };
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
     const float* book = p.codebook + r * p.codebook_stride;
     const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
     int64_t col = -1;
     for (int64_t j = lo; j < hi; ++j) {
-      while (buffered < width) {
-        buffer |= static_cast<uint64_t>(p.entries[next++]) << buffered;
-        buffered += 8;
-      }
-      const uint32_t e = static_cast<uint32_t>(buffer) & entry_mask, code = e & code_mask;
-      buffer >>= width;
-      buffered -= width;
+      const uint32_t e = entry_at(j), code = e & code_mask;
       col += static_cast<int64_t>(e >> p.code_bits) + 1;
       if (code >= p.codebook_size || col >= p.cols) {
         throw std::invalid_argument("codes CSR: entry " + std::to_string(j) + " has " +

@@ -25,12 +25,22 @@ void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const 
 }
 
 // A checked CSR view. Its arrays are the tensors passed in (which must outlive it) or,
-// for codes, the buffers unpacked here.
+// for codes, this thread's unpacking buffers, valid until its next call here.
 struct CheckedCsr {
   sp::Csr w;
-  std::vector<int32_t> colidx;
-  std::vector<float> values;
 };
+
+// Kept between calls: fresh buffers of this size are mmap-ed, and faulting their pages in
+// cost several times the unpacking itself on a VGG layer (measured).
+std::pair<int32_t*, float*> unpack_buffers(int64_t n) {
+  thread_local std::vector<int32_t> colidx;
+  thread_local std::vector<float> values;
+  if (colidx.size() < static_cast<size_t>(n)) {
+    colidx.resize(static_cast<size_t>(n));
+    values.resize(static_cast<size_t>(n));
+  }
+  return {colidx.data(), values.data()};
+}
 
 // The weights as the bindings take them: rowptr (int32) and either colidx (int32) and
 // values (float32), one per entry, or codes (sp::CodesCsr): uint8 entries and the
@@ -86,11 +96,10 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
                     " contiguous entries, got ", row_scale->sizes());
         p.row_scale = row_scale->const_data_ptr<float>();
       }
-      c.colidx.resize(static_cast<size_t>(n));
-      c.values.resize(static_cast<size_t>(n));
-      sp::unpack_codes(p, n, c.colidx.data(), c.values.data());
-      w.colidx = c.colidx.data();
-      w.values = c.values.data();
+      const auto [colidx_buf, values_buf] = unpack_buffers(n);
+      sp::unpack_codes(p, n, colidx_buf, values_buf);
+      w.colidx = colidx_buf;
+      w.values = values_buf;
     } else {
       TORCH_CHECK(!row_scale && extra.gap_bits == 0, fn,
                   ": row_scale and gap_bits go with codes (uint8 entries), not with float values");
