@@ -442,7 +442,7 @@ void from_lanes(const float* src, int64_t batch, int64_t channels, int64_t heigh
 }
 
 void conv2d_lanes(const float* x, int64_t in_pad, int64_t lanes, const Csr& w, const float* bias, bool relu,
-                  const ConvGeometry& g, int64_t out_pad, float* out, Isa isa, int threads) {
+                  const ConvGeometry& g, int64_t out_pad, float* out, Isa isa, int threads, const float* residual) {
   check_geometry(g);
   check_lanes(lanes);
   if (g.batch % lanes != 0) throw std::invalid_argument("sparse conv2d: a lanes batch is a whole number of groups");
@@ -463,8 +463,12 @@ void conv2d_lanes(const float* x, int64_t in_pad, int64_t lanes, const Csr& w, c
   if (g.out_channels == 0 || groups == 0) return;
   conv_lanes(x, L, w, g, groups, isa, threads, [&](int64_t gi, int64_t o, int64_t i, int64_t ow0, int64_t np,
                                                     float* acc) {
-    float* dst = out + (gi * g.out_channels + o) * O.channel + ((i + out_pad) * O.wp + ow0 + out_pad) * lanes;
-    epilogue(acc, np * lanes, bias ? bias[o] : 0.0f, relu, dst);
+    const int64_t at = (gi * g.out_channels + o) * O.channel + ((i + out_pad) * O.wp + ow0 + out_pad) * lanes;
+    if (residual) {  // a residual block's sum, read while the tile is stored, and its ReLU after it
+      const float* res = residual + at;
+      for (int64_t k = 0; k < np * lanes; ++k) acc[k] += res[k];
+    }
+    epilogue(acc, np * lanes, bias ? bias[o] : 0.0f, relu, out + at);
   });
 }
 

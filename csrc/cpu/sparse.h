@@ -132,9 +132,12 @@ void from_lanes(const float* src, int64_t batch, int64_t channels, int64_t heigh
                 int64_t pad, float* out, Isa isa, int threads);
 // conv2d on lanes tensors: g.batch = groups * lanes, g.height/width the images' size;
 // g.pad_h, g.pad_w <= in_pad. out gets the output with a zero border of out_pad; lanes
-// past the batch hold act(bias), which from_lanes drops.
+// past the batch hold act(bias), which from_lanes drops. With `residual` (a lanes tensor of
+// out's shape) each output is act(conv + bias + residual): a residual block's add and the
+// ReLU after it, without two more passes over the activations.
 void conv2d_lanes(const float* x, int64_t in_pad, int64_t lanes, const Csr& w, const float* bias, bool relu,
-                  const ConvGeometry& g, int64_t out_pad, float* out, Isa isa, int threads);
+                  const ConvGeometry& g, int64_t out_pad, float* out, Isa isa, int threads,
+                  const float* residual = nullptr);
 
 // out[n, o] = act(bias[o] + sum_j values[j] * x[n, colidx[j]]) over the entries j of row o.
 // x: batch*w.cols floats; out: batch*w.rows floats; bias may be null.

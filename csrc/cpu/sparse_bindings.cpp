@@ -256,7 +256,7 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
                                const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                                Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
                                int64_t in_pad, int64_t out_pad, int64_t gap_bits,
-                               const std::optional<at::Tensor>& row_scale) {
+                               const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& residual) {
   constexpr const char* fn = "sparse_conv2d_lanes";
   const at::Tensor x = checked_lanes(input, in_pad, fn);
   TORCH_CHECK(padding.first <= in_pad && padding.second <= in_pad, fn, ": padding ", padding,
@@ -270,10 +270,18 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   at::Tensor out = at::empty({x.size(0), c.g.out_channels, c.g.out_h() + 2 * out_pad, c.g.out_w() + 2 * out_pad, lanes},
                              x.options());
+  at::Tensor res;
+  if (residual) {
+    check_tensor(*residual, at::kFloat, 5, fn, "residual");
+    TORCH_CHECK(residual->sizes() == out.sizes(), fn, ": residual must have the output's shape ", out.sizes(), ", got ",
+                residual->sizes());
+    res = residual->contiguous();
+  }
   {
     pybind11::gil_scoped_release nogil;
     sp::conv2d_lanes(x.const_data_ptr<float>(), in_pad, lanes, c.w(), c.bias, relu, c.g, out_pad,
-                     out.mutable_data_ptr<float>(), i, at::get_num_threads());
+                     out.mutable_data_ptr<float>(), i, at::get_num_threads(),
+                     res.defined() ? res.const_data_ptr<float>() : nullptr);
   }
   return out;
 }
@@ -324,9 +332,11 @@ void register_sparse_kernels(pybind11::module_& m) {
   m.def("sparse_conv2d_lanes", &sparse_conv2d_lanes, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
-        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1, py::arg("gap_bits") = 0, py::arg("row_scale") = py::none(),
+        py::arg("isa") = "auto", py::arg("in_pad") = 1, py::arg("out_pad") = 1, py::arg("gap_bits") = 0,
+        py::arg("row_scale") = py::none(), py::arg("residual") = py::none(),
         "sparse_conv2d from a lanes tensor with border in_pad (>= padding) to one with border out_pad; lanes past "
-        "the batch come out as act(bias).");
+        "the batch come out as act(bias). With residual (a lanes tensor of the output's shape): act(conv + bias + "
+        "residual), a residual block's add and ReLU fused.");
   m.attr("sparse_batched_from") = sp::kBatchedFrom;
   m.def(
       "sparse_lanes", [](int64_t batch) { return sp::lanes_for(batch); }, py::arg("batch"),

@@ -178,11 +178,11 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
                                 name in bn_layers, name in relu_layers, choice, reasons[name] or "",
                                 dense_ms, sparse_ms, lanes_ms, convert_ms,
                                 _weight_bytes(sparse if choice != "dense" else layer)))
-    conversions = place_conversions(graph, {p.name for p in layers if p.choice == "lanes"}, lanes or 8, pad)
+    rewrite = place_conversions(graph, {p.name for p in layers if p.choice == "lanes"}, lanes or 8, pad)
     graph.recompile()
     graph.eval().requires_grad_(False)
     plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers,
-                       lanes=lanes, lanes_conversions=conversions)
+                       lanes=lanes, lanes_conversions=rewrite.conversions, fused_adds=rewrite.fused_adds)
     return RuntimeModel(graph, plan)
 
 

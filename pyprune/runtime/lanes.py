@@ -9,12 +9,15 @@ only where a neighbour needs NCHW: :func:`place_conversions` is that graph rewri
 
 Between two lanes layers, element-wise additions of two tensors and ReLUs stay in the
 lanes layout (both keep a zero border zero: the residual add and the ReLU after it of a
-ResNet block); anything else gets its input back in NCHW.
+ResNet block); anything else gets its input back in NCHW. A lanes convolution whose
+only use is such an add, then (optionally) a ReLU, takes the add's other input as its
+residual and does both in its epilogue: two passes over the activations fewer per block.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,22 +74,27 @@ class FromLanes(nn.Module):
 
 
 class LanesSparseConv2d(nn.Module):
-    """A :class:`SparseConv2d` from and to lanes tensors with border ``pad``."""
+    """A :class:`SparseConv2d` from and to lanes tensors with border ``pad``. Given a
+    ``residual`` (a lanes tensor of its output's shape) it returns
+    ``relu?(conv(x) + residual)``, the ReLU when :func:`fuse_residual_adds` set
+    ``relu_after_residual``."""
 
     def __init__(self, conv: SparseConv2d, pad: int) -> None:
         super().__init__()
         if max(conv.padding) > pad:
             raise ValueError(f"padding {conv.padding} exceeds the lanes layout's border {pad}")
         self.conv, self.pad = conv, pad
+        self.relu_after_residual = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv
+        relu = c.relu or (residual is not None and self.relu_after_residual)
         return _native.cpu().sparse_conv2d_lanes(x, *c.csr.kernel_args(), c.csr.kernel_size, c.bias, c.stride,
-                                                 c.padding, c.dilation, c.relu, "auto", self.pad, self.pad,
-                                                 **c.csr.kernel_kwargs())
+                                                 c.padding, c.dilation, relu, "auto", self.pad, self.pad,
+                                                 residual=residual, **c.csr.kernel_kwargs())
 
     def extra_repr(self) -> str:
-        return f"pad={self.pad}"
+        return f"pad={self.pad}" + (", then + residual and ReLU" if self.relu_after_residual else "")
 
 
 def _keeps_zero_border(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -106,17 +114,66 @@ def _keeps_zero_border(gm: fx.GraphModule, node: fx.Node) -> bool:
     return shape is not None and all(output_shape(a) == shape for a in node.args)
 
 
-def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pad: int) -> int:
+@dataclass
+class LanesRewrite:
+    """What :func:`place_conversions` did to a graph."""
+
+    conversions: int = 0  # ToLanes and FromLanes nodes placed
+    fused_adds: int = 0  # residual adds (and the ReLUs after them) taken into a convolution
+
+
+def _is_relu_of(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    if node.op == "call_module":
+        ok = type(gm.get_submodule(node.target)) is nn.ReLU
+    elif node.op == "call_function":
+        ok = node.target in _RELU_FUNCTIONS
+    else:
+        ok = node.op == "call_method" and node.target in ("relu", "relu_")
+    return ok and node.args[:1] == (value,) and set(node.kwargs) <= {"inplace"}
+
+
+def fuse_residual_adds(gm: fx.GraphModule, in_lanes: set[fx.Node], lanes_layers: set[str]) -> int:
+    """In place: a lanes convolution (no ReLU of its own) used only by an add of two lanes
+    values, itself optionally used only by a ReLU, becomes one call with the add's other
+    operand as ``residual``. The other operand must come earlier in the graph. Returns
+    the number of adds fused."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fused = 0
+    for conv in list(gm.graph.nodes):
+        if conv.op != "call_module" or conv.target not in lanes_layers or len(conv.users) != 1:
+            continue
+        module = gm.get_submodule(conv.target)
+        (add,) = conv.users
+        is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or \
+            (add.op == "call_method" and add.target in ("add", "add_"))
+        if module.conv.relu or len(conv.args) != 1 or not is_add or add.kwargs or len(add.args) != 2:
+            continue
+        (other,) = [a for a in add.args if a is not conv] or [None]
+        if not isinstance(other, fx.Node) or other not in in_lanes or order[other] > order[conv]:
+            continue
+        last = add
+        if len(add.users) == 1 and _is_relu_of(gm, next(iter(add.users)), add):
+            last = next(iter(add.users))
+            module.relu_after_residual = True
+        conv.args = (conv.args[0], other)
+        last.replace_all_uses_with(conv)
+        for node in (last, add) if last is not add else (add,):
+            gm.graph.erase_node(node)
+        fused += 1
+    return fused
+
+
+def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pad: int) -> LanesRewrite:
     """In place: the layers named in ``lanes_layers`` (:class:`LanesSparseConv2d` modules
     already) take and give lanes tensors; element-wise nodes whose inputs are lanes stay
     lanes; a :class:`ToLanes` is put after each NCHW value a lanes node reads and a
     :class:`FromLanes` after each lanes value anything else reads, once per value.
-    Needs the NCHW shapes of shape propagation on the nodes. Returns the number of
-    conversions placed."""
+    Then :func:`fuse_residual_adds`. Needs the NCHW shapes of shape propagation on the
+    nodes."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not lanes_layers:
-        return 0
+        return LanesRewrite()
     if not placeholders:
         raise ValueError("the graph has no input to read the batch size from")
     batch_ref = placeholders[0]
@@ -131,6 +188,8 @@ def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pa
             with graph.inserting_after(value):
                 args = (value,) if to == "to_lanes" else (value, batch_ref)
                 converted[key] = graph.call_module(name, args)
+            if to == "to_lanes":
+                in_lanes.add(converted[key])
         return converted[key]
 
     for node in list(graph.nodes):
@@ -146,6 +205,7 @@ def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pa
         else:
             node.args = fx.map_arg(node.args, lambda a: convert(a, "from_lanes") if a in in_lanes else a)
             node.kwargs = fx.map_arg(node.kwargs, lambda a: convert(a, "from_lanes") if a in in_lanes else a)
+    fused = fuse_residual_adds(gm, in_lanes, lanes_layers)
     graph.lint()
     gm.recompile()
-    return len(converted)
+    return LanesRewrite(len(converted), fused)

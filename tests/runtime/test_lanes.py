@@ -54,21 +54,26 @@ def module_kinds(gm: fx.GraphModule) -> list[str]:
     return kinds
 
 
-def test_a_residual_block_is_converted_once_in_and_once_out():
+def test_a_residual_block_is_converted_once_in_and_once_out_and_its_add_fused():
     rt = build_runtime(fx.symbolic_trace(sparse_block()), (4, 6, 6), "sparse", batch_size=8)
-    expected = ["placeholder", "ToLanes", "LanesSparseConv2d", "LanesSparseConv2d", "add", "relu", "FromLanes",
+    # before: conv1(+relu), conv2, add, relu, pool, flatten, linear; the add and the ReLU
+    # after it go into conv2, which takes the block's input as its residual
+    expected = ["placeholder", "ToLanes", "LanesSparseConv2d", "LanesSparseConv2d", "FromLanes",
                 "adaptive_avg_pool2d", "flatten", "SparseLinear", "output"]
     assert module_kinds(rt.graph_module) == expected
-    assert rt.plan.lanes_conversions == 2 and rt.plan.lanes == lanes_for(8)
-    # the input's one ToLanes feeds both the first convolution and the residual add
+    assert rt.plan.lanes_conversions == 2 and rt.plan.fused_adds == 1 and rt.plan.lanes == lanes_for(8)
+    # the input's one ToLanes feeds both the first convolution and, as residual, the second
     (to_lanes,) = [n for n in rt.graph_module.graph.nodes if n.op == "call_module" and n.target.endswith("to_lanes")]
-    assert len(to_lanes.users) == 2
+    conv1, conv2 = [n for n in rt.graph_module.graph.nodes if n.op == "call_module" and
+                    isinstance(rt.graph_module.get_submodule(n.target), LanesSparseConv2d)]
+    assert conv1.args == (to_lanes,) and conv2.args == (conv1, to_lanes)
+    assert rt.graph_module.get_submodule(conv2.target).relu_after_residual
 
 
 def test_an_operation_that_breaks_the_zero_border_reads_nchw():
     rt = build_runtime(fx.symbolic_trace(sparse_block(scalar_after=True)), (4, 6, 6), "sparse", batch_size=8)
     kinds = module_kinds(rt.graph_module)
-    assert kinds.index("FromLanes") < kinds.index("add", kinds.index("relu"))  # the scalar add is after FromLanes
+    assert kinds[kinds.index("FromLanes") + 1] == "add"  # the scalar add reads NCHW
 
 
 @pytest.mark.parametrize("scalar_after", [False, True])

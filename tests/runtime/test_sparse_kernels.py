@@ -180,6 +180,21 @@ def test_sparse_conv2d_lanes_matches_torch(case, in_pad, out_pad, isa):
     torch.testing.assert_close(C.from_lanes(out, batch, out_pad), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_residual_is_added_before_the_relu(relu):
+    gen = torch.Generator().manual_seed(5)
+    batch, lanes = 11, C.sparse_lanes(11)
+    x, res = torch.randn(batch, 6, 8, 8, generator=gen), torch.randn(batch, 9, 8, 8, generator=gen)
+    w, bias = sparse_weight((9, 6, 3, 3), 0.3, gen), torch.randn(9, generator=gen)
+    out = C.sparse_conv2d_lanes(C.to_lanes(x, lanes, 1), *to_csr(w), (3, 3), bias, (1, 1), (1, 1), (1, 1), relu,
+                                residual=C.to_lanes(res, lanes, 1))
+    expected = F.conv2d(x, w, bias, 1, 1) + res
+    torch.testing.assert_close(C.from_lanes(out, batch, 1), expected.relu() if relu else expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises((RuntimeError, ValueError), match="residual"):
+        C.sparse_conv2d_lanes(C.to_lanes(x, lanes, 1), *to_csr(w), (3, 3), bias, (1, 1), (1, 1), (1, 1), relu,
+                              residual=C.to_lanes(res, lanes, 2))
+
+
 def test_lanes_arguments_are_checked():
     w = torch.randn(3, 2, 3, 3)
     rowptr, col, val = to_csr(w)
