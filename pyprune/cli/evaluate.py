@@ -26,14 +26,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--runtime", choices=api.RUNTIMES,
                    help="run the saved model through the inference runtime: BatchNorm folded into the conv "
                         "before it, ReLUs fused, and each Conv2d/Linear layer on the dense (torch) or sparse "
-                        "(CSR) kernel. dense: every layer dense; sparse: every layer the sparse kernel supports "
-                        "(groups 1); auto: per layer the faster of the two, timed at load on the layer's real "
-                        "input shape and cached (by file sha256, batch, threads, CPU) in $PYPRUNE_CACHE, else "
-                        "~/.cache/pyprune/runtime. All three give the same predictions. Without --runtime the "
-                        "model runs as loaded")
+                        "kernel; from 8 images on (--runtime-batch), runs of sparse convolutions keep their "
+                        "activations in the lanes layout (images on the vector lanes). dense: every layer "
+                        "dense; sparse: every layer the sparse kernel supports (groups 1); auto: per layer the "
+                        "fastest, timed at load on the layer's real input shape and cached (by file sha256, "
+                        "batch, threads, CPU) in $PYPRUNE_CACHE, else ~/.cache/pyprune/runtime. All three give "
+                        "the same predictions. Without --runtime the model runs as loaded")
     g.add_argument("--runtime-batch", type=int, default=1, metavar="N",
                    help="batch size at which --runtime auto times the layers: 1 tunes for latency; the value of "
                         "--batch-size tunes for this evaluation's throughput")
+    g.add_argument("--runtime-weights", choices=("codes", "csr"), default="codes",
+                   help="how sparse layers hold quantized weights: codes, code and gap bits per non-zero as the "
+                        ".ppz stores them, unpacked per call (about the file's size in memory; 10-20%% slower "
+                        "in bench/end_to_end.py); csr: fp32 CSR, 8 bytes per non-zero")
     g.add_argument("--verbose", action="store_true",
                    help="with --runtime, print the per-layer plan: choice, sparsity, BN/ReLU fusion, timings")
     p.set_defaults(func=run)
@@ -44,7 +49,8 @@ def _load_runtime(args: argparse.Namespace) -> api.LoadedModel:
         raise ValueError("--runtime runs a saved pyprune model: give a .ppz or graph file written by "
                          "`pyprune opt -o` or `pyprune compile`, without --arch, --weights, --pretrained "
                          "--trust-pickle or --input-size")
-    return api.load_runtime(args.model, runtime=args.runtime, batch_size=args.runtime_batch)
+    return api.load_runtime(args.model, runtime=args.runtime, batch_size=args.runtime_batch,
+                            codes=args.runtime_weights == "codes")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,23 @@ def test_every_runtime_predicts_the_same_on_every_image(compressed_ppz, capsys, 
         assert plan["source"] == {"dense": "forced", "sparse": "forced", "auto": "measured"}[runtime]
 
 
+def test_weights_as_codes_or_csr_and_lanes_predict_the_same(compressed_ppz, capsys, data_root, tmp_path):
+    _, path = compressed_ppz("resnet20")
+    want = evaluate_model(load_model(str(path)), data=DataSpec(root=data_root), limit=100, progress=False)
+    held = {}
+    for weights, batch in (("codes", 1), ("csr", 1), ("codes", 16)):
+        predictions = tmp_path / f"{weights}-{batch}.txt"
+        code, out, _ = run_cli(capsys, "eval", path, "--runtime", "sparse", "--runtime-weights", weights,
+                               "--runtime-batch", batch, "--batch-size", 32, "--data-root", data_root, "--limit", 100,
+                               "--no-progress", "--json", "--predictions", predictions)
+        assert code == 0 and [int(c) for c in predictions.read_text().split()] == want.predictions.tolist()
+        plan = last_json(out)["runtime"]
+        held[weights, batch] = sum(layer["weight_bytes"] for layer in plan["layers"])
+        assert any(layer["choice"] == "lanes" for layer in plan["layers"]) == (batch == 16)
+    # quant(bits=5) at 80% sparsity: about 5 + 3 bits a non-zero against fp32 CSR's 64
+    assert held["codes", 1] * 4 < held["csr", 1] and held["codes", 16] == held["codes", 1]
+
+
 def test_verbose_prints_the_plan(compressed_ppz, capsys, data_root):
     _, path = compressed_ppz("resnet20")
     code, out, _ = run_cli(capsys, "eval", path, "--runtime", "auto", "--runtime-batch", 2, "--verbose",
