@@ -501,7 +501,7 @@ void pixels_scalar(const float* base, const int32_t* off, const float* val, int6
   }
 }
 
-void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* values) {
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t* colidx, float* values) {
   if (p.code_bits < 1 || p.code_bits > 8 || p.gap_bits < 1 || p.gap_bits > 8) {
     throw std::invalid_argument("codes CSR: code_bits and gap_bits must be in [1, 8]");
   }
@@ -532,22 +532,38 @@ void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* 
     }
     return static_cast<uint32_t>(word >> (bit & 7)) & entry_mask;
   };
+  // The loop stays branch-free: columns only grow within a row, so checking the row's last
+  // is enough, and a code past the codebook is only noted; a bad row is then walked again
+  // to name its first bad entry.
+  const uint32_t n_codes = static_cast<uint32_t>(p.codebook_size);
+  int64_t out = 0;  // fillers (code 0) are dropped: the kernels would multiply them by zero
+  rowptr[0] = 0;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
     const float* book = p.codebook + r * p.codebook_stride;
-    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
+    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;  // x * 1.0f is x, bit for bit
     int64_t col = -1;
+    uint32_t bad_code = 0;
     for (int64_t j = lo; j < hi; ++j) {
       const uint32_t e = entry_at(j), code = e & code_mask;
       col += static_cast<int64_t>(e >> p.code_bits) + 1;
-      if (code >= p.codebook_size || col >= p.cols) {
+      bad_code |= code >= n_codes;
+      colidx[out] = static_cast<int32_t>(col);
+      values[out] = book[code < n_codes ? code : 0] * scale;
+      out += code != 0;
+    }
+    rowptr[r + 1] = static_cast<int32_t>(out);
+    if (!bad_code && col < p.cols) continue;
+    col = -1;
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint32_t e = entry_at(j), code = e & code_mask;
+      col += static_cast<int64_t>(e >> p.code_bits) + 1;
+      if (code >= n_codes || col >= p.cols) {
         throw std::invalid_argument("codes CSR: entry " + std::to_string(j) + " has " +
-                                    (code >= p.codebook_size ? "code " + std::to_string(code) + " past the codebook"
-                                                             : "column " + std::to_string(col) + " past " +
-                                                                   std::to_string(p.cols)));
+                                    (code >= n_codes ? "code " + std::to_string(code) + " past the codebook"
+                                                     : "column " + std::to_string(col) + " past " +
+                                                           std::to_string(p.cols)));
       }
-      colidx[j] = static_cast<int32_t>(col);
-      values[j] = p.row_scale ? book[code] * scale : book[code];
     }
   }
 }

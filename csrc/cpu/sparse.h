@@ -94,10 +94,10 @@ struct CodesCsr {
   const float* row_scale = nullptr;
 };
 
-// The plain CSR of `p` into colidx and values (rowptr[rows] entries each, fillers kept as
-// zeros). Throws std::invalid_argument for a bad rowptr, a code past the codebook or a
-// column past `cols`.
-void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* colidx, float* values);
+// The plain CSR of `p`, fillers dropped, into rowptr (rows + 1), colidx and values (room
+// for n_entries = p.rowptr[rows] each). Throws std::invalid_argument for a bad rowptr, a
+// stream too short, a code past the codebook or a column past `cols`.
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t* colidx, float* values);
 
 struct ConvGeometry {
   int64_t batch, in_channels, height, width;  // input NCHW

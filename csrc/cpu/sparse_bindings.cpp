@@ -32,14 +32,21 @@ struct CheckedCsr {
 
 // Kept between calls: fresh buffers of this size are mmap-ed, and faulting their pages in
 // cost several times the unpacking itself on a VGG layer (measured).
-std::pair<int32_t*, float*> unpack_buffers(int64_t n) {
-  thread_local std::vector<int32_t> colidx;
+struct UnpackBuffers {
+  int32_t* rowptr;
+  int32_t* colidx;
+  float* values;
+};
+
+UnpackBuffers unpack_buffers(int64_t rows, int64_t n) {
+  thread_local std::vector<int32_t> rowptr, colidx;
   thread_local std::vector<float> values;
+  if (rowptr.size() < static_cast<size_t>(rows + 1)) rowptr.resize(static_cast<size_t>(rows + 1));
   if (colidx.size() < static_cast<size_t>(n)) {
     colidx.resize(static_cast<size_t>(n));
     values.resize(static_cast<size_t>(n));
   }
-  return {colidx.data(), values.data()};
+  return {rowptr.data(), colidx.data(), values.data()};
 }
 
 // The weights as the bindings take them: rowptr (int32) and either colidx (int32) and
@@ -96,10 +103,12 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
                     " contiguous entries, got ", row_scale->sizes());
         p.row_scale = row_scale->const_data_ptr<float>();
       }
-      const auto [colidx_buf, values_buf] = unpack_buffers(n);
-      sp::unpack_codes(p, n, colidx_buf, values_buf);
-      w.colidx = colidx_buf;
-      w.values = values_buf;
+      const UnpackBuffers buf = unpack_buffers(w.rows, n);
+      sp::unpack_codes(p, n, buf.rowptr, buf.colidx, buf.values);
+      w.rowptr = buf.rowptr;
+      w.colidx = buf.colidx;
+      w.values = buf.values;
+      n = buf.rowptr[w.rows];
     } else {
       TORCH_CHECK(!row_scale && extra.gap_bits == 0, fn,
                   ": row_scale and gap_bits go with codes (uint8 entries), not with float values");
