@@ -383,6 +383,15 @@ void conv_lanes(const float* images, const LanesLayout& L, const Csr& w, const C
   }
 }
 
+// f(group, channel) for every pair, in parallel.
+template <class F>
+void each_group_channel(int64_t groups, int64_t channels, int threads, F&& f) {
+#pragma omp parallel for schedule(static) collapse(2) num_threads(std::max(1, threads))
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    for (int64_t c = 0; c < channels; ++c) f(gi, c);
+  }
+}
+
 int64_t lanes_for(int64_t batch, Isa isa) { return batch > 8 && isa == Isa::kAvx512 ? 16 : 8; }
 
 // NCHW in, NCHW out: the input packed into the workspace, each tile transposed back as it
@@ -393,12 +402,7 @@ void conv2d_batched(const float* x, const Csr& w, const float* bias, bool relu, 
   const LanesLayout L(g.in_channels, g.height, g.width, std::max(g.pad_h, g.pad_w), lanes);
   const bool vector = isa != Isa::kScalar;  // AVX2 transposes (every AVX-512 CPU has AVX2)
   float* images = workspace(static_cast<size_t>(groups * L.group));
-#pragma omp parallel for schedule(static) collapse(2) num_threads(std::max(1, threads))
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    for (int64_t c = 0; c < g.in_channels; ++c) {
-      L.fill(x, g.batch, g.in_channels, gi * lanes, c, images + gi * L.group + c * L.channel, vector);
-    }
-  }
+  to_lanes(x, g.batch, g.in_channels, g.height, g.width, lanes, L.pad, images, isa, threads);
   const int64_t out_plane = g.out_h() * g.out_w();
   conv_lanes(images, L, w, g, groups, isa, threads, [&](int64_t gi, int64_t o, int64_t i, int64_t ow0, int64_t np,
                                                          float* acc) {
@@ -418,27 +422,19 @@ void to_lanes(const float* x, int64_t batch, int64_t channels, int64_t height, i
               int64_t pad, float* dst, Isa isa, int threads) {
   check_lanes(lanes);
   const LanesLayout L(channels, height, width, pad, lanes);
-  const int64_t groups = ceil_div(batch, lanes);
-#pragma omp parallel for schedule(static) collapse(2) num_threads(std::max(1, threads))
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    for (int64_t c = 0; c < channels; ++c) {
-      L.fill(x, batch, channels, gi * lanes, c, dst + gi * L.group + c * L.channel, isa != Isa::kScalar);
-    }
-  }
+  each_group_channel(ceil_div(batch, lanes), channels, threads, [&](int64_t gi, int64_t c) {
+    L.fill(x, batch, channels, gi * lanes, c, dst + gi * L.group + c * L.channel, isa != Isa::kScalar);
+  });
 }
 
 void from_lanes(const float* src, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t lanes,
                 int64_t pad, float* out, Isa isa, int threads) {
   check_lanes(lanes);
   const LanesLayout L(channels, height, width, pad, lanes);
-  const int64_t groups = ceil_div(batch, lanes);
-#pragma omp parallel for schedule(static) collapse(2) num_threads(std::max(1, threads))
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    for (int64_t c = 0; c < channels; ++c) {
-      L.drain(src + gi * L.group + c * L.channel, channels, gi * lanes, std::min(lanes, batch - gi * lanes), c, out,
-              isa != Isa::kScalar);
-    }
-  }
+  each_group_channel(ceil_div(batch, lanes), channels, threads, [&](int64_t gi, int64_t c) {
+    L.drain(src + gi * L.group + c * L.channel, channels, gi * lanes, std::min(lanes, batch - gi * lanes), c, out,
+            isa != Isa::kScalar);
+  });
 }
 
 void conv2d_lanes(const float* x, int64_t in_pad, int64_t lanes, const Csr& w, const float* bias, bool relu,
