@@ -9,7 +9,7 @@ Models, all in eval mode under ``torch.inference_mode`` on ``--threads`` threads
   (BatchNorm folded, ReLUs fused; auto measures its per-layer choice at the batch
   size of the row, without the cache; from 8 images on, runs of sparse convolutions
   keep their activations in the lanes layout). Quantized sparse weights stay in memory
-  as one-byte codes; "runtime auto, fp32 CSR" holds them as fp32 CSR instead, the
+  as codes (code and gap bits per non-zero); "runtime auto, fp32 CSR" holds them as fp32 CSR instead, the
   baseline of the codes' speed and memory.
 
 After the timings it prints the bytes every model holds in memory (all tensors of its

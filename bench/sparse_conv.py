@@ -82,7 +82,7 @@ def quantized(w: torch.Tensor, bits: int) -> torch.Tensor:
 def time_layer(C, shape: ConvShape, sparsity: float, batch: int, repeats: int, variants: dict[str, dict],
                lanes: bool = False, bits: int | None = None) -> dict[str, float]:
     """Median seconds of dense conv2d ("dense"), of each sparse variant (kwargs of
-    sparse_conv2d, NCHW in and out; ``codes=True`` passes the weight as one-byte codes,
+    sparse_conv2d, NCHW in and out; ``codes=True`` passes the weight as codes,
     which needs ``bits``, the quantization of every contender's weight) and, with
     ``lanes``, of the batched kernel on the lanes layout ("lanes": in and out already in
     it, as between two such layers of the runtime) and of the two conversions it saves

@@ -107,8 +107,8 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
     ``cached`` (``{layer: {"choice", "dense_ms", "sparse_ms"}}``, as :mod:`.cache`
     stores) replaces the measurement of ``runtime="auto"`` when it covers every layer
     that has a choice; otherwise every such layer is measured ``repeats`` times.
-    ``codes`` keeps a quantized sparse layer's weight as one-byte codes (:class:`CodesCSR`)
-    rather than fp32 CSR."""
+    ``codes`` keeps a quantized sparse layer's weight as codes (:class:`CodesCSR`, code
+    and gap bits per non-zero) rather than fp32 CSR."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if batch_size < 1:
@@ -158,6 +158,8 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
             choice, dense_ms, sparse_ms, lanes_ms, convert_ms = (
                 entry["choice"], entry.get("dense_ms"), entry.get("sparse_ms"), entry.get("lanes_ms"),
                 entry.get("convert_ms"))
+            if choice == "lanes" and name not in lanes_able:  # an entry from another build of pyprune
+                choice = "sparse"
         elif reasons[name] is None and runtime == "auto":
             sparse = sparse_layer(layer, relu, codes, unfolded(name))
             x = torch.randn(shape)

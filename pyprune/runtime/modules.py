@@ -62,8 +62,9 @@ def dense_layer(layer: Layer, relu: bool) -> nn.Module:
 
 class _SparseLayer(nn.Module):
     """Holds the weight (also as buffers, so ``state_dict`` shows it) and the bias: as
-    :class:`CodesCSR`, one byte per entry, when it is codebook-quantized and ``codes`` is
-    on, else as fp32 :class:`CSR`. The kernels take either."""
+    :class:`CodesCSR` (code and gap bits per non-zero) when it is codebook-quantized and
+    ``codes`` is on, else as fp32 :class:`CSR`. The kernels take either. ``unfolded`` is
+    the weight before BatchNorm was folded in, which lets codes keep one codebook."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, codes: bool = True,
                  unfolded: torch.Tensor | None = None) -> None:
