@@ -180,7 +180,7 @@ void check_geometry(const ConvGeometry& g) {
 
 template <class Layout>
 void conv2d_with(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out,
-                 Isa isa, int threads) {
+                 Isa isa, int threads, const float* residual) {
   const Layout L(g);
   if (L.image > kMaxOffset) throw std::invalid_argument("sparse conv2d: one image is too large for 32-bit offsets");
   const int64_t oh = g.out_h(), ow = g.out_w();
@@ -231,7 +231,14 @@ void conv2d_with(const float* x, const Csr& w, const float* bias, bool relu, con
             const float b = bias ? bias[o] : 0.0f;
             for (int64_t i = q0 / L.pitch; i < oh && i * L.pitch < q0 + len; ++i) {
               const int64_t from = std::max(q0, i * L.pitch), to = std::min(q0 + len, i * L.pitch + ow);
-              if (to > from) epilogue(acc + (from - q0), to - from, b, relu, dst + i * ow + (from - i * L.pitch));
+              if (to <= from) continue;
+              float* run = acc + (from - q0);
+              const int64_t at = i * ow + (from - i * L.pitch);
+              if (residual) {  // a residual block's add, before its ReLU
+                const float* res = residual + (n * g.out_channels + o) * oh * ow + at;
+                for (int64_t k = 0; k < to - from; ++k) run[k] += res[k];
+              }
+              epilogue(run, to - from, b, relu, dst + at);
             }
           }
         }
@@ -607,16 +614,22 @@ ConvAlgo parse_algo(const std::string& name) {
 
 
 void conv2d(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out, Isa isa,
-            int threads, ConvAlgo algo) {
+            int threads, ConvAlgo algo, const float* residual) {
   check_geometry(g);
   if (g.batch == 0 || g.out_channels == 0) return;
   if (algo == ConvAlgo::kAuto) algo = g.batch >= kBatchedFrom ? ConvAlgo::kBatched : ConvAlgo::kDirect;
   if (algo == ConvAlgo::kBatched) {
-    conv2d_batched(x, w, bias, relu, g, out, isa, threads);
+    // Its tiles leave through transposes; the residual goes on in one pass after them.
+    conv2d_batched(x, w, bias, relu && !residual, g, out, isa, threads);
+    if (residual) {
+      const int64_t n = g.batch * g.out_channels * g.out_h() * g.out_w();
+#pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
+      for (int64_t k = 0; k < n; ++k) out[k] = activate(out[k] + residual[k], relu);
+    }
   } else if (algo == ConvAlgo::kIm2col) {
-    conv2d_with<Im2colLayout>(x, w, bias, relu, g, out, isa, threads);
+    conv2d_with<Im2colLayout>(x, w, bias, relu, g, out, isa, threads, residual);
   } else {
-    conv2d_with<PhaseLayout>(x, w, bias, relu, g, out, isa, threads);
+    conv2d_with<PhaseLayout>(x, w, bias, relu, g, out, isa, threads, residual);
   }
 }
 

@@ -111,8 +111,10 @@ struct ConvGeometry {
 // over the entries j of row oc, with column = (ic * kernel_h + kh) * kernel_w + kw.
 // x: batch*in_channels*height*width floats; out: batch*out_channels*out_h*out_w floats;
 // bias may be null. Parallel over (image, output channel) with `threads` OpenMP threads.
+// With `residual` (out's shape) each output is act(conv + bias + residual): a residual
+// block's add and the ReLU after it.
 void conv2d(const float* x, const Csr& w, const float* bias, bool relu, const ConvGeometry& g, float* out, Isa isa,
-            int threads, ConvAlgo algo = ConvAlgo::kAuto);
+            int threads, ConvAlgo algo = ConvAlgo::kAuto, const float* residual = nullptr);
 
 // ---- the lanes layout: the batched convolution's activations kept between layers ----------
 // A batch of NCHW images as groups of `lanes` (8 or 16) images, each group

@@ -140,6 +140,16 @@ auto parsed(F&& parse, const std::string& name, const char* fn) {
   }
 }
 
+// The residual a convolution adds before its ReLU: out's shape, made contiguous
+// (undefined when there is none).
+at::Tensor checked_residual(const std::optional<at::Tensor>& residual, const at::Tensor& out, const char* fn) {
+  if (!residual) return {};
+  check_tensor(*residual, at::kFloat, out.dim(), fn, "residual");
+  TORCH_CHECK(residual->sizes() == out.sizes(), fn, ": residual must have the output's shape ", out.sizes(), ", got ",
+              residual->sizes());
+  return residual->contiguous();
+}
+
 // A convolution's arguments checked once for every kernel that takes them: the input
 // made contiguous (kept alive here), its geometry, the CSR view and the bias.
 struct CheckedConv {
@@ -183,17 +193,20 @@ CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, cons
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
                          Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                         const std::string& algo, int64_t gap_bits, const std::optional<at::Tensor>& row_scale) {
+                         const std::string& algo, int64_t gap_bits, const std::optional<at::Tensor>& row_scale,
+                         const std::optional<at::Tensor>& residual) {
   constexpr const char* fn = "sparse_conv2d";
   const CheckedConv c =
       checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, {gap_bits, row_scale});
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
   at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
+  const at::Tensor res = checked_residual(residual, out, fn);
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
-    sp::conv2d(c.x.const_data_ptr<float>(), c.w(), c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a);
+    sp::conv2d(c.x.const_data_ptr<float>(), c.w(), c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a,
+               res.defined() ? res.const_data_ptr<float>() : nullptr);
   }
   return out;
 }
@@ -279,13 +292,7 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
   const sp::Isa i = parsed(sp::parse_isa, isa, fn);
   at::Tensor out = at::empty({x.size(0), c.g.out_channels, c.g.out_h() + 2 * out_pad, c.g.out_w() + 2 * out_pad, lanes},
                              x.options());
-  at::Tensor res;
-  if (residual) {
-    check_tensor(*residual, at::kFloat, 5, fn, "residual");
-    TORCH_CHECK(residual->sizes() == out.sizes(), fn, ": residual must have the output's shape ", out.sizes(), ", got ",
-                residual->sizes());
-    res = residual->contiguous();
-  }
+  const at::Tensor res = checked_residual(residual, out, fn);
   {
     pybind11::gil_scoped_release nogil;
     sp::conv2d_lanes(x.const_data_ptr<float>(), in_pad, lanes, c.w(), c.bias, relu, c.g, out_pad,
@@ -322,11 +329,12 @@ void register_sparse_kernels(pybind11::module_& m) {
         py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},
         py::arg("padding") = Pair{0, 0}, py::arg("dilation") = Pair{1, 1}, py::arg("relu") = false,
         py::arg("isa") = "auto", py::arg("algo") = "auto", py::arg("gap_bits") = 0, py::arg("row_scale") = py::none(),
+        py::arg("residual") = py::none(),
         "2-D convolution (groups = 1) of float32 NCHW input with CSR weights: rows = output channels, "
         "column = (in_channel * kh_size + kh) * kw_size + kw; int32 rowptr/colidx, float32 values, or codes: "
         "a uint8 bit stream of entries in place of colidx, the codebook in place of values, their gap_bits, "
         "optionally times row_scale "
-        "(csrc/cpu/sparse.h, CodesCsr). Optional bias and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
+        "(csrc/cpu/sparse.h, CodesCsr). Optional bias, residual (added before the ReLU) and fused ReLU. isa: auto | avx512 | avx2 | scalar; algo: auto (batched from 8 images on, "
         "else direct) | direct (output pixels on the vector lanes) | batched (images on the lanes) | im2col.");
   m.def("sparse_conv2d_portable", &sparse_conv2d_portable, py::arg("input"), py::arg("rowptr"), py::arg("colidx"),
         py::arg("values"), py::arg("kernel_size"), py::arg("bias") = py::none(), py::arg("stride") = Pair{1, 1},

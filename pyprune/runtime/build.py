@@ -26,6 +26,7 @@ from .kernels import backend
 from .lanes import FromLanes, LanesSparseConv2d, ToLanes, lanes_for, place_conversions
 from .measure import interleaved_medians, time_modules
 from .modules import sparse_layer, sparse_supported, unfused
+from .residual import fuse_residual_adds
 from .plan import RUNTIMES, Choice, LayerPlan, RuntimePlan
 
 
@@ -181,10 +182,12 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
                                 dense_ms, sparse_ms, lanes_ms, convert_ms,
                                 _weight_bytes(sparse if choice != "dense" else layer)))
     rewrite = place_conversions(graph, {p.name for p in layers if p.choice == "lanes"}, lanes or 8, pad)
+    fused = fuse_residual_adds(graph, rewrite.in_lanes)
+    graph.graph.lint()
     graph.recompile()
     graph.eval().requires_grad_(False)
     plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers,
-                       lanes=lanes, lanes_conversions=rewrite.conversions, fused_adds=rewrite.fused_adds)
+                       lanes=lanes, lanes_conversions=rewrite.conversions, fused_adds=fused)
     return RuntimeModel(graph, plan)
 
 

@@ -10,6 +10,7 @@ runs densely or swaps for a sparse module.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from .modules import dense_layer
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
@@ -37,12 +40,19 @@ def fold_batchnorm(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     return gm.eval(), sorted(set(into.values()), key=order.index)
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU: the module, the function or the tensor method."""
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.ReLU
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def is_add(node: fx.Node) -> bool:
+    """An addition: ``+``, ``+=``, ``torch.add`` or the tensor method (operands unchecked)."""
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _ADD_METHODS)
 
 
 def fuse_relu(gm: fx.GraphModule) -> list[str]:
@@ -59,7 +69,7 @@ def fuse_relu(gm: fx.GraphModule) -> list[str]:
         if counts[node.target] != 1 or len(node.users) != 1:
             continue
         (user,) = node.users
-        if not _is_relu(gm, user) or user.args[:1] != (node,):
+        if not is_relu(gm, user) or user.args[:1] != (node,):
             continue
         replace_node_module(node, modules, dense_layer(modules[node.target], relu=True))
         user.replace_all_uses_with(node)
@@ -71,4 +81,4 @@ def fuse_relu(gm: fx.GraphModule) -> list[str]:
     return fused
 
 
-__all__ = ["call_counts", "fold_batchnorm", "fuse_relu"]
+__all__ = ["call_counts", "fold_batchnorm", "fuse_relu", "is_add", "is_relu"]

@@ -295,9 +295,10 @@ def _finish(out: torch.Tensor, relu: bool) -> torch.Tensor:
 
 
 def reference_conv2d(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
-                     dilation: Pair, relu: bool) -> torch.Tensor:
+                     dilation: Pair, relu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The native kernel's contract, in plain torch: rebuild the weight, convolve."""
-    return _finish(F.conv2d(x, csr.to_dense(), bias, stride, padding, dilation), relu)
+    out = F.conv2d(x, csr.to_dense(), bias, stride, padding, dilation)
+    return _finish(out if residual is None else out + residual, relu)
 
 
 def reference_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -312,19 +313,19 @@ def _check_input(x: torch.Tensor, dims: int, what: str) -> torch.Tensor:
 
 
 def sparse_conv2d(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, stride: Pair, padding: Pair,
-                  dilation: Pair, relu: bool, isa: str = "auto") -> torch.Tensor:
-    """``conv2d(x, csr.to_dense(), bias, stride, padding, dilation)`` (groups 1), then ReLU
-    if ``relu``. ``x`` is ``[N, C, H, W]`` float32 on the CPU; ``isa`` picks the native
-    kernel's instruction set (ignored by the reference)."""
+                  dilation: Pair, relu: bool, isa: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(x, csr.to_dense(), bias, stride, padding, dilation)`` (groups 1), plus
+    ``residual`` if given, then ReLU if ``relu``. ``x`` is ``[N, C, H, W]`` float32 on the
+    CPU; ``isa`` picks the native kernel's instruction set (ignored by the reference)."""
     x = _check_input(x, 4, "sparse_conv2d")
     if len(csr.shape) != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D weight's CSR, got shape {csr.shape}")
     native = native_module()
     if native is None:
-        return reference_conv2d(x, csr, bias, stride, padding, dilation, relu)
+        return reference_conv2d(x, csr, bias, stride, padding, dilation, relu, residual)
     kh, kw = csr.kernel_size
     return native.sparse_conv2d(x, *csr.kernel_args(), (kh, kw), bias, tuple(stride), tuple(padding),
-                                tuple(dilation), relu, isa, **csr.kernel_kwargs())
+                                tuple(dilation), relu, isa, residual=residual, **csr.kernel_kwargs())
 
 
 def sparse_linear(x: torch.Tensor, csr: CSR | CodesCSR, bias: torch.Tensor | None, relu: bool,

@@ -9,27 +9,20 @@ only where a neighbour needs NCHW: :func:`place_conversions` is that graph rewri
 
 Between two lanes layers, element-wise additions of two tensors and ReLUs stay in the
 lanes layout (both keep a zero border zero: the residual add and the ReLU after it of a
-ResNet block); anything else gets its input back in NCHW. A lanes convolution whose
-only use is such an add, then (optionally) a ReLU, takes the add's other input as its
-residual and does both in its epilogue: two passes over the activations fewer per block.
+ResNet block); anything else gets its input back in NCHW.
 """
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import _native
 from ..ir import output_shape
+from .fusion import is_add, is_relu
 from .modules import SparseConv2d
-
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_ELEMENTWISE_METHODS = ("add", "add_", "relu", "relu_")
 
 
 def lanes_for(batch: int) -> int | None:
@@ -76,8 +69,8 @@ class FromLanes(nn.Module):
 class LanesSparseConv2d(nn.Module):
     """A :class:`SparseConv2d` from and to lanes tensors with border ``pad``. Given a
     ``residual`` (a lanes tensor of its output's shape) it returns
-    ``relu?(conv(x) + residual)``, the ReLU when :func:`fuse_residual_adds` set
-    ``relu_after_residual``."""
+    ``relu?(conv(x) + residual)``, the ReLU when its own or when ``relu_after_residual``
+    is set (see :mod:`.residual`)."""
 
     def __init__(self, conv: SparseConv2d, pad: int) -> None:
         super().__init__()
@@ -99,13 +92,7 @@ class LanesSparseConv2d(nn.Module):
 
 def _keeps_zero_border(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Element-wise on same-shaped tensor inputs only, and zero where they are all zero."""
-    if node.op == "call_module":
-        ok = type(gm.get_submodule(node.target)) is nn.ReLU
-    elif node.op == "call_function":
-        ok = node.target in _ADD_FUNCTIONS + _RELU_FUNCTIONS
-    else:
-        ok = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
-    if not ok or set(node.kwargs) - {"inplace"}:
+    if not (is_add(node) or is_relu(gm, node)) or set(node.kwargs) - {"inplace"}:
         return False
     # A scalar operand (x + 1) would make the border non-zero; broadcasting would mix layouts.
     if any(not isinstance(a, fx.Node) for a in node.args):
@@ -119,48 +106,7 @@ class LanesRewrite:
     """What :func:`place_conversions` did to a graph."""
 
     conversions: int = 0  # ToLanes and FromLanes nodes placed
-    fused_adds: int = 0  # residual adds (and the ReLUs after them) taken into a convolution
-
-
-def _is_relu_of(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
-    if node.op == "call_module":
-        ok = type(gm.get_submodule(node.target)) is nn.ReLU
-    elif node.op == "call_function":
-        ok = node.target in _RELU_FUNCTIONS
-    else:
-        ok = node.op == "call_method" and node.target in ("relu", "relu_")
-    return ok and node.args[:1] == (value,) and set(node.kwargs) <= {"inplace"}
-
-
-def fuse_residual_adds(gm: fx.GraphModule, in_lanes: set[fx.Node], lanes_layers: set[str]) -> int:
-    """In place: a lanes convolution (no ReLU of its own) used only by an add of two lanes
-    values, itself optionally used only by a ReLU, becomes one call with the add's other
-    operand as ``residual``. The other operand must come earlier in the graph. Returns
-    the number of adds fused."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    fused = 0
-    for conv in list(gm.graph.nodes):
-        if conv.op != "call_module" or conv.target not in lanes_layers or len(conv.users) != 1:
-            continue
-        module = gm.get_submodule(conv.target)
-        (add,) = conv.users
-        is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or \
-            (add.op == "call_method" and add.target in ("add", "add_"))
-        if module.conv.relu or len(conv.args) != 1 or not is_add or add.kwargs or len(add.args) != 2:
-            continue
-        (other,) = [a for a in add.args if a is not conv] or [None]
-        if not isinstance(other, fx.Node) or other not in in_lanes or order[other] > order[conv]:
-            continue
-        last = add
-        if len(add.users) == 1 and _is_relu_of(gm, next(iter(add.users)), add):
-            last = next(iter(add.users))
-            module.relu_after_residual = True
-        conv.args = (conv.args[0], other)
-        last.replace_all_uses_with(conv)
-        for node in (last, add) if last is not add else (add,):
-            gm.graph.erase_node(node)
-        fused += 1
-    return fused
+    in_lanes: set[fx.Node] = field(default_factory=set)  # the nodes whose values are lanes tensors
 
 
 def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pad: int) -> LanesRewrite:
@@ -168,8 +114,7 @@ def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pa
     already) take and give lanes tensors; element-wise nodes whose inputs are lanes stay
     lanes; a :class:`ToLanes` is put after each NCHW value a lanes node reads and a
     :class:`FromLanes` after each lanes value anything else reads, once per value.
-    Then :func:`fuse_residual_adds`. Needs the NCHW shapes of shape propagation on the
-    nodes."""
+    Needs the NCHW shapes of shape propagation on the nodes."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not lanes_layers:
@@ -205,7 +150,6 @@ def place_conversions(gm: fx.GraphModule, lanes_layers: set[str], lanes: int, pa
         else:
             node.args = fx.map_arg(node.args, lambda a: convert(a, "from_lanes") if a in in_lanes else a)
             node.kwargs = fx.map_arg(node.kwargs, lambda a: convert(a, "from_lanes") if a in in_lanes else a)
-    fused = fuse_residual_adds(gm, in_lanes, lanes_layers)
     graph.lint()
     gm.recompile()
-    return LanesRewrite(len(converted), fused)
+    return LanesRewrite(len(converted), in_lanes)

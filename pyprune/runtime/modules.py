@@ -95,7 +95,10 @@ class _SparseLayer(nn.Module):
 
 
 class SparseConv2d(_SparseLayer):
-    """``relu?(conv2d(x, W, b))`` of a groups-1 ``nn.Conv2d`` with zero padding, on its CSR."""
+    """``relu?(conv2d(x, W, b))`` of a groups-1 ``nn.Conv2d`` with zero padding, on its CSR.
+    Given a ``residual`` of its output's shape it returns ``relu?(conv2d(x, W, b) +
+    residual)``, the ReLU when its own or when ``relu_after_residual`` is set (see
+    :mod:`.residual`)."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False, codes: bool = True,
                  unfolded: torch.Tensor | None = None) -> None:
@@ -104,9 +107,12 @@ class SparseConv2d(_SparseLayer):
             raise ValueError(f"SparseConv2d cannot run this convolution: {reason}")
         super().__init__(conv.weight, conv.bias, relu, codes, unfolded)
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
+        self.relu_after_residual = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(x, self.csr, self.bias, self.stride, self.padding, self.dilation, self.relu)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        relu = self.relu or (residual is not None and self.relu_after_residual)
+        return sparse_conv2d(x, self.csr, self.bias, self.stride, self.padding, self.dilation, relu,
+                             residual=residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"

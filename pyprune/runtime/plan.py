@@ -56,7 +56,7 @@ class RuntimePlan:
     cache_file: str | None = None
     lanes: int | None = None  # images per lane group of the lanes layers; None below 8 images
     lanes_conversions: int = 0  # NCHW <-> lanes conversions placed between layers
-    fused_adds: int = 0  # residual adds (with their ReLUs) done in a lanes convolution's epilogue
+    fused_adds: int = 0  # residual adds (with their ReLUs) done in a sparse convolution's epilogue
 
     def choices(self) -> dict[str, Choice]:
         return {layer.name: layer.choice for layer in self.layers}
@@ -79,8 +79,8 @@ class RuntimePlan:
         lines = [format_table(headers, rows)]
         n_sparse = sum(p.choice != "dense" for p in self.layers)
         n_lanes = sum(p.choice == "lanes" for p in self.layers)
-        lanes = (f" ({n_lanes} in lanes of {self.lanes}, {self.lanes_conversions} conversions, "
-                 f"{self.fused_adds} residual adds fused)") if n_lanes else ""
+        lanes = f" ({n_lanes} in lanes of {self.lanes}, {self.lanes_conversions} conversions)" if n_lanes else ""
+        lanes += f", {self.fused_adds} residual adds fused" if self.fused_adds else ""
         held = sum(p.weight_bytes or 0 for p in self.layers)
         lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse{lanes}, weights "
                      f"{held:,} bytes in memory; batch {self.batch_size}, "

@@ -180,6 +180,19 @@ def test_sparse_conv2d_lanes_matches_torch(case, in_pad, out_pad, isa):
     torch.testing.assert_close(C.from_lanes(out, batch, out_pad), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_an_nchw_residual_is_added_before_the_relu(relu, algo):
+    gen = torch.Generator().manual_seed(6)
+    x, res = torch.randn(10, 6, 9, 7, generator=gen), torch.randn(10, 9, 5, 4, generator=gen)
+    w, bias = sparse_weight((9, 6, 3, 3), 0.3, gen), torch.randn(9, generator=gen)
+    out = C.sparse_conv2d(x, *to_csr(w), (3, 3), bias, (2, 2), (1, 1), (1, 1), relu, "auto", algo, residual=res)
+    expected = F.conv2d(x, w, bias, 2, 1) + res
+    torch.testing.assert_close(out, expected.relu() if relu else expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises((RuntimeError, ValueError), match="residual"):
+        C.sparse_conv2d(x, *to_csr(w), (3, 3), bias, (2, 2), (1, 1), (1, 1), relu, residual=res[:, :, :4])
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_residual_is_added_before_the_relu(relu):
     gen = torch.Generator().manual_seed(5)
