@@ -1,0 +1,80 @@
+// Unpacking the codes form of a CSR matrix (sparse.h, CodesCsr).
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "sparse.h"
+
+namespace pyprune {
+namespace sparse {
+
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t* colidx, float* values) {
+  if (p.code_bits < 1 || p.code_bits > 8 || p.gap_bits < 1 || p.gap_bits > 8) {
+    throw std::invalid_argument("codes CSR: code_bits and gap_bits must be in [1, 8]");
+  }
+  const int width = p.code_bits + p.gap_bits;
+  if (p.entry_bytes * 8 < n_entries * width) {
+    throw std::invalid_argument("codes CSR: " + std::to_string(n_entries) + " entries of " + std::to_string(width) +
+                                " bits need " + std::to_string((n_entries * width + 7) / 8) + " bytes, got " +
+                                std::to_string(p.entry_bytes));
+  }
+  if (p.rows < 0 || p.cols < 0 || p.rowptr[0] != 0 || p.rowptr[p.rows] != n_entries) {
+    throw std::invalid_argument("codes CSR: rowptr must start at 0 and end at the number of entries");
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {  // all of it before any entry is read
+    if (p.rowptr[r + 1] < p.rowptr[r]) throw std::invalid_argument("codes CSR: rowptr decreases at row " + std::to_string(r));
+  }
+  const uint32_t code_mask = (1u << p.code_bits) - 1, entry_mask = (1u << width) - 1;
+  // Entry j starts at bit j * width. Where 8 bytes from its first byte lie inside the
+  // stream, one unaligned 64-bit load holds it (width <= 16, shift <= 7); the last few
+  // entries are read a byte at a time.
+  const int64_t fast_end = p.entry_bytes >= 8 ? (p.entry_bytes - 8) * 8 / width : 0;
+  auto entry_at = [&](int64_t j) -> uint32_t {
+    const int64_t bit = j * width, byte = bit >> 3;
+    uint64_t word = 0;
+    if (j < fast_end) {
+      std::memcpy(&word, p.entries + byte, sizeof(word));
+    } else {
+      for (int64_t b = byte, k = 0; b < p.entry_bytes && k < 8; ++b, ++k) word |= uint64_t{p.entries[b]} << (8 * k);
+    }
+    return static_cast<uint32_t>(word >> (bit & 7)) & entry_mask;
+  };
+  // The loop stays branch-free: columns only grow within a row, so checking the row's last
+  // is enough, and a code past the codebook is only noted; a bad row is then walked again
+  // to name its first bad entry.
+  const uint32_t n_codes = static_cast<uint32_t>(p.codebook_size);
+  int64_t out = 0;  // fillers (code 0) are dropped: the kernels would multiply them by zero
+  rowptr[0] = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
+    const float* book = p.codebook + r * p.codebook_stride;
+    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;  // x * 1.0f is x, bit for bit
+    int64_t col = -1;
+    uint32_t bad_code = 0;
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint32_t e = entry_at(j), code = e & code_mask;
+      col += static_cast<int64_t>(e >> p.code_bits) + 1;
+      bad_code |= code >= n_codes;
+      colidx[out] = static_cast<int32_t>(col);
+      values[out] = book[code < n_codes ? code : 0] * scale;
+      out += code != 0;
+    }
+    rowptr[r + 1] = static_cast<int32_t>(out);
+    if (!bad_code && col < p.cols) continue;
+    col = -1;
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint32_t e = entry_at(j), code = e & code_mask;
+      col += static_cast<int64_t>(e >> p.code_bits) + 1;
+      if (code >= n_codes || col >= p.cols) {
+        throw std::invalid_argument("codes CSR: entry " + std::to_string(j) + " has " +
+                                    (code >= n_codes ? "code " + std::to_string(code) + " past the codebook"
+                                                     : "column " + std::to_string(col) + " past " +
+                                                           std::to_string(p.cols)));
+      }
+    }
+  }
+}
+
+}  // namespace sparse
+}  // namespace pyprune
