@@ -105,18 +105,19 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
       }
       const UnpackBuffers buf = unpack_buffers(w.rows, n);
       sp::unpack_codes(p, n, buf.rowptr, buf.colidx, buf.values);
+      // unpack_codes checked everything validate() would: rowptr from 0, rising, and
+      // every column in [0, cols) (gaps are at least 1 from column -1).
       w.rowptr = buf.rowptr;
       w.colidx = buf.colidx;
       w.values = buf.values;
-      n = buf.rowptr[w.rows];
     } else {
       TORCH_CHECK(!row_scale && extra.gap_bits == 0, fn,
                   ": row_scale and gap_bits go with codes (uint8 entries), not with float values");
       TORCH_CHECK(n == values.numel(), fn, ": colidx has ", n, " entries but values has ", values.numel());
       w.colidx = colidx.const_data_ptr<int32_t>();
       w.values = values.const_data_ptr<float>();
+      sp::validate(w, n);
     }
-    sp::validate(w, n);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, fn, ": ", e.what());
   }
