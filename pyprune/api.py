@@ -34,7 +34,9 @@ from .export import (DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPS
                      VerificationError, check_export_settings, verification_inputs, write_onnx)
 from .files import atomic_write
 from .ir import LayerStats, TraceError, Totals, example_input, layer_stats, propagate_shapes, totals, trace
+from .ir.from_export import ExportRaiseError, input_shape_of, raise_exported
 from .ir.trace import leaf_matcher
+from .models.exported import is_exported_program, load_exported_program
 from .models import LoadedModel, ModelLoadError, available_models, find_or_fetch_pretrained, get_spec, resolve_model
 from .opt import OptConfig, OptResult, optimize
 from .passes import describe_passes, parse_levels, searchable_passes
@@ -63,17 +65,10 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     name, ``package.module:Class``, or a submodule's qualified name)."""
     if input_size is not None and input_size < 1:
         raise ValueError(f"--input-size must be a positive number of pixels, got {input_size}")
-    if model_file and is_saved_model(model_file):
-        if arch or weights or pretrained:
-            raise ValueError(f"{model_file} is a saved pyprune model: it carries its own architecture and "
-                             "weights, so give it without --arch, --weights or --pretrained")
-        if input_size is not None:
-            raise ValueError(f"{model_file} is a saved pyprune model: it keeps the input size it was traced "
-                             "and compressed at, so give it without --input-size")
-        if leaf_modules:
-            raise ValueError(f"{model_file} is a saved pyprune model: it is traced already, so give it without "
-                             "--leaf-module")
-        return load_saved_model(model_file)
+    for recognise, what, load in _SELF_DESCRIBING:
+        if model_file and recognise(model_file):
+            _refuse_flags(model_file, what, arch or weights or pretrained, input_size is not None, bool(leaf_modules))
+            return load(model_file)
     if pretrained:
         if weights or model_file:
             raise ValueError("--pretrained replaces the weights file; give either --pretrained or a weights file")
@@ -89,6 +84,35 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     if leaf_modules:
         model.leaf_modules = resolve_leaf_modules(module, leaf_modules)
     return model
+
+
+def _load_exported(path: str | os.PathLike) -> LoadedModel:
+    ep = load_exported_program(path)
+    try:
+        gm = raise_exported(ep)
+        input_shape = input_shape_of(ep)
+    except ExportRaiseError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    return LoadedModel(gm, Path(path).stem, input_shape=input_shape)
+
+
+# Files that carry their architecture and weights: (is it one, what it is, load it).
+_SELF_DESCRIBING: tuple[tuple[Callable[[Any], bool], str, Callable[[Any], LoadedModel]], ...] = (
+    (is_saved_model, "a saved pyprune model", load_saved_model),
+    (is_exported_program, "a torch.export program", _load_exported),
+)
+
+
+def _refuse_flags(model_file: str | os.PathLike, what: str, names_weights: bool, sizes_input: bool,
+                  names_leaves: bool) -> None:
+    if names_weights:
+        raise ValueError(f"{model_file} is {what}: it carries its own architecture and weights, so give it "
+                         "without --arch, --weights or --pretrained")
+    if sizes_input:
+        raise ValueError(f"{model_file} is {what}: it keeps the input size it was made for, so give it without "
+                         "--input-size")
+    if names_leaves:
+        raise ValueError(f"{model_file} is {what}: it is a graph already, so give it without --leaf-module")
 
 
 def resolve_leaf_modules(module: torch.nn.Module, names: Sequence[str]) -> tuple[str, ...]:
