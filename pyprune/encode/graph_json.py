@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -467,10 +468,21 @@ def _read(path: Path, mmap: bool = False) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
+def _is_torch_save_archive(path: Path) -> bool:
+    # What torch.save writes holds <name>/data.pkl; TorchScript and torch.export
+    # archives are zips too, and torch.load would warn about or misread them.
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.count("/") == 1]
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("/constants.pkl") for n in names)
+
+
 def is_graph_file(path: PathLike) -> bool:
     """True if ``path`` is a file written by :func:`save_graph_module` (any version)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() or not _is_torch_save_archive(p):
         return False
     try:
         obj = _read(p, mmap=True)  # tensors stay on disk; weights-only runs no code

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from .loading import ModelLoadError
+from .loading import HOW_TO_EXPORT, ModelLoadError
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["HOW_TO_EXPORT", "is_exported_program", "load_exported_program"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-HOW_TO_EXPORT = ("torch.export.save(torch.export.export(model.eval(), (torch.randn(1, 3, H, W),)), "
-                 "'model.pt2')")
 
 _WEIGHTS_CONFIG = "_weights_config.json"
 _CONSTANTS_CONFIG = "_constants_config.json"

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -54,6 +55,13 @@ _PICKLE_WARNING = (
 )
 
 
+HOW_TO_EXPORT = ("torch.export.save(torch.export.export(model.eval(), (torch.randn(1, 3, H, W),)), "
+                 "'model.pt2')")
+
+FORMATS = ("pyprune reads with no --arch its own .ppz and graph files and torch.export programs (.pt2, made with "
+           f"{HOW_TO_EXPORT}); a state dict needs --arch; a whole pickled module needs --trust-pickle")
+
+
 class ModelLoadError(RuntimeError):
     """A model or its weights could not be loaded; the message says why and what to do."""
 
@@ -64,7 +72,22 @@ def _existing_file(path: PathLike) -> Path:
         raise ModelLoadError(f"model file not found: {p}")
     if not p.is_file():
         raise ModelLoadError(f"model path is not a file: {p}")
+    if _is_torchscript(p):
+        raise ModelLoadError(f"{p} is a TorchScript archive (torch.jit.save), which keeps no module structure to "
+                             f"prune, so pyprune does not read it. Export the model instead: {FORMATS}")
     return p
+
+
+def _is_torchscript(path: Path) -> bool:
+    # torch.save archives hold data.pkl; TorchScript ones hold their code and constants.pkl
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _strip_module_prefix(state: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -277,8 +300,7 @@ def load_pickled_module(path: PathLike, trust_pickle: bool) -> nn.Module:
     p = _existing_file(path)
     if not trust_pickle:
         raise ModelLoadError(
-            f"{p} would have to be unpickled as a whole model. {_PICKLE_WARNING} "
-            f"If the file only holds weights, name the architecture with --arch."
+            f"{p} would have to be unpickled as a whole model. {_PICKLE_WARNING} ({FORMATS})"
         )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
@@ -359,6 +381,26 @@ def resolve_model(
     return model, spec
 
 
+def _looks_like(state: Mapping[str, torch.Tensor]) -> str | None:
+    """"this looks like resnet20: add --arch resnet20" when the keys and shapes of
+    ``state`` are those of a zoo architecture (with any number of classes)."""
+    keys = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for name in available_models():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = get_spec(name).build(num_classes=10)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        if want.keys() != keys.keys():
+            continue
+        differ = [k for k in want if want[k] != keys[k]]
+        classifier = [k for k, v in model.named_modules() if isinstance(v, nn.Linear)][-1:]
+        # only the classifier may differ, and only in its number of outputs
+        if all(k.rpartition(".")[0] in classifier and keys[k][1:] == want[k][1:] for k in differ):
+            classes = keys[f"{classifier[0]}.weight"][0] if classifier else 10
+            extra = f" --num-classes {classes}" if classes != 10 else ""
+            return f"this looks like {name}: add --arch {name}{extra}"
+    return None
+
+
 def _load_whole_module(model_file: PathLike, trust_pickle: bool) -> nn.Module:
     p = _existing_file(model_file)
     if not trust_pickle:
@@ -369,8 +411,7 @@ def _load_whole_module(model_file: PathLike, trust_pickle: bool) -> nn.Module:
         except ModelLoadError:
             pass
         else:
-            raise ModelLoadError(
-                f"{p} holds weights (a state dict), not a whole model: name its architecture "
-                f"with --arch (zoo: {', '.join(available_models())}, or 'package.module:callable')"
-            )
+            raise ModelLoadError(f"{p} holds weights (a state dict), not a whole model: "
+                                 + (_looks_like(load_state_dict_file(p)) or "name its architecture with --arch (zoo: "
+                                    f"{', '.join(available_models())}, or 'package.module:callable')"))
     return load_pickled_module(p, trust_pickle)

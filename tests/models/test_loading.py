@@ -335,3 +335,40 @@ def test_load_shared_resnet20(shared_checkpoint) -> None:
     with torch.no_grad():
         out = model.eval()(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+# --- files that are not what the arguments say -------------------------------------
+
+@pytest.mark.parametrize("arch,classes", [("resnet20", 10), ("vgg11", 100)])
+def test_state_dict_without_arch_names_the_zoo_architecture_it_fits(tmp_path: Path, arch: str, classes: int) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(get_spec(arch).build(num_classes=classes).state_dict(), path)
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model(str(path), None, None)
+    extra = f" --num-classes {classes}" if classes != 10 else ""
+    assert f"this looks like {arch}: add --arch {arch}{extra}" in str(err.value)
+
+
+def test_state_dict_of_no_zoo_architecture_lists_the_zoo(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(ModelLoadError, match="name its architecture with --arch") as err:
+        resolve_model(str(path), None, None)
+    assert "looks like" not in str(err.value)
+
+
+@pytest.fixture()
+def torchscript_file(tmp_path: Path) -> Path:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())), path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["whole", "trusted", "weights"])
+def test_torchscript_is_refused_with_the_formats_that_are_read(torchscript_file: Path, how: str) -> None:
+    args = {"whole": (str(torchscript_file), None, None), "trusted": (str(torchscript_file), None, None),
+            "weights": (None, "resnet20", str(torchscript_file))}[how]
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model(*args, trust_pickle=how == "trusted")
+    text = str(err.value)
+    assert "TorchScript archive" in text and "torch.export.save" in text and ".pt2" in text
