@@ -46,6 +46,11 @@ demo: install
 	$(VENV)/bin/pyprune compile --arch resnet20 --pretrained --download --max-drop 0.01 --val-from test \
 		--finetune-epochs 0.25 --slim-l1 5e-3 --l1-epochs 0.5 --budget-minutes 10 --force -o $(DEMO_OUT)
 	@echo "see $(DEMO_OUT)/report.md and $(DEMO_OUT)/pareto.png; the model is $(DEMO_OUT)/model.ppz, and $(DEMO_OUT)/model.onnx for onnxruntime"
+	@echo "next, from this folder:"
+	@echo "  export PYPRUNE_DATA=$(or $(PYPRUNE_DATA),$(abspath data))   # where the data is, for every command below"
+	@echo "  $(VENV)/bin/pyprune eval $(DEMO_OUT)/model.ppz --split test-report   # the written file on the held-out test half"
+	@echo "  $(VENV)/bin/pyprune inspect $(DEMO_OUT)/model.ppz                     # how each tensor is stored"
+	@echo "  $(VENV)/bin/pyprune eval $(DEMO_OUT)/model.ppz --split test-report --runtime auto   # on the sparse kernels"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

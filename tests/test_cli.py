@@ -163,3 +163,45 @@ def test_leaf_module_lets_info_trace_and_refuses_to_save_before_any_work(capsys,
     assert "input:" not in out  # refused before the first step was measured
     code, _, err = run_cli(capsys, "info", "--arch", arch, "--leaf-module", "Gated")
     assert code == 2 and "names no submodule" in err
+
+
+# --- what a new user meets --------------------------------------------------------
+
+def test_no_arguments_lists_the_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("info", "eval", "train", "opt", "compile", "export-onnx", "inspect", "passes", "models"):
+        assert command in out
+
+
+def _subcommand_parsers():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "train", "opt", "compile", "export-onnx"])
+def test_help_says_each_default_once_and_every_option_has_help(command):
+    parser = _subcommand_parsers()[command]
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+            assert action.help.count("default") <= 1
+    for line_start in ("--lr", "--batch-size"):
+        assert line_start not in text or "(default: " in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", "--arch", "resnet20", "--target-acc", "0.9", "-o", "OUT", "--batch-size", "0"],
+    ["opt", "--arch", "resnet20", "--passes", "slim(ratio=0.1)", "-o", "OUT.ppz", "--batch-size", "-3"],
+    ["eval", "--arch", "resnet20", "--limit", "0"],
+    ["train", "--arch", "resnet20", "-o", "OUT.pt", "--lr", "0"],
+])
+def test_sizes_and_rates_must_be_positive(argv, tmp_path, capsys):
+    argv = [str(tmp_path / a) if a.startswith("OUT") else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "must be" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

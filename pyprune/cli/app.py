@@ -50,7 +50,11 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # the list of commands says more than "required: COMMAND"
+        parser.print_help()
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     if getattr(args, "nproc", 1) < 1:
         print(f"pyprune {args.command}: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
         return EXIT_USAGE

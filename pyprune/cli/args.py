@@ -25,8 +25,47 @@ Data is found under --data-root, else $PYPRUNE_DATA, else ./data.
 """
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, said once: not where the help text already
+    says it, and not for flags and options whose absence is the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def add_sgd_args(g: argparse._ArgumentGroup, batch_size: int | None = 128) -> None:
+    """The optimiser settings every training command takes (``batch_size=None``: the
+    command's data group already has --batch-size)."""
+    g.add_argument("--lr", type=positive_float, default=0.01,
+                   help="SGD learning rate at the start of the cosine schedule")
+    if batch_size is not None:
+        g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                       help="training images per SGD step (the global batch with --nproc)")
 
 
 def add_model_args(p: argparse.ArgumentParser, traces: bool = False) -> None:
@@ -71,12 +110,13 @@ def add_data_args(p: argparse.ArgumentParser, split: str) -> None:
                    help="val is a fixed class-balanced 5,000-image hold-out of train; test-search and "
                         "test-report are the two fixed class-balanced halves of test that compile --val-from "
                         "test uses")
-    g.add_argument("--limit", type=int, metavar="N", help="use only the first N images of the split")
-    g.add_argument("--batch-size", type=int, default=500 if split != "train" else 128)
+    g.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images of the split")
+    g.add_argument("--batch-size", type=positive_int, default=500 if split != "train" else 128,
+                   help="images per step" + (" of SGD (the global batch with --nproc)" if split == "train" else ""))
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads (default: torch's choice)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

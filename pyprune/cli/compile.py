@@ -6,7 +6,8 @@ import argparse
 import json
 
 from .. import api
-from .args import MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_nproc, add_sync_bn, add_threads, load
+from .args import (MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_nproc, add_sgd_args, add_sync_bn,
+                   add_threads, load, positive_int)
 
 EPILOG = """
 Examples:
@@ -118,9 +119,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="let the search try network slimming's sparsity training (L1 on BatchNorm gammas) first; "
                         "it is used only if it lets slimming go further")
     g.add_argument("--l1-epochs", type=float, default=1.0, metavar="E", help="epochs of sparsity training")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--train-limit", type=int, metavar="N", help="fine-tune on the first N training images only")
+    add_sgd_args(g)
+    g.add_argument("--train-limit", type=positive_int, metavar="N", help="fine-tune on the first N training images only")
     g.add_argument("--screen-steps", type=int, default=0, metavar="N",
                    help="recover every screen with N fine-tuning steps (constraints kept, distilled) before it is "
                         "measured, so screens estimate what a fine-tune reaches rather than what recalibration "

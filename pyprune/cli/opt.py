@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .. import api
 from ..distributed import is_main
-from .args import (MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_run_args, add_sync_bn, load,
-                   refuse_existing_output)
+from .args import (MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_run_args, add_sgd_args, add_sync_bn, load,
+                   positive_int, refuse_existing_output)
 from .present import pipeline_help
 
 EXAMPLES = """
@@ -47,9 +47,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--l1-epochs", type=float, default=0.0, metavar="E", help="epochs of sparsity training")
     g.add_argument("--finetune-epochs", type=float, default=0.0, metavar="E",
                    help="fine-tuning epochs after each pass (0: none)")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only")
+    add_sgd_args(g)
+    g.add_argument("--train-limit", type=positive_int, metavar="N", help="train on the first N training images only")
     g = p.add_argument_group("data")
     add_data_source(g)
     g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import api
 from ..distributed import is_main
-from .args import (MODEL_EPILOG, Formatter, add_data_args, add_model_args, add_run_args, add_sync_bn, data_spec,
+from .args import (MODEL_EPILOG, Formatter, add_data_args, add_model_args, add_run_args, add_sgd_args, add_sync_bn, data_spec,
                    load, refuse_existing_output)
 
 
@@ -23,9 +23,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_sync_bn(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    add_sgd_args(g, batch_size=None)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on the weights")
     g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
                    help="L1 strength on BatchNorm gammas (network slimming uses 1e-4)")
     g.add_argument("--no-augment", action="store_true", help="train without crop and flip")

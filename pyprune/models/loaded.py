@@ -15,7 +15,8 @@ DEFAULT_INPUT_SHAPE = (3, 32, 32)
 
 @dataclass
 class LoadedModel:
-    """A model with its normalisation and input shape."""
+    """A model with its normalisation and input shape. ``.module`` is the
+    ``nn.Module``; calling, ``.eval()`` and ``.train()`` act on it."""
 
     module: nn.Module
     name: str
@@ -36,6 +37,18 @@ class LoadedModel:
         """The model a saved file describes with :meth:`meta`."""
         return cls(module, str(meta.get("arch") or fallback_name), tuple(meta.get("mean", DEFAULT_MEAN)),
                    tuple(meta.get("std", DEFAULT_STD)), tuple(meta.get("input_shape", DEFAULT_INPUT_SHAPE)))
+
+    # The module's own verbs, for code that treats the loaded model as the module.
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def eval(self) -> "LoadedModel":
+        self.module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "LoadedModel":
+        self.module.train(mode)
+        return self
 
     def meta(self) -> dict[str, Any]:
         """What a saved file (``.ppz``, graph file, ONNX metadata) records about the

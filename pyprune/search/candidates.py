@@ -117,8 +117,9 @@ class Candidate:
         acc = "failed" if self.status != "ok" else f"{self.accuracy:.4f}"
         if "estimate" in self.extra:
             acc += f" (val estimate {self.extra['estimate']:.4f})"
-        verdict = "meets" if self.meets else "misses"
+        # the baseline is measured before the target exists (a relative one is taken from it)
+        verdict = "" if self.stage == "baseline" else " (meets)" if self.meets else " (misses)"
         ft = f", fine-tuned {self.finetune_epochs:g} ep" if self.phase == "finetune" else ""
-        return (f"[{self.search} {self.phase:8s}] {self.pipeline or 'baseline'}: acc {acc} on {self.n} "
-                f"({verdict}), {self.size_bytes / 1024:.1f} KiB{ft}, {self.seconds:.1f}s"
+        return (f"[{self.search} {self.phase:8s}] {self.pipeline or 'baseline'}: acc {acc} on {self.n}"
+                f"{verdict}, {self.size_bytes / 1024:.1f} KiB{ft}, {self.seconds:.1f}s"
                 + (f" ({self.reason})" if self.reason else ""))

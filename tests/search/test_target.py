@@ -26,3 +26,12 @@ def test_relative_target_is_the_baseline_minus_the_drop(baseline, drop, expected
 def test_bad_targets(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Target(**kwargs)
+
+
+def test_baseline_line_gives_no_verdict_before_the_target_exists():
+    from pyprune.search.candidates import Candidate
+
+    row = lambda stage, meets: Candidate("k", "marginal", "" if stage == "baseline" else "mask(sparsity=0.5)", stage,
+                                         None, "val", 0.945, 200, meets, 1000, 10, 0.0, 0.1)
+    assert "meets" not in row("baseline", True).summary() and "misses" not in row("baseline", False).summary()
+    assert "(meets)" in row("mask", True).summary() and "(misses)" in row("mask", False).summary()
