@@ -138,7 +138,8 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     for n in nodes:
         handler_for(gm, n).connect(ctx, n)
     if ctx.barriers:
-        log.warning("channels are not pruned across %d node(s) with no channel handler: %s",
+        log.warning("channels are not pruned across %d node(s) that are barriers to them (no channel handler, "
+                    "or one that cannot follow channels there, such as a broadcast): %s",
                     len(ctx.barriers), ", ".join(ctx.barriers[:10]) + (" ..." if len(ctx.barriers) > 10 else ""))
     for n in nodes:
         if n in base:

@@ -151,10 +151,7 @@ def data_spec(args: argparse.Namespace) -> api.DataSpec:
 
 def load(args: argparse.Namespace) -> api.LoadedModel:
     """The model the arguments name (see :func:`add_model_args`)."""
-    data = getattr(args, "data", None)
-    if args.input_size is not None and data is not None and not data.startswith("imagefolder:"):
-        raise ValueError(f"--input-size resizes the images of --data imagefolder:PATH; {data} images have "
-                         "a fixed size")
+    # a fixed-size dataset refuses a model of another size when it is loaded, naming both
     return api.load_model(args.model, args.arch, args.weights, pretrained=args.pretrained,
                           download=args.download, trust_pickle=args.trust_pickle, seed=args.seed,
                           num_classes=args.num_classes, input_size=args.input_size,

@@ -40,7 +40,15 @@ def load_dataset(name: str, split: str, data_root: str | Path | None = None,
     kwargs = {}
     if input_shape is not None and "input_shape" in inspect.signature(loader).parameters:
         kwargs["input_shape"] = input_shape
-    return loader(split, data_root=data_root, download=download, limit=limit, **kwargs)
+    dataset = loader(split, data_root=data_root, download=download, limit=limit, **kwargs)
+    if input_shape is not None and isinstance(dataset, ArrayDataset) and \
+            tuple(dataset.images.shape[1:]) != tuple(input_shape):
+        have, want = "x".join(map(str, dataset.images.shape[1:])), "x".join(map(str, input_shape))
+        raise ValueError(f"{name} images are {have} (C x H x W), but the model takes {want}: {name} has one "
+                         f"fixed size, so nothing is resized. Use a model made for {have} inputs (--input-size "
+                         f"{dataset.images.shape[-1]} when building one with --arch), or --data imagefolder:PATH, "
+                         "whose images are resized to the model's")
+    return dataset
 
 
 @dataclass(frozen=True)

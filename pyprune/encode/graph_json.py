@@ -36,7 +36,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -74,6 +74,10 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {}  # class name -> class
 FUNCTIONS: dict[str, Callable[..., Any]] = {}
 # The writer's side of FUNCTIONS: callable -> the name written for it.
 _FUNCTION_NAMES: dict[Callable[..., Any], str] = {}
+
+# Called with the function names a document uses, before it is decoded: where a
+# layer above supports ops of a package not imported yet, it registers them here.
+BEFORE_DECODE: list[Callable[[Iterable[str]], None]] = []
 
 # Tensor method names for call_method nodes (fx calls getattr(self, name)(...)).
 METHODS: set[str] = set()
@@ -143,7 +147,32 @@ _MEMORY_FORMATS = {str(m).removeprefix("torch."): m for m in (
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 # A qualified name's parts become Python source in fx's generated forward.
-_QUALNAME = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+))*\Z")
+# nn.Module.add_module refuses, besides names with a dot, every name the module
+# already has as an attribute; those are the reserved ones.
+_RESERVED_NAMES = frozenset(dir(nn.Module()))
+
+
+def qualname_problem(qualname: object) -> str | None:
+    """Why ``qualname`` cannot name a submodule or tensor (None if it can): the one
+    rule the writer and the reader both apply. A name is what PyTorch accepts, dot
+    separated: no empty part, none an attribute every ``nn.Module`` has, no control
+    characters."""
+    if not isinstance(qualname, str) or not qualname:
+        return "a name must be a non-empty string"
+    for part in qualname.split("."):
+        if not part:
+            return "it has an empty part"
+        if part in _RESERVED_NAMES:
+            return f"{part!r} is an attribute every nn.Module has"
+        if any(ord(c) < 32 or ord(c) == 127 for c in part):
+            return "it holds control characters"
+    return None
+
+
+def _check_qualname(qualname: object, what: str) -> None:
+    problem = qualname_problem(qualname)
+    if problem:
+        raise GraphFormatError(f"bad {what} name {qualname!r:.80}: {problem}")
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -294,6 +323,10 @@ def graph_to_json(gm: fx.GraphModule) -> dict[str, Any]:
     for node in gm.graph.nodes:
         where = f"cannot serialize {_node_where(node)}"
         target: Any = node.target
+        if node.op in ("call_module", "get_attr"):
+            problem = qualname_problem(target)
+            if problem:
+                raise GraphFormatError(f"{where}: bad name {target!r:.80}: {problem}")
         if node.op == "call_module":
             module = gm.get_submodule(target)
             if MODULE_TYPES.get(type(module).__name__) is not type(module):  # exact type: subclasses may differ
@@ -406,15 +439,19 @@ def _mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
 def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     """Rebuild the GraphModule a document describes and load ``state_dict`` into it, strictly."""
     _check_document(doc)
+    unknown = {spec.get("target") for spec in doc["nodes"]
+               if isinstance(spec, dict) and spec.get("op") == "call_function" and spec.get("target") not in FUNCTIONS}
+    for hook in BEFORE_DECODE:
+        hook(sorted(n for n in unknown if isinstance(n, str)))
     root: dict[str, Any] = {}
     for qualname, spec in doc["modules"].items():
-        if not _QUALNAME.match(qualname):
-            raise GraphFormatError(f"bad module name {qualname!r}")
+        _check_qualname(qualname, "module")
         if not isinstance(spec, dict) or set(spec) != {"type", "config"}:
             raise GraphFormatError(f"module {qualname!r}: entry must be {{'type', 'config'}}")
         root[qualname] = _build_module(spec["type"], spec["config"], f"module {qualname!r}")
     for target, kind in doc["attrs"].items():
-        if not _QUALNAME.match(target) or kind not in ("parameter", "buffer"):
+        _check_qualname(target, "tensor")
+        if kind not in ("parameter", "buffer"):
             raise GraphFormatError(f"bad attrs entry {target!r}: {kind!r}")
         if not isinstance(state_dict.get(target), torch.Tensor):
             raise GraphFormatError(f"tensor {target!r} (get_attr) is missing from the state dict")

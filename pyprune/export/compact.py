@@ -129,17 +129,72 @@ def _should_encode(value: ir.Value) -> bool:
             and value.dtype == ir.DataType.FLOAT)
 
 
+def _reads_weight(node: ir.Node, value: ir.Value) -> bool:
+    return node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx") and len(node.inputs) > 1 and \
+        node.inputs[1] is value
+
+
+def _weight_of(node: ir.Node) -> ir.Value | None:
+    """The initializer that ``node`` reads as a layer weight: its input 1 if it is a
+    Conv/Gemm/MatMul, or the input of a Transpose whose output one reads (how a
+    ``Linear`` exports as MatMul), else None."""
+    if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") and node.inputs and node.inputs[0] is not None \
+            and any(_reads_weight(use.node, node.outputs[0]) for use in node.outputs[0].uses()):
+        return node.inputs[0]
+    return node.inputs[1] if _reads_weight(node, node.inputs[1] if len(node.inputs) > 1 else None) else None
+
+
+@dataclass
+class FloatWeight:
+    """A float32 tensor the compact form left as it was, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    bytes: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+# Float tensors smaller than this (biases, norm scales) are not listed as left float.
+FLOAT_REPORT_MIN_BYTES = 4096
+
+
+def float_weights(model: ir.Model, coded: Sequence[CompactTensor]) -> list[FloatWeight]:
+    """The float32 weights (2-d and up, at least :data:`FLOAT_REPORT_MIN_BYTES`) that
+    the compact form did not code, largest first, each with the reason."""
+    readers = {}
+    for node in model.graph:
+        weight = _weight_of(node)
+        if weight is not None:
+            readers[weight.name] = node.op_type
+    done = {t.name for t in coded}
+    out = []
+    for name, value in model.graph.initializers.items():
+        if name in done or value.const_value is None or value.dtype != ir.DataType.FLOAT:
+            continue
+        array = value.const_value.numpy()
+        if array.nbytes < FLOAT_REPORT_MIN_BYTES or array.ndim < 2:  # biases and norm scales are not coded
+            continue
+        if name not in readers:
+            reason = "not a Conv, Gemm or MatMul weight"
+        else:
+            distinct = np.unique(array).size
+            reason = f"{distinct:,} distinct values: codes and codebook would not be smaller (not quantized?)"
+        out.append(FloatWeight(name, tuple(array.shape), array.nbytes, reason))
+    return sorted(out, key=lambda w: -w.bytes)
+
+
 def encode_codebooks(model: ir.Model, nibbles: bool = True) -> list[CompactTensor]:
     """Replace, in place, every float32 weight initializer of a Conv/ConvTranspose/
-    Gemm/MatMul (input 1) whose codebook form is smaller by codes + codebook +
-    Cast + Gather; with ``nibbles``, codes of codebooks of at most 16 entries two per
-    byte. Returns what was stored, in graph order."""
+    Gemm/MatMul (input 1, directly or through a Transpose) whose codebook form is
+    smaller by codes + codebook + Cast + Gather; with ``nibbles``, codes of codebooks
+    of at most 16 entries two per byte. Returns what was stored, in graph order."""
     graph = model.graph
     done: list[CompactTensor] = []
     for node in list(graph):
-        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
+        weight = _weight_of(node)
         if weight is None or not _should_encode(weight):
             continue
         array = weight.const_value.numpy()

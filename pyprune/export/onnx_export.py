@@ -35,7 +35,7 @@ from onnxscript.optimizer import optimize_ir
 from torch import nn
 
 from ..version import __version__
-from .compact import REBUILDS_WEIGHT, CompactTensor, encode_codebooks, sparsify_initializers
+from .compact import REBUILDS_WEIGHT, CompactTensor, FloatWeight, encode_codebooks, float_weights, sparsify_initializers
 
 FORMS = ("dense", "compact")
 DEFAULT_OPSET = 18
@@ -57,6 +57,7 @@ class OnnxExport:
     form: str
     opset: int
     compact: list[CompactTensor] = field(default_factory=list)
+    floats: list[FloatWeight] = field(default_factory=list)  # compact form: what it left float32, and why
 
     def serialized(self) -> bytes:
         return self.proto.SerializeToString()
@@ -66,7 +67,8 @@ class OnnxExport:
         return {"form": self.form, "opset": self.opset, "bytes": self.proto.ByteSize(),
                 "codebook_tensors": len(self.compact), "sparse_initializers": len(sparse),
                 "weights_fp32_bytes": sum(t.fp32_bytes for t in self.compact),
-                "weights_bytes": sum(t.sparse_bytes if t.sparse else t.bytes for t in self.compact)}
+                "weights_bytes": sum(t.sparse_bytes if t.sparse else t.bytes for t in self.compact),
+                "float_weights": [w.to_dict() for w in self.floats]}
 
 
 _NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")
@@ -162,6 +164,7 @@ def _finish(model: ir.Model, form: str, opset: int, meta: Mapping[str, Any] | No
     """Optimize the raw export into ``form``, add the metadata, check it."""
     # sparse initializers hold one code per byte; otherwise small codebooks pack two per byte
     compact = encode_codebooks(model, nibbles=not sparse_initializers) if form == "compact" else []
+    floats = float_weights(model, compact) if form == "compact" else []
     # folding the rebuilt weights back into constants would undo the compact form
     optimize_ir(model, should_fold=lambda node: False if node.meta.get(REBUILDS_WEIGHT) else None)
     props = {"pyprune.version": __version__, "pyprune.form": form}
@@ -175,4 +178,4 @@ def _finish(model: ir.Model, form: str, opset: int, meta: Mapping[str, Any] | No
         onnx.checker.check_model(proto, full_check=not proto.graph.sparse_initializer)
     except onnx.checker.ValidationError as exc:
         raise OnnxExportError(f"the exported {form} model fails onnx.checker: {exc}") from exc
-    return OnnxExport(proto, form, opset, compact)
+    return OnnxExport(proto, form, opset, compact, floats)

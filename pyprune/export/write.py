@@ -35,10 +35,14 @@ class OnnxReport:
         text = f"wrote {self.path} ({self.form} form, opset {self.export['opset']}, {self.bytes:,} bytes"
         if self.export["codebook_tensors"]:
             text += f"; {self.export['codebook_tensors']} weights as codes + codebook"
-        text += ")"
-        if self.verification is None:
-            return text + "; not verified"
-        return text + "\n" + self.verification.summary()
+        text += ")" + ("; not verified" if self.verification is None else "\n" + self.verification.summary())
+        floats = self.export.get("float_weights") or []
+        if floats:
+            shown = "; ".join(f"{w['name']} {'x'.join(map(str, w['shape']))}: {w['reason']}" for w in floats[:3])
+            more = f"; and {len(floats) - 3} more" if len(floats) > 3 else ""
+            text += (f"\n{len(floats)} weights stayed float32 ({sum(w['bytes'] for w in floats):,} bytes): "
+                     f"{shown}{more}")
+        return text
 
 
 def verification_inputs(dataset: ArrayDataset, n: int, mean: Sequence[float],

@@ -6,7 +6,7 @@ line of user code that failed, and says how to get past it."""
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,11 @@ from torch import fx, nn
 from .modules import LEAF_MODULES
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+BEFORE_TRACE: list[Callable[[], None]] = []
+"""Called before every trace; :mod:`pyprune.ops` registers the support of
+third-party ops here once their package is imported (layers above fill it)."""
 
 
 class TraceError(RuntimeError):
@@ -97,6 +102,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
     ``package.module:Class``, or a submodule's qualified name). The channel analysis
     treats such a call as a barrier; mask and quant still reach the Conv and Linear
     layers inside it."""
+    for hook in BEFORE_TRACE:
+        hook()
     tracer = _PathTracer(leaf_matcher(model, leaf_modules))
     try:
         graph = tracer.trace(model)

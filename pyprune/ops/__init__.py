@@ -16,6 +16,12 @@ and :mod:`pyprune.ir`; none of them imports it.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterable
+
+from ..encode.graph_json import BEFORE_DECODE
+from ..ir.trace import BEFORE_TRACE
 from . import activation, conv, elementwise, identity, linear, norm, pooling, reduction, shape
 from .registry import (
     BARRIER,
@@ -39,5 +45,29 @@ for _family in FAMILIES:
     register(*_family.OPS)
 del _family
 
-__all__ = ["BARRIER", "FAMILIES", "INHERITED", "OpSupport", "Rewriter", "declared", "function", "method",
-           "module", "register", "registered", "unregister"]
+DEFERRED: dict[str, str] = {"torchvision": "torchvision_ops"}
+"""Families for a third-party package's ops: package -> family module (in this
+package). Each is registered when its package is first needed: before a trace,
+when the package is already imported (the model being traced calls it); before a
+graph document is decoded, when the document names one of its functions."""
+
+_DEFERRED_DONE: set[str] = set()
+
+
+def register_deferred(names: Iterable[str] = ()) -> None:
+    """Register the deferred families whose package is imported, or named by one of
+    the qualified function ``names`` (a document's), importing it then."""
+    names = tuple(names)
+    for package, family in DEFERRED.items():
+        if package in _DEFERRED_DONE:
+            continue
+        if package in sys.modules or any(n.startswith(package + ".") for n in names):
+            register(*importlib.import_module(f"{__name__}.{family}").OPS)
+            _DEFERRED_DONE.add(package)
+
+
+BEFORE_TRACE.append(register_deferred)
+BEFORE_DECODE.append(register_deferred)
+
+__all__ = ["BARRIER", "DEFERRED", "FAMILIES", "INHERITED", "OpSupport", "Rewriter", "declared", "function", "method",
+           "module", "register", "register_deferred", "registered", "unregister"]

@@ -18,7 +18,8 @@ from .registry import BARRIER, OpSupport, function, method
 
 class Elementwise(ChannelHandler):
     """add, sub, mul, div of equal-shaped tensors (scalars allowed): all tensor
-    operands and the output are tied channel by channel. ``zero``: how zeros combine:
+    operands and the output are tied channel by channel. An operand broadcast to the
+    output's shape makes the op a barrier. ``zero``: how zeros combine:
     'all' (add, sub: zero only if every operand is), 'any' (mul), 'first' (div)."""
 
     def __init__(self, zero: str) -> None:
@@ -36,7 +37,9 @@ class Elementwise(ChannelHandler):
     def zeros(self, ctx: Context, node: fx.Node) -> np.ndarray:
         ops = node.args[:2]
         zs = [ctx.zeros_of(a) if isinstance(a, fx.Node) else np.full(ctx.size[node], a == 0) for a in ops]
-        if any(z is None for z in zs):
+        # A broadcast operand (a (C, 1, 1) layer scale, a (1, C, 1, 1) mask) has channels
+        # of its own count, or none: connect() made the op a barrier, and no zero is known.
+        if any(z is None or z.shape != (ctx.size[node],) for z in zs):
             return ctx.not_zero(node)
         if self.zero == "all":
             return np.logical_and.reduce(zs)

@@ -61,5 +61,6 @@ OPS: tuple[OpSupport, ...] = (
     module(nn.LayerNorm, BARRIER, serializable=True),
     module(nn.GroupNorm, BARRIER, serializable=True),
     function("torch.nn.functional.batch_norm", F.batch_norm, BARRIER, serializable=True),
+    function("torch.nn.functional.layer_norm", F.layer_norm, BARRIER, serializable=True),
     module(ChannelAffine, BARRIER, serializable=True),
 )

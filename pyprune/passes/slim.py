@@ -323,6 +323,20 @@ class Slim(GraphPass):
 
     def summary(self, record: Mapping) -> str | None:
         if not record.get("layers"):
-            return None
+            return _nothing_removed(record)
         return (f"slim removed channels in {len(record['layers'])} layers "
                 f"({record['achieved_ratio']:.1%} of prunable channel groups)")
+
+
+def _nothing_removed(record: Mapping) -> str | None:
+    """Why slim left every layer as it was, for a model where it could not help."""
+    if "total_bn_channels" not in record:
+        return None
+    if not record["total_bn_channels"]:
+        return ("slim removed nothing: the model has no BatchNorm layer, and slimming ranks channels by their "
+                "BatchNorm gamma")
+    if not record["prunable_groups"]:
+        reasons = sorted(record.get("refused", {}).items(), key=lambda kv: -kv[1])
+        why = ", ".join(f"{reason} ({count})" for reason, count in reasons[:3])
+        return f"slim removed nothing: no channel group can be removed ({why})"
+    return f"slim removed nothing at ratio {record['ratio']:g}: raise the ratio to remove channels"

@@ -173,3 +173,25 @@ def test_needs_shapes():
     gm = trace(Chain())
     with pytest.raises(ValueError, match="propagate_shapes"):
         analyze_channels(gm)
+
+
+class LayerScale(nn.Module):
+    """convnext's layer scale: a (C, 1, 1) parameter broadcast over (N, C, H, W)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.scale = nn.Parameter(torch.rand(shape))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.scale * self.bn1(self.conv1(x)))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), (1, 1, 8)], ids=["C11", "1C11", "11W"])
+def test_broadcast_operand_makes_a_clean_barrier(shape, caplog):
+    with caplog.at_level(logging.WARNING, logger="pyprune.analysis"):
+        a = analyze(LayerScale(shape))
+    g = a.group_of("bn1", 1)
+    assert not g.prunable and "barrier" in g.reason and "mul" in g.reason
+    assert "broadcast" in caplog.text

@@ -135,3 +135,9 @@ def test_bad_arguments(data_root):
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("mnist", "test", data_root=data_root)
     assert len(load_dataset("cifar10", "test", data_root=data_root, limit=7)) == 7
+
+
+def test_a_model_of_another_size_is_refused_naming_both(data_root):
+    assert load_dataset("cifar10", "test", data_root, limit=3, input_shape=(3, 32, 32)).images.shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"3x32x32 \(C x H x W\), but the model takes 3x224x224"):
+        load_dataset("cifar10", "test", data_root, limit=3, input_shape=(3, 224, 224))

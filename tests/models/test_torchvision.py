@@ -143,9 +143,13 @@ def test_cli_input_size_traces_the_model_at_that_size(capsys: pytest.CaptureFixt
 
 @pytest.mark.parametrize("argv, message", [
     (["info", "--arch", "torchvision:resnet18", "--input-size", "0"], "--input-size must be a positive"),
-    (["eval", "--arch", "torchvision:resnet18", "--input-size", "64"], "cifar10 images have a fixed size"),
+    (["eval", "--arch", "torchvision:resnet18", "--input-size", "64", "--limit", "4", "--data-root", "DATA"],
+     "cifar10 images are 3x32x32 (C x H x W), but the model takes 3x64x64"),
 ])
-def test_cli_input_size_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+def test_cli_input_size_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture,
+                               request: pytest.FixtureRequest) -> None:
+    if "DATA" in argv:
+        argv = [str(request.getfixturevalue("data_root")) if a == "DATA" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 

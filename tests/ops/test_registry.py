@@ -18,11 +18,15 @@ from pyprune.encode import FUNCTIONS, METHODS, MODULE_TYPES, GraphFormatError, g
     graph_to_json
 from pyprune.ir import layer_stats, propagate_shapes, trace
 from pyprune.ir.accounting import MAC_COUNTERS
-from pyprune.ops import BARRIER, FAMILIES, INHERITED, OpSupport, Rewriter, declared, function, method, module, \
-    register, registered, unregister
+from pyprune.ops import BARRIER, DEFERRED, FAMILIES, INHERITED, OpSupport, Rewriter, declared, function, method, \
+    module, register, register_deferred, registered, unregister
 from pyprune.ops.identity import PassThrough
 
-DECLARATIONS = [op for family in FAMILIES for op in family.OPS]
+# The deferred families (third-party packages' ops) too: registered now, after the
+# eager ones, as the first trace in a process with that package imported would.
+register_deferred([f"{package}." for package in DEFERRED])
+DECLARATIONS = [op for family in FAMILIES for op in family.OPS] + \
+    [op for family in DEFERRED.values() for op in importlib.import_module(f"pyprune.ops.{family}").OPS]
 
 
 def family_id(family) -> str:
@@ -301,3 +305,36 @@ def test_unregistering_an_undeclared_op_is_refused():
 def test_malformed_declarations_are_refused(make):
     with pytest.raises((TypeError, ValueError)):
         make()
+
+
+STOCHASTIC_DEPTH_NET = """
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = StochasticDepth(0.2, "row")  # traced through, to a call of the function
+
+    def forward(self, x):
+        return x.mean(1, keepdim=True) + self.drop(self.conv(x))
+"""
+
+
+def test_deferred_family_is_registered_for_a_trace_and_for_a_document(tmp_path):
+    """A model calling torchvision.ops.stochastic_depth saves (its package was imported
+    to build it), and the file loads in a fresh process that never imported torchvision."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sdnet.py").write_text(STOCHASTIC_DEPTH_NET)
+    save = ("import sys; sys.path.insert(0, sys.argv[1]); from pyprune import api; "
+            "m = api.load_model(arch='sdnet:Net'); api.save_model(m, sys.argv[1] + '/m.pt')")
+    subprocess.run([sys.executable, "-c", save, str(tmp_path)], check=True, cwd=tmp_path)
+    load = ("import sys; from pyprune import api; assert 'torchvision' not in sys.modules; "
+            "m = api.load_model(sys.argv[1]); "
+            "assert any('stochastic_depth' in str(n.target) for n in m.module.graph.nodes); "
+            "assert 'torchvision' in sys.modules")
+    subprocess.run([sys.executable, "-c", load, str(tmp_path / "m.pt")], check=True, cwd=tmp_path)

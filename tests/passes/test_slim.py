@@ -166,3 +166,53 @@ def test_fold_keeps_the_constant_of_dead_channels(fold):
         got = slimmed(x)
         torch.testing.assert_close(got, masked(x), rtol=0, atol=1e-5)
     assert torch.allclose(got, original, atol=1e-5) == fold
+
+
+# --- a model slim cannot help says so ------------------------------------------------
+
+class NoBatchNorm(nn.Module):  # squeezenet's case
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.conv1(x)))
+
+
+class BatchNormBehindABarrier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.sin(self.bn1(self.conv1(x))))
+
+
+@pytest.mark.parametrize("model,ratio,expected", [
+    (NoBatchNorm(), 0.5, "slim removed nothing: the model has no BatchNorm layer"),
+    (BatchNormBehindABarrier(), 0.5, "slim removed nothing: no channel group can be removed (barrier"),
+])
+def test_slim_says_why_it_removed_nothing(model, ratio, expected):
+    gm, _ = traced(model, (2, 3, 8, 8))
+    slim = create_pass("slim", ratio=ratio)
+    result = slim(gm)
+    assert not result.modified
+    text = slim.summary(result.record)
+    assert text.startswith(expected), text
+
+
+def test_slim_at_ratio_zero_asks_for_a_higher_ratio():
+    gm, _ = traced(randomize_bn(BatchNormThenConv().eval(), (2, 3, 8, 8)), (2, 3, 8, 8))
+    slim = create_pass("slim", ratio=0.0)
+    result = slim(gm)
+    assert slim.summary(result.record) == "slim removed nothing at ratio 0: raise the ratio to remove channels"
+
+
+class BatchNormThenConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), \
+            nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.bn1(self.conv1(x))))
