@@ -156,7 +156,7 @@ def qualname_problem(qualname: object) -> str | None:
     """Why ``qualname`` cannot name a submodule or tensor (None if it can): the one
     rule the writer and the reader both apply. A name is what PyTorch accepts, dot
     separated: no empty part, none an attribute every ``nn.Module`` has, no control
-    characters."""
+    characters, and no quotes or backslashes, which torch.fx's generated code cannot hold."""
     if not isinstance(qualname, str) or not qualname:
         return "a name must be a non-empty string"
     for part in qualname.split("."):
@@ -166,6 +166,8 @@ def qualname_problem(qualname: object) -> str | None:
             return f"{part!r} is an attribute every nn.Module has"
         if any(ord(c) < 32 or ord(c) == 127 for c in part):
             return "it holds control characters"
+        if '"' in part or "\\" in part:
+            return "torch.fx writes it into generated code unescaped, so it cannot hold quotes or backslashes"
     return None
 
 

@@ -105,6 +105,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
     for hook in BEFORE_TRACE:
         hook()
     tracer = _PathTracer(leaf_matcher(model, leaf_modules))
+    # Traced in inference mode: a flag read in forward (stochastic_depth(..., self.training),
+    # F.dropout(training=...)) becomes a constant of the graph, and a graph that drops
+    # activations at random forever would not be a model. Leaf modules (nn.Dropout,
+    # BatchNorm) still follow .train() and .eval() at run time.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... all mean the same here
@@ -121,5 +127,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
             "  - or rewrite that piece without data-dependent Python control flow "
             "(if/for over tensor values, .item(), len() of a tensor, .size() used as a Python int).",
             path, type_name) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    try:
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except SyntaxError as exc:  # fx writes module names into its generated code unescaped
+        raise TraceError(f"torch.fx could not generate code for {type(model).__name__}: a submodule name it cannot "
+                         f"write ({exc.msg}: {(exc.text or '').strip()}); rename the submodule (no quotes or "
+                         "backslashes)", "", type(model).__name__) from exc

@@ -356,3 +356,68 @@ def test_graph_file_with_arch_is_an_error(capsys, pretrained_resnet20):
         load_model(str(path), weights=str(path))
     model = load_model(str(path))
     assert model.name == "resnet20" and model.input_shape == (3, 32, 32) and model.mean == (0.485, 0.456, 0.406)
+
+
+# --- module names: the writer and the reader apply one rule, PyTorch's ----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pyprune.encode.graph_json import qualname_problem  # noqa: E402
+
+
+def _accepted_by_pytorch(name: str) -> bool:
+    try:
+        nn.Module().add_module(name, nn.Identity())
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+class _Named(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.add_module(name, nn.Conv2d(2, 3, 1))
+        self.name = name
+
+    def forward(self, x):
+        return getattr(self, self.name)(x) * 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=12).filter(lambda s: "\x00" not in s))
+def test_any_module_name_pytorch_accepts_round_trips(tmp_path, name):
+    accepted = _accepted_by_pytorch(name)
+    if not accepted:
+        assert qualname_problem(name) is not None
+        return
+    model = _Named(name).eval()
+    try:
+        traced = trace(model)
+    except Exception:  # torch.fx's own limits (quotes, backslashes in generated code)
+        assert qualname_problem(name) is not None
+        return
+    if qualname_problem(name) is not None:  # control characters: refused by both sides alike
+        with pytest.raises(GraphFormatError):
+            graph_to_json(traced)
+        return
+    path = tmp_path / "named.pt"
+    save_graph_module(traced, path, force=True)
+    gm, _ = load_graph_module(path)
+    x = torch.randn(1, 2, 4, 4)
+    assert torch.equal(gm(x), model(x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [name]
+
+
+@pytest.mark.parametrize("name", ["block1-0", "stage 2", "ünïcode", "0", "a" * 300])
+def test_names_regnet_and_friends_use_round_trip(tmp_path, name):
+    model = _Named(name).eval()
+    save_graph_module(trace(model), tmp_path / "m.pt")
+    gm, _ = load_graph_module(tmp_path / "m.pt")
+    x = torch.randn(1, 2, 4, 4)
+    assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["training", "forward", "__dict__", "_modules", "a..b", ""])
+def test_reader_refuses_names_no_module_can_have(name):
+    assert qualname_problem(name) is not None
