@@ -8,6 +8,7 @@ import json
 from .. import api
 from .args import (MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_nproc, add_sgd_args, add_sync_bn,
                    add_threads, load, positive_int)
+from .present import history_line
 
 EPILOG = """
 Examples:
@@ -190,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
         screen_steps=args.screen_steps, measure_from=args.measure_from)
     api.set_threads(args.threads)
     model = load(args)
+    history = history_line(model)
+    if history and not getattr(args, "quiet", False):
+        print(history)
     result = api.compile_model(model, config)
     if args.json:
         chosen, search = result.report["chosen"], result.report["search"]

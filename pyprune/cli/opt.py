@@ -10,7 +10,7 @@ from .. import api
 from ..distributed import is_main
 from .args import (MODEL_EPILOG, Formatter, add_data_source, add_model_args, add_run_args, add_sgd_args, add_sync_bn, load,
                    positive_int, refuse_existing_output)
-from .present import pipeline_help
+from .present import history_line, pipeline_help
 
 EXAMPLES = """
 Deep compression's pruning and weight sharing, with fine-tuning after each:
@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
                            eval_limit=args.eval_limit, train_limit=args.train_limit,
                            data=api.DataSpec(args.data, args.data_root, args.download))
     model = load(args)
+    history = history_line(model)
+    if history and not getattr(args, "quiet", False):
+        print(history)
     result = api.optimize_model(model, config, log=print, output=args.output)
     for line in result.summaries():
         print(line)

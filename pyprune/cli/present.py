@@ -121,3 +121,14 @@ def pipeline_help(passes: list[dict[str, Any]]) -> str:
         lines += ["", "Fine-tuning after a pass keeps the constraints of every earlier pass that has one ("
                   + "; ".join(kept) + ")."]
     return "\n".join(lines)
+
+
+def history_line(model: Any) -> str | None:
+    """What a saved model had been through, for a command that compresses it again."""
+    if not model.history:
+        return None
+    text = f"{model.name} was compressed before: {'; '.join(model.history)}. This run starts from it"
+    if any(step.startswith("BatchNorm folded") for step in model.history):
+        text += (" (its BatchNorm is folded, so slim has no gammas to rank: compile --keep-batchnorm keeps them for "
+                 "a later run)")
+    return text + "."

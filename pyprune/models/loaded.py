@@ -25,6 +25,8 @@ class LoadedModel:
     input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
     # modules tracing keeps as one opaque call (--leaf-module): class or submodule names
     leaf_modules: tuple[str, ...] = ()
+    # what was done to it before, for a saved pyprune model: "compile quant(bits=4)", ...
+    history: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, module: nn.Module, spec: ModelSpec | None, name: str) -> "LoadedModel":
@@ -36,7 +38,8 @@ class LoadedModel:
     def from_meta(cls, module: nn.Module, meta: dict[str, Any], fallback_name: str) -> "LoadedModel":
         """The model a saved file describes with :meth:`meta`."""
         return cls(module, str(meta.get("arch") or fallback_name), tuple(meta.get("mean", DEFAULT_MEAN)),
-                   tuple(meta.get("std", DEFAULT_STD)), tuple(meta.get("input_shape", DEFAULT_INPUT_SHAPE)))
+                   tuple(meta.get("std", DEFAULT_STD)), tuple(meta.get("input_shape", DEFAULT_INPUT_SHAPE)),
+                   history=_history(meta.get("provenance")))
 
     # The module's own verbs, for code that treats the loaded model as the module.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -55,3 +58,21 @@ class LoadedModel:
         model besides its graph and weights."""
         return {"arch": self.name, "mean": list(self.mean), "std": list(self.std),
                 "input_shape": list(self.input_shape)}
+
+
+def _history(provenance: Any) -> tuple[str, ...]:
+    """One line per step a saved file's provenance records (``compile`` writes its
+    pipeline, ``opt`` its steps)."""
+    if not isinstance(provenance, list):
+        return ()
+    out = []
+    for step in provenance:
+        if not isinstance(step, dict):
+            continue
+        if "compile" in step:
+            out.append(f"compile {step['compile'] or '(no pass)'}")
+            if step.get("bnfold"):
+                out.append("BatchNorm folded into the convolutions")
+        elif step.get("name") not in (None, "input"):
+            out.append(f"opt {step['name']}")
+    return tuple(out)

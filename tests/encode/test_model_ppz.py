@@ -97,3 +97,29 @@ def test_the_published_resnet20_packed_losslessly_is_smaller_than_fp32(resnet20,
     x = example_input((3, 32, 32), batch=4)
     assert torch.equal(loaded.module(x), resnet20.module.eval()(x))
     assert total["file_bytes"] < 0.9 * total["fp32_bytes"]
+
+
+def test_weights_quantized_before_keep_their_codes_without_codebooks(resnet20, tmp_path):
+    """A compiled model compiled again: no pass of the new run made codebooks, but its
+    weights still hold a few shared values; the file stores them as codes, losslessly,
+    in as few bytes as when the codebooks are given."""
+    gm, books = compressed(resnet20)
+    with_books = save_model(resnet20, tmp_path / "with.ppz", gm, codebooks=books)
+    without = save_model(resnet20, tmp_path / "without.ppz", gm)
+    assert without.stat().st_size == with_books.stat().st_size
+    loaded, _ = load_ppz(without)
+    for name, t in gm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_a_saved_model_says_what_was_done_to_it(resnet20, tmp_path):
+    from pyprune.cli.present import history_line
+
+    gm, books = compressed(resnet20)
+    provenance = [{"compile": "slim(ratio=0.3),quant(bits=5)", "target": 0.9, "bnfold": {"float16": True}}]
+    path = save_model(resnet20, tmp_path / "m.ppz", gm, provenance=provenance, codebooks=books)
+    model = load_model(str(path))
+    assert model.history == ("compile slim(ratio=0.3),quant(bits=5)", "BatchNorm folded into the convolutions")
+    assert history_line(model).startswith("resnet20 was compressed before: compile slim(ratio=0.3),quant(bits=5); "
+                                          "BatchNorm folded")
+    assert history_line(load_model(arch="resnet20")) is None
