@@ -19,6 +19,8 @@ Naming a model (the same for every subcommand):
   pyprune eval --arch torchvision:resnet18 --weights FILE --num-classes 1000
                                                   a torchvision.models classifier, your weights (never downloads)
   pyprune info --arch mypkg.models:make_net       your own model class or factory
+  pyprune eval model.pt2                          a torch.export program (torch.export.save): no --arch, nothing unpickled
+  pyprune eval out/model.ppz                      a model pyprune wrote (.ppz or graph file): no --arch
   pyprune eval whole_model.pt --trust-pickle      a pickled nn.Module (unpickling runs code: trusted files only)
 
 Data is found under --data-root, else $PYPRUNE_DATA, else ./data.
@@ -73,7 +75,8 @@ def add_model_args(p: argparse.ArgumentParser, traces: bool = False) -> None:
     the model with torch.fx, so it takes ``--leaf-module``."""
     g = p.add_argument_group("model")
     g.add_argument("model", nargs="?", metavar="MODEL",
-                   help="checkpoint file: a state dict used with --arch, or a pickled module with --trust-pickle")
+                   help="model file: a torch.export program (.pt2) or a file pyprune wrote (.ppz, graph file), "
+                        "alone; a state dict with --arch; a pickled module with --trust-pickle")
     g.add_argument("--arch", help="zoo architecture (see `pyprune models`) or package.module:callable")
     g.add_argument("--weights", metavar="FILE", help="state-dict checkpoint for --arch")
     g.add_argument("--pretrained", action="store_true",
@@ -129,8 +132,8 @@ def add_nproc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="run as N processes under torchrun (DistributedDataParallel; gloo on CPUs, NCCL on GPUs): "
                         "a shortcut for `torchrun --standalone --nproc-per-node N -m pyprune ...`; only rank 0 "
-                        "writes and prints; exits with the code of the first process that failed. See README, "
-                        "Scaling out")
+                        "writes and prints; exits with the code of the first process that failed. See "
+                        "docs/reference.md, Scaling out")
 
 
 def add_sync_bn(p: argparse.ArgumentParser) -> None:

@@ -72,8 +72,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--search", choices=api.SEARCHES, default="marginal",
                    help="marginal: each technique alone, then all together, then moves that save the most bytes "
-                        "per point of accuracy (see README, 'How the search works'); heuristic: stage by stage, "
-                        "bisection per stage; grid: the brute-force baseline over every combination of the levels")
+                        "per point of accuracy (see docs/reference.md, 'How the search works'); heuristic: stage "
+                        "by stage, bisection per stage; grid: the brute-force baseline over every combination of the levels")
     g.add_argument("--order", default=",".join(api.DEFAULT_ORDER), metavar="STAGES",
                    help=f"stages in the order they run (any pass with a search knob: "
                         f"{', '.join(api.searchable_passes())}); Huffman storage is always last")
