@@ -77,7 +77,10 @@ class _Builder:
         is read with ``get_attr``, as tracing reads a free parameter."""
         def one(n: fx.Node) -> Any:
             if n in self.env:
-                return self.env[n]
+                held = self.env[n]
+                if isinstance(held, _TransposedWeight):  # read by something other than a Linear
+                    held = self.env[n] = held.materialize(self)
+                return held
             if n.name in self.state:
                 return self.get_attr(n)
             raise ExportRaiseError(f"node {n.name} is used before it is defined")
@@ -178,7 +181,12 @@ def _conv2d(b: _Builder, node: fx.Node) -> fx.Node:
     weight = b.tensor(w)
     path = _owner(b, w, (bias, "bias"))
     stride, padding = _tuple(_arg(node, 3, "stride", 1)), _tuple(_arg(node, 4, "padding", 0))
-    dilation, groups = _tuple(_arg(node, 5, "dilation", 1)), _arg(node, 6, "groups", 1)
+    if node.target is aten.convolution.default:  # core ATen: (..., dilation, transposed, output_padding, groups)
+        if node.args[6] or weight is None or weight.dim() != 4:
+            raise ExportRaiseError("only 2-d, non-transposed convolutions are read")
+        dilation, groups = _tuple(node.args[5]), node.args[8]
+    else:
+        dilation, groups = _tuple(_arg(node, 5, "dilation", 1)), _arg(node, 6, "groups", 1)
     out_c, in_per_group, *kernel = weight.shape
     conv = nn.Conv2d(in_per_group * groups, out_c, tuple(kernel), stride=stride, padding=padding,
                      dilation=dilation, groups=groups, bias=bias is not None)
@@ -214,6 +222,44 @@ def _linear(b: _Builder, node: fx.Node) -> fx.Node:
     x, w, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
     weight = b.tensor(w)
     path = _owner(b, w, (bias, "bias"))
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    _fill(lin, {"weight": weight, "bias": b.tensor(bias)})
+    return _module_or_refuse(b, node, path, lin, x)
+
+
+@dataclass
+class _TransposedWeight:
+    """A 2-d weight read transposed (core ATen writes ``nn.Linear`` as
+    ``addmm(bias, x, permute(weight))``): held back until a matrix product reads it,
+    and made a plain permute for any other reader."""
+
+    weight: fx.Node
+    node: fx.Node
+
+    def materialize(self, b: _Builder) -> fx.Node:
+        return b.call_method("permute", (self.weight, 1, 0))
+
+
+def _permute(b: _Builder, node: fx.Node) -> Any:
+    source = node.args[0]
+    dims = list(node.args[1]) if node.target is aten.permute.default else [1, 0]
+    if b.fqn(source) is not None and dims == [1, 0] and node.users and \
+            all(u.target in (aten.addmm.default, aten.mm.default) for u in node.users):
+        return _TransposedWeight(source, node)
+    if node.target is aten.permute.default:
+        return b.call_method("permute", (source, *dims))
+    return b.call_method("t", (source,))
+
+
+def _matmul(b: _Builder, node: fx.Node) -> fx.Node:
+    """``addmm(bias, x, weight.T)`` and ``mm(x, weight.T)``: an ``nn.Linear``."""
+    bias, x, wt = (node.args[0], node.args[1], node.args[2]) if node.target is aten.addmm.default else \
+        (None, node.args[0], node.args[1])
+    held = b.env.get(wt) if isinstance(wt, fx.Node) else None
+    if not isinstance(held, _TransposedWeight) or _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+        raise ExportRaiseError("a matrix product that is not a Linear layer (weight.T, no scaling)")
+    weight = b.tensor(held.weight)
+    path = _owner(b, held.weight, (bias, "bias"))
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     _fill(lin, {"weight": weight, "bias": b.tensor(bias)})
     return _module_or_refuse(b, node, path, lin, x)
@@ -377,7 +423,7 @@ def _reshape(b: _Builder, node: fx.Node) -> fx.Node:
 def _getitem(b: _Builder, node: fx.Node) -> Any:
     src, index = b.value(node.args[0]), node.args[1]
     if isinstance(src, tuple):
-        if src[index] is None:
+        if src[index] is None and node.users:  # batch norm's saved statistics: exported, never read
             raise ExportRaiseError(f"output {index} of {node.args[0].name} is used")
         return src[index]
     return b.graph.call_function(operator.getitem, (src, index))
@@ -464,7 +510,11 @@ _PAIRS: list[tuple[Any, Raiser]] = [
     (aten.view.default, _reshape),
     (aten.reshape.default, _reshape),
     (aten._unsafe_view.default, _reshape),
-    (aten.permute.default, _method("permute")),
+    (aten.permute.default, _permute),
+    (aten.t.default, _permute),
+    (aten.addmm.default, _matmul),
+    (aten.mm.default, _matmul),
+    (aten.convolution.default, _conv2d),
     (aten.transpose.int, _function(torch.transpose)),
     (aten.chunk.default, _function(torch.chunk)),
     (aten.mean.dim, _mean),

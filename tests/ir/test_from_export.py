@@ -92,6 +92,29 @@ def test_export_path_compresses_to_the_same_file(tmp_path: Path, arch: str, size
     assert (tmp_path / "arch.ppz").read_bytes() == (tmp_path / "export.ppz").read_bytes(), sizes
 
 
+@pytest.mark.parametrize("arch,size", [MODELS[0], MODELS[3], MODELS[5]], ids=["resnet20", "densenet40", "mobilenet_v2"])
+def test_core_aten_program_gives_the_same_plan(tmp_path: Path, arch: str, size: int) -> None:
+    """After run_decompositions(): convolution, _native_batch_norm_legit_no_training
+    (and its unused statistics), addmm over a transposed weight, mean for the pool."""
+    kw = {"input_size": size} if arch.startswith("torchvision:") else {}
+    by_arch = api.load_model(arch=arch, seed=0, **kw)
+    randomize_bn(by_arch.module, (4, 3, size, size), seed=1)
+    x = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(by_arch.module.eval(), (x,)).run_decompositions()
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"aten.convolution.default", "aten._native_batch_norm_legit_no_training.default"} <= ops
+    torch.export.save(program, tmp_path / "core.pt2")
+    by_export = api.load_model(str(tmp_path / "core.pt2"))
+    assert {type(m) for m in by_export.module.modules()} >= {nn.Conv2d, nn.BatchNorm2d, nn.Linear}
+    x = torch.randn((3, 3, size, size), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(by_export.module.eval()(x), by_arch.module.eval()(x))
+    shape = example_input(by_arch.input_shape)
+    plans = [S.plan(propagate_shapes(trace(m.module), shape), ratio=0.3) for m in (by_arch, by_export)]
+    assert plans[0].removed == plans[1].removed and plans[0].removed
+    assert [vars(r) for r in plans[0].layers] == [vars(r) for r in plans[1].layers]
+
+
 # --- handlers, on small synthetic modules: before (the module) and expected graphs ----
 
 def _raise(module: nn.Module, shape=(2, 4, 8, 8), **kw) -> fx.GraphModule:
