@@ -21,6 +21,7 @@ and the search. A pass class declares:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,8 +195,11 @@ class GraphPass:
         """All options, defaults filled in, each checked against its declaration."""
         unknown = [k for k in given if k not in {o.name for o in cls.options}]
         if unknown:
-            known = ", ".join(o.name for o in cls.options) or "none"
-            raise ValueError(f"bad options for pass {cls.name!r}: unknown option {unknown[0]!r} (its options: {known})")
+            names = [o.name for o in cls.options]
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"bad options for pass {cls.name!r}: unknown option {unknown[0]!r} ({hint}its options: "
+                             f"{', '.join(names) or 'none'})")
         return {o.name: o.check(given.get(o.name, o.default), cls.name) for o in cls.options}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:

@@ -61,7 +61,8 @@ def test_every_ladder_is_valid_and_ordered_least_aggressive_first(name):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("mask(sparsty=0.5)", "unknown option 'sparsty'"), ("quant(bits='4')", "quant bits must be an int"),
+    ("mask(sparsty=0.5)", r"unknown option 'sparsty' \(did you mean 'sparsity'\?"),
+    ("quant(bits='4')", "quant bits must be an int"),
     ("slim(combine=min)", "one of max, sum, mean"), ("mask(sparsity=True)", "mask sparsity must be a float"),
     ("quant(iters=0)", "iters must be an int >= 1"),
 ])
