@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import distributed
 from ..data import ArrayDataset
+from ..encode import GraphFormatError, graph_to_json
 from ..ir import example_input, inference_only, propagate_shapes, trace
 from ..models import LoadedModel
 from ..search import (Budget, Candidate, EvalSettings, Evaluator, GridSearch, HeuristicSearch, Journal, SearchData,
@@ -78,6 +79,10 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
         raise ValueError(f"{model.name}'s BatchNorm was folded for inference ({folded[0]}, ...), so it cannot be "
                          "fine-tuned: compile it with --finetune-epochs 0, or compile the model before folding")
     gm = propagate_shapes(trace(model.module, leaf_modules=model.leaf_modules), example_input(model.input_shape))
+    try:  # before any work: a model the file format cannot describe would fail only at the end
+        graph_to_json(gm)
+    except GraphFormatError as exc:
+        raise GraphFormatError(f"{config.output / 'model.ppz'} could not hold this model: {exc}") from None
     data, test_set = _load_data(config, model)
     meta = model.meta()
     main = distributed.is_main()  # under torchrun, only rank 0 writes and talks

@@ -39,3 +39,28 @@ def test_held_out_family_compresses_saves_reloads_and_exports(tmp_path: Path, ar
     ratio = compact.proto.ByteSize() / dense.proto.ByteSize()
     assert ratio <= 0.35, f"compact {compact.proto.ByteSize():,} vs dense {dense.proto.ByteSize():,} bytes"
     assert not compact.floats, [w.to_dict() for w in compact.floats]
+
+
+class ConvThenLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 3, padding=1)  # 6,912 bytes: large enough to be listed
+        self.fc = torch.nn.Linear(64 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def test_linear_weights_are_coded_and_float_ones_are_reported() -> None:
+    """A Linear exports as MatMul on a transposed initializer; the compact form codes
+    it like a conv weight, and lists (with the reason) what it left float32."""
+    model = api.LoadedModel(ConvThenLinear().eval(), "tiny", input_shape=(3, 4, 4))
+    plain = export_onnx(model.module, model.input_shape, "compact")
+    assert {w.name for w in plain.floats} == {"conv.weight", "fc.weight"}
+    assert all("distinct values" in w.reason for w in plain.floats)
+
+    result = api.optimize_model(model, api.OptConfig("quant(bits=4)", eval_split=None))
+    coded = export_onnx(result.graph_module, model.input_shape, "compact")
+    assert {t.name for t in coded.compact} == {"conv.weight", "fc.weight"} and not coded.floats
+    x = torch.randn(5, 3, 4, 4)
+    assert verify_onnx(coded.serialized(), result.graph_module, x).passed
