@@ -30,8 +30,8 @@ from .data import DataSpec, DatasetNotFoundError
 from .encode import CorruptFileError, GraphFormatError, graph_to_json, inspect, save_graph_module
 from .encode.model_ppz import save_ppz
 from .encode.saved import is_saved_model, load_saved_model
-from .export import (DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError, OnnxReport,
-                     VerificationError, check_export_settings, verification_inputs, write_onnx)
+from . import export
+from .export import DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError, VerificationError
 from .files import atomic_write
 from .ir import LayerStats, TraceError, Totals, example_input, layer_stats, propagate_shapes, totals, trace
 from .ir.from_export import ExportRaiseError, input_shape_of, raise_exported
@@ -218,13 +218,13 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def export_onnx(model: LoadedModel, output: str | Path, form: str = "compact", verify: int = DEFAULT_IMAGES,
                 data: DataSpec | str = "cifar10", split: str = "val", atol: float = DEFAULT_ATOL,
-                opset: int = DEFAULT_OPSET, sparse_initializers: bool = False, force: bool = False) -> OnnxReport:
+                opset: int = DEFAULT_OPSET, sparse_initializers: bool = False, force: bool = False) -> export.OnnxReport:
     """Export to ONNX (see :mod:`pyprune.export`) and verify on the first ``verify``
     images of ``split`` (0: no verification). The data is loaded before anything is
     exported, so a missing dataset costs nothing."""
     if verify < 0:
         raise ValueError(f"--verify must be >= 0, got {verify}")
-    check_export_settings(form, opset)
+    export.check_export_settings(form, opset)
     if Path(output).exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
     inputs = description = None
@@ -234,8 +234,8 @@ def export_onnx(model: LoadedModel, output: str | Path, form: str = "compact", v
         except DatasetNotFoundError as exc:
             raise DatasetNotFoundError(f"{exc}\nThe ONNX file is verified on that data; --verify 0 writes it "
                                        "unverified.") from None
-        inputs, description = verification_inputs(dataset, verify, model.mean, model.std)
-    return write_onnx(model.module, output, form, model.input_shape, inputs=inputs, data=description, atol=atol,
+        inputs, description = export.verification_inputs(dataset, verify, model.mean, model.std)
+    return export.write_onnx(model.module, output, form, model.input_shape, inputs=inputs, data=description, atol=atol,
                       opset=opset, meta=model.meta(), sparse_initializers=sparse_initializers, force=force)
 
 
@@ -246,7 +246,7 @@ def set_threads(threads: int | None) -> None:
 
 __all__: Sequence[str] = [
     "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET", "MEASURE_FROM",
-    "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo", "OnnxReport",
+    "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo",
     "OptConfig", "OptResult", "RUNTIMES", "Target", "TrainConfig", "USER_ERRORS", "VerificationError",
     "check_savable", "compile_model", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",
     "load_model", "load_runtime", "model_info", "optimize_model", "parse_levels", "resolve_leaf_modules",

@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 
 from ..data import ArrayDataset
-from ..export import OnnxExportError, VerificationError, verification_inputs, write_onnx
+from .. import export
+from ..export import OnnxExportError, VerificationError
 from ..files import atomic_write
 from .report import plot_budget, plot_pareto, render_markdown, write_json
 
@@ -53,9 +54,9 @@ def write_compact_onnx(gm: nn.Module, out: Path, val: ArrayDataset, meta: dict[s
                        n: int) -> dict[str, Any]:
     """The compact ONNX file of the decoded model, verified on ``n`` validation
     images; a failure is reported, not raised, so the search's result is kept."""
-    inputs, described = verification_inputs(val, n, meta["mean"], meta["std"]) if n else (None, None)
+    inputs, described = export.verification_inputs(val, n, meta["mean"], meta["std"]) if n else (None, None)
     try:
-        return write_onnx(gm, out / "model.onnx", "compact", meta["input_shape"], inputs=inputs, data=described,
+        return export.write_onnx(gm, out / "model.onnx", "compact", meta["input_shape"], inputs=inputs, data=described,
                           meta=meta, force=True).to_dict()
     except VerificationError as exc:
         return {"path": None, "kept": exc.kept, "verified": False, "verification": exc.verification.to_dict(),

@@ -35,18 +35,12 @@ from onnxscript.optimizer import optimize_ir
 from torch import nn
 
 from ..version import __version__
+from .settings import DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError
 from .compact import REBUILDS_WEIGHT, CompactTensor, FloatWeight, encode_codebooks, float_weights, sparsify_initializers
 
-FORMS = ("dense", "compact")
-DEFAULT_OPSET = 18
-MIN_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Example batch of 2: torch.export specialises a dimension whose example size is 0 or 1.
 _EXAMPLE_BATCH = 2
-
-
-class OnnxExportError(RuntimeError):
-    """The model cannot be exported to ONNX; the message says why (and names the operator)."""
 
 
 @dataclass

@@ -4,7 +4,6 @@ onnxruntime on the CPU: the same images through both, logits compared."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -12,55 +11,9 @@ import torch
 from torch import nn
 
 from .onnx_export import INPUT_NAME
+from .settings import DEFAULT_ATOL, DEFAULT_IMAGES, Verification, VerificationError
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_IMAGES = 256
 _SHOWN = 10  # mismatching images named in a message
-
-
-@dataclass
-class Verification:
-    """What the comparison found. ``passed`` needs both: every logit within
-    ``atol`` of PyTorch's, and the same top-1 class on every image."""
-
-    n: int
-    atol: float
-    max_abs_diff: float
-    top1_mismatches: int
-    over_atol_images: int
-    mismatched_images: list[int] = field(default_factory=list)  # first few, by index in the batch given
-    provider: str = "CPUExecutionProvider"
-    onnxruntime: str = ort.__version__
-    seconds: float = 0.0
-    data: str | None = None  # which images, e.g. "cifar10/val[:256]"
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol and self.top1_mismatches == 0
-
-    def summary(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        where = f" on {self.data}" if self.data else f" on {self.n} images"
-        text = (f"onnxruntime {self.onnxruntime} ({self.provider}) vs PyTorch{where}: {verdict}; max |logit diff| "
-                f"{self.max_abs_diff:.3g} (limit {self.atol:g}), top-1 differs on {self.top1_mismatches}/{self.n} "
-                f"images")
-        if not self.passed:
-            text += (f", {self.over_atol_images} images have a logit off by more than {self.atol:g}"
-                     f"; first mismatching images: {self.mismatched_images}")
-        return text
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
-
-
-class VerificationError(RuntimeError):
-    """The ONNX model does not reproduce the PyTorch model; ``verification`` has the figures."""
-
-    def __init__(self, verification: Verification, kept: str | None = None) -> None:
-        self.verification = verification
-        self.kept = kept
-        where = f"; the unverified file was kept as {kept}" if kept else ""
-        super().__init__(verification.summary() + where)
 
 
 def session(model: bytes | str, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
@@ -110,4 +63,5 @@ def verify_onnx(model: bytes | str, module: nn.Module, inputs: torch.Tensor, ato
     bad = np.flatnonzero(top1 | (per_image > atol))
     return Verification(n=len(per_image), atol=float(atol), max_abs_diff=float(per_image.max()),
                         top1_mismatches=int(top1.sum()), over_atol_images=int((per_image > atol).sum()),
-                        mismatched_images=bad[:_SHOWN].tolist(), seconds=time.perf_counter() - start, data=data)
+                        mismatched_images=bad[:_SHOWN].tolist(), onnxruntime=ort.__version__,
+                        seconds=time.perf_counter() - start, data=data)
