@@ -477,22 +477,25 @@ def _dropped(b: _Builder, node: fx.Node) -> None:
     return None
 
 
+def _with_in_place(op: Any, fn: Callable[..., Any]) -> list[tuple[Any, Raiser]]:
+    """An activation (``aten.relu``) and its in-place form (``aten.relu_``), as ``fn``
+    and ``fn(..., inplace=True)``."""
+    in_place = getattr(aten, f"{op.__name__}_")
+    return [(op.default, _function(fn)), (in_place.default, _in_place(_function(fn, inplace=True)))]
+
+
 _PAIRS: list[tuple[Any, Raiser]] = [
     (aten.conv2d.default, _conv2d),
     (aten.batch_norm.default, _batch_norm),
     (aten._native_batch_norm_legit_no_training.default, _batch_norm),
     (aten.linear.default, _linear),
     (aten.layer_norm.default, _layer_norm),
-    (aten.relu.default, _function(F.relu)),
-    (aten.relu_.default, _in_place(_function(F.relu, inplace=True))),
+    *_with_in_place(aten.relu, F.relu),
+    *_with_in_place(aten.silu, F.silu),
+    *_with_in_place(aten.hardswish, F.hardswish),
+    *_with_in_place(aten.hardsigmoid, F.hardsigmoid),
     (aten.hardtanh.default, _hardtanh),
     (aten.hardtanh_.default, _in_place(_hardtanh)),
-    (aten.silu.default, _function(F.silu)),
-    (aten.silu_.default, _in_place(_function(F.silu, inplace=True))),
-    (aten.hardswish.default, _function(F.hardswish)),
-    (aten.hardswish_.default, _in_place(_function(F.hardswish, inplace=True))),
-    (aten.hardsigmoid.default, _function(F.hardsigmoid)),
-    (aten.hardsigmoid_.default, _in_place(_function(F.hardsigmoid, inplace=True))),
     (aten.sigmoid.default, _function(torch.sigmoid)),
     (aten.tanh.default, _function(torch.tanh)),
     (aten.gelu.default, _function(F.gelu, 1, [(1, "approximate", "none")])),

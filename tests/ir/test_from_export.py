@@ -41,12 +41,31 @@ def export_to(module: nn.Module, shape: tuple[int, ...], path: Path, **kw) -> Pa
     return path
 
 
-def _both(tmp_path: Path, arch: str, size: int) -> tuple[api.LoadedModel, api.LoadedModel]:
+def _both(tmp_path: Path, arch: str, size: int, core_aten: bool = False) -> tuple[api.LoadedModel, api.LoadedModel]:
+    """The model by ``--arch`` and through a saved torch.export program (decomposed to
+    core ATen with ``core_aten``)."""
     kw = {"input_size": size} if arch.startswith("torchvision:") else {}
     by_arch = api.load_model(arch=arch, seed=0, **kw)
     randomize_bn(by_arch.module, (4, 3, size, size), seed=1)
-    path = export_to(by_arch.module, (1, 3, size, size), tmp_path / "model.pt2")
-    return by_arch, api.load_model(str(path))
+    x = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(by_arch.module.eval(), (x,))
+    if core_aten:
+        program = program.run_decompositions()
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert {"aten.convolution.default", "aten._native_batch_norm_legit_no_training.default"} <= ops
+    torch.export.save(program, tmp_path / "model.pt2")
+    return by_arch, api.load_model(str(tmp_path / "model.pt2"))
+
+
+def _same_outputs_and_plan(by_arch: api.LoadedModel, by_export: api.LoadedModel) -> None:
+    size = by_arch.input_shape[-1]
+    x = torch.randn((3, 3, size, size), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(by_export.module.eval()(x), by_arch.module.eval()(x))
+    shape = example_input(by_arch.input_shape)
+    plans = [S.plan(propagate_shapes(trace(m.module), shape), ratio=0.3) for m in (by_arch, by_export)]
+    assert plans[0].removed == plans[1].removed and plans[0].removed
+    assert [vars(r) for r in plans[0].layers] == [vars(r) for r in plans[1].layers]
 
 
 def _document(model: api.LoadedModel) -> dict:
@@ -69,15 +88,7 @@ def test_export_path_equals_arch_path(tmp_path: Path, arch: str, size: int) -> N
     state_arch, state_export = by_arch.module.state_dict(), by_export.module.state_dict()
     assert list(state_export) == list(state_arch)
     assert all(torch.equal(state_export[k], state_arch[k]) for k in state_arch)
-
-    x = torch.randn((3, 3, size, size), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(by_export.module.eval()(x), by_arch.module.eval()(x))
-
-    shape = example_input(by_arch.input_shape)
-    plans = [S.plan(propagate_shapes(trace(m.module), shape), ratio=0.3) for m in (by_arch, by_export)]
-    assert plans[0].removed == plans[1].removed and plans[0].removed
-    assert [vars(r) for r in plans[0].layers] == [vars(r) for r in plans[1].layers]
+    _same_outputs_and_plan(by_arch, by_export)
 
 
 @pytest.mark.parametrize("arch,size", [MODELS[0], MODELS[3], MODELS[5]], ids=["resnet20", "densenet40", "mobilenet_v2"])
@@ -96,23 +107,9 @@ def test_export_path_compresses_to_the_same_file(tmp_path: Path, arch: str, size
 def test_core_aten_program_gives_the_same_plan(tmp_path: Path, arch: str, size: int) -> None:
     """After run_decompositions(): convolution, _native_batch_norm_legit_no_training
     (and its unused statistics), addmm over a transposed weight, mean for the pool."""
-    kw = {"input_size": size} if arch.startswith("torchvision:") else {}
-    by_arch = api.load_model(arch=arch, seed=0, **kw)
-    randomize_bn(by_arch.module, (4, 3, size, size), seed=1)
-    x = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(0))
-    program = torch.export.export(by_arch.module.eval(), (x,)).run_decompositions()
-    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"aten.convolution.default", "aten._native_batch_norm_legit_no_training.default"} <= ops
-    torch.export.save(program, tmp_path / "core.pt2")
-    by_export = api.load_model(str(tmp_path / "core.pt2"))
+    by_arch, by_export = _both(tmp_path, arch, size, core_aten=True)
     assert {type(m) for m in by_export.module.modules()} >= {nn.Conv2d, nn.BatchNorm2d, nn.Linear}
-    x = torch.randn((3, 3, size, size), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(by_export.module.eval()(x), by_arch.module.eval()(x))
-    shape = example_input(by_arch.input_shape)
-    plans = [S.plan(propagate_shapes(trace(m.module), shape), ratio=0.3) for m in (by_arch, by_export)]
-    assert plans[0].removed == plans[1].removed and plans[0].removed
-    assert [vars(r) for r in plans[0].layers] == [vars(r) for r in plans[1].layers]
+    _same_outputs_and_plan(by_arch, by_export)
 
 
 # --- handlers, on small synthetic modules: before (the module) and expected graphs ----
