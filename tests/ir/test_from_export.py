@@ -90,17 +90,16 @@ def test_export_path_equals_arch_path(tmp_path: Path, arch: str, size: int) -> N
     assert all(torch.equal(state_export[k], state_arch[k]) for k in state_arch)
     _same_outputs_and_plan(by_arch, by_export)
 
-
-@pytest.mark.parametrize("arch,size", [MODELS[0], MODELS[3], MODELS[5]], ids=["resnet20", "densenet40", "mobilenet_v2"])
-def test_export_path_compresses_to_the_same_file(tmp_path: Path, arch: str, size: int) -> None:
-    by_arch, by_export = _both(tmp_path, arch, size)
-    sizes = []
+    # compressed by the same pipeline, the two give the same .ppz, byte for byte
+    if arch == "torchvision:resnet18":
+        by_arch.module.avgpool = nn.AdaptiveAvgPool2d(1)  # the spelling above, which the file records
+    files = []
     for name, model in (("arch", by_arch), ("export", by_export)):
         model.name = "model"  # the name is the one thing the two paths cannot share (file stem vs --arch)
         result = api.optimize_model(model, api.OptConfig(PIPELINE, eval_split=None))
-        out = api.save_model(model, tmp_path / f"{name}.ppz", result.graph_module, codebooks=result.codebooks())
-        sizes.append(out.stat().st_size)
-    assert (tmp_path / "arch.ppz").read_bytes() == (tmp_path / "export.ppz").read_bytes(), sizes
+        files.append(api.save_model(model, tmp_path / f"{name}.ppz", result.graph_module,
+                                    codebooks=result.codebooks()).read_bytes())
+    assert files[0] == files[1], (len(files[0]), len(files[1]))
 
 
 @pytest.mark.parametrize("arch,size", [MODELS[0], MODELS[3], MODELS[5]], ids=["resnet20", "densenet40", "mobilenet_v2"])
