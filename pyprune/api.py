@@ -27,8 +27,8 @@ from torch import fx
 
 from .compile import DEFAULT_ORDER, MEASURE_FROM, SEARCHES, CompileConfig, CompileResult, compile_model, fp32_bytes
 from .data import DataSpec, DatasetNotFoundError
-from .encode import CorruptFileError, GraphFormatError, graph_to_json, inspect, save_graph_module
-from .encode.model_ppz import save_ppz
+from .encode import CorruptFileError, GraphFormatError, graph_to_json, save_graph_module
+from .encode.model_ppz import inspect_model, save_ppz
 from .encode.saved import is_saved_model, load_saved_model
 from . import export
 from .export import DEFAULT_ATOL, DEFAULT_IMAGES, DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError, VerificationError
@@ -53,7 +53,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, DatasetNotFoundE
 def load_model(model_file: str | None = None, arch: str | None = None, weights: str | None = None,
                pretrained: bool = False, download: bool = False, trust_pickle: bool = False,
                seed: int = 0, num_classes: int = 10, input_size: int | None = None,
-               leaf_modules: Sequence[str] = ()) -> LoadedModel:
+               leaf_modules: Sequence[str] = (), max_decoded_mb: float | None = None) -> LoadedModel:
     """Build or load a model the way every subcommand names one.
 
     ``pretrained`` looks up the published checkpoint of a zoo ``arch`` (see
@@ -62,13 +62,15 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     ``input_size`` replaces the architecture's square input resolution (224 for
     ``torchvision:`` models), e.g. to fine-tune them on small images.
     ``leaf_modules`` names modules that tracing keeps as one opaque call (a class
-    name, ``package.module:Class``, or a submodule's qualified name)."""
+    name, ``package.module:Class``, or a submodule's qualified name).
+    ``max_decoded_mb`` bounds what a ``.ppz`` file's tensors may decode to (default:
+    1024 times the file's size, at least 256 MiB), checked before anything is allocated."""
     if input_size is not None and input_size < 1:
         raise ValueError(f"--input-size must be a positive number of pixels, got {input_size}")
     for recognise, what, load in _SELF_DESCRIBING:
         if model_file and recognise(model_file):
             _refuse_flags(model_file, what, arch or weights or pretrained, input_size is not None, bool(leaf_modules))
-            return load(model_file)
+            return load(model_file, decoded_bound(max_decoded_mb))
     if pretrained:
         if weights or model_file:
             raise ValueError("--pretrained replaces the weights file; give either --pretrained or a weights file")
@@ -86,7 +88,17 @@ def load_model(model_file: str | None = None, arch: str | None = None, weights: 
     return model
 
 
-def _load_exported(path: str | os.PathLike) -> LoadedModel:
+def decoded_bound(max_decoded_mb: float | None) -> int | None:
+    """``--max-decoded-mb`` in bytes (None: the default bound)."""
+    if max_decoded_mb is None:
+        return None
+    if not max_decoded_mb > 0:
+        raise ValueError(f"--max-decoded-mb must be positive, got {max_decoded_mb}")
+    return int(max_decoded_mb * 2**20)
+
+
+def _load_exported(path: str | os.PathLike, max_bytes: int | None = None) -> LoadedModel:
+    # a .pt2 stores its weights raw: nothing in it decodes to more than it holds
     ep = load_exported_program(path)
     try:
         gm = raise_exported(ep)
@@ -97,7 +109,7 @@ def _load_exported(path: str | os.PathLike) -> LoadedModel:
 
 
 # Files that carry their architecture and weights: (is it one, what it is, load it).
-_SELF_DESCRIBING: tuple[tuple[Callable[[Any], bool], str, Callable[[Any], LoadedModel]], ...] = (
+_SELF_DESCRIBING: tuple[tuple[Callable[[Any], bool], str, Callable[[Any, int | None], LoadedModel]], ...] = (
     (is_saved_model, "a saved pyprune model", load_saved_model),
     (is_exported_program, "a torch.export program", _load_exported),
 )
@@ -211,9 +223,10 @@ def save_model(model: LoadedModel, path: str | Path, gm: fx.GraphModule | None =
     return save_graph_module(gm, path, meta, force=force)
 
 
-def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
-    """How a ``.ppz`` file stores each tensor (see :func:`pyprune.encode.inspect`)."""
-    return inspect(path)
+def inspect_file(path: str | os.PathLike, max_decoded_mb: float | None = None) -> dict[str, Any]:
+    """How a ``.ppz`` file stores each tensor (see :func:`pyprune.encode.inspect`);
+    ``max_decoded_mb`` as :func:`load_model` takes it."""
+    return inspect_model(path, decoded_bound(max_decoded_mb))
 
 
 def export_onnx(model: LoadedModel, output: str | Path, form: str = "compact", verify: int = DEFAULT_IMAGES,
@@ -248,6 +261,6 @@ __all__: Sequence[str] = [
     "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET", "MEASURE_FROM",
     "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo",
     "OptConfig", "OptResult", "RUNTIMES", "Target", "TrainConfig", "USER_ERRORS", "VerificationError",
-    "check_savable", "compile_model", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",
+    "check_savable", "compile_model", "decoded_bound", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",
     "load_model", "load_runtime", "model_info", "optimize_model", "parse_levels", "resolve_leaf_modules",
     "save_model", "save_weights", "searchable_passes", "set_threads", "trace_model", "train_model"]

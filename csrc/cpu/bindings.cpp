@@ -209,6 +209,28 @@ py::dict layout_dict(const ppz::FileView& v) {
   return d;
 }
 
+// The table alone (parse, no decoding, nothing allocated for tensors): what a loader
+// checks against the model's graph and a memory bound before it decodes anything.
+py::tuple ppz_table(const py::object& data) {
+  ByteView buf(data);
+  ppz::FileView v;
+  {
+    py::gil_scoped_release nogil;
+    v = ppz::parse_file(buf.data(), buf.size());
+  }
+  py::list rows;
+  for (const auto& s : v.sections) rows.append(py::make_tuple(py::bytes(s.name), s.dtype, shape_list(s.shape)));
+  return py::make_tuple(py::bytes(reinterpret_cast<const char*>(v.manifest), v.manifest_size), rows,
+                        v.decoded_bytes);
+}
+
+void check_decoded_bytes(const ppz::FileView& v, int64_t max_bytes) {
+  if (max_bytes >= 0 && v.decoded_bytes > static_cast<uint64_t>(max_bytes)) {
+    throw std::invalid_argument("ppz: the tensors decode to " + std::to_string(v.decoded_bytes) +
+                                " bytes, more than max_bytes=" + std::to_string(max_bytes));
+  }
+}
+
 py::tuple ppz_decode(const py::object& data, int threads, int64_t max_bytes) {
   ByteView buf(data);
   ppz::FileView v;
@@ -216,10 +238,7 @@ py::tuple ppz_decode(const py::object& data, int threads, int64_t max_bytes) {
     py::gil_scoped_release nogil;
     v = ppz::parse_file(buf.data(), buf.size());
   }
-  if (max_bytes >= 0 && v.decoded_bytes > static_cast<uint64_t>(max_bytes)) {
-    throw std::invalid_argument("ppz: the tensors decode to " + std::to_string(v.decoded_bytes) +
-                                " bytes, more than max_bytes=" + std::to_string(max_bytes));
-  }
+  check_decoded_bytes(v, max_bytes);
   std::vector<at::Tensor> outs;
   outs.reserve(v.sections.size());
   for (const auto& s : v.sections) outs.push_back(at::empty({static_cast<int64_t>(s.out_bytes)}, at::kByte));
@@ -254,13 +273,17 @@ py::dict stream_dict(const ppz::StreamStats& st) {
   return d;
 }
 
-py::tuple ppz_inspect(const py::object& data, int threads) {
+py::tuple ppz_inspect(const py::object& data, int threads, int64_t max_bytes) {
   ByteView buf(data);
   ppz::FileView v;
   std::vector<ppz::SectionStats> stats;
   {
     py::gil_scoped_release nogil;
     v = ppz::parse_file(buf.data(), buf.size());
+  }
+  check_decoded_bytes(v, max_bytes);
+  {
+    py::gil_scoped_release nogil;
     const int nt = resolve_threads(threads);
     for (const auto& s : v.sections) stats.push_back(ppz::inspect_section(s, nt));
   }
@@ -340,8 +363,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ppz_decode", &ppz_decode, py::arg("data"), py::arg("threads") = -1, py::arg("max_bytes") = -1,
         "Decode a .ppz file: (manifest bytes, [(name bytes, dtype code, shape, encoding code, uint8 tensor)], "
         "layout dict: version, manifest_bytes, head_bytes, table_bytes).");
-  m.def("ppz_inspect", &ppz_inspect, py::arg("data"), py::arg("threads") = -1,
+  m.def("ppz_inspect", &ppz_inspect, py::arg("data"), py::arg("threads") = -1, py::arg("max_bytes") = -1,
         "Validate and measure a .ppz file: (manifest bytes, file bytes, [per-section dict], layout dict).");
+  m.def("ppz_table", &ppz_table, py::arg("data"),
+        "Parse a .ppz file without decoding: (manifest bytes, [(name bytes, dtype code, shape)], decoded bytes).");
   pyprune::register_sparse_kernels(m);
   m.def("ppz_crc32", &ppz_crc32, py::arg("data"), py::arg("crc") = 0, "CRC-32 as zlib.crc32.");
 }

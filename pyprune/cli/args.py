@@ -90,6 +90,7 @@ def add_model_args(p: argparse.ArgumentParser, traces: bool = False) -> None:
                    help="square input resolution of a model built from --arch (default: the architecture's, "
                         "224 for torchvision: models); images from --data imagefolder: are resized to it")
     g.add_argument("--seed", type=int, default=0, help="seed for random initialisation and training")
+    add_max_decoded(g)
     if traces:
         g.add_argument("--leaf-module", action="append", default=[], metavar="NAME", dest="leaf_modules",
                        help="keep this module as one opaque call when tracing (repeatable): a class name "
@@ -97,6 +98,12 @@ def add_model_args(p: argparse.ArgumentParser, traces: bool = False) -> None:
                             "for a module torch.fx cannot trace. No channel is pruned across it; mask and quant "
                             "still reach its Conv and Linear layers; a file format that cannot describe its "
                             "class refuses to save it")
+
+
+def add_max_decoded(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    g.add_argument("--max-decoded-mb", type=positive_float, metavar="MB",
+                   help="the most a .ppz file's tensors may decode to, checked before anything is allocated "
+                        "(default: 1024 times the file's size, at least 256 MiB)")
 
 
 def add_data_source(g: argparse._ArgumentGroup) -> None:
@@ -158,7 +165,7 @@ def load(args: argparse.Namespace) -> api.LoadedModel:
     return api.load_model(args.model, args.arch, args.weights, pretrained=args.pretrained,
                           download=args.download, trust_pickle=args.trust_pickle, seed=args.seed,
                           num_classes=args.num_classes, input_size=args.input_size,
-                          leaf_modules=getattr(args, "leaf_modules", ()))
+                          leaf_modules=getattr(args, "leaf_modules", ()), max_decoded_mb=args.max_decoded_mb)
 
 
 def refuse_existing_output(args: argparse.Namespace) -> None:

@@ -50,7 +50,7 @@ def _load_runtime(args: argparse.Namespace) -> api.LoadedModel:
                          "`pyprune opt -o` or `pyprune compile`, without --arch, --weights, --pretrained "
                          "--trust-pickle or --input-size")
     return api.load_runtime(args.model, runtime=args.runtime, batch_size=args.runtime_batch,
-                            codes=args.runtime_weights == "codes")
+                            codes=args.runtime_weights == "codes", max_bytes=api.decoded_bound(args.max_decoded_mb))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .. import api
-from .args import Formatter
+from .args import Formatter, add_max_decoded
 from .present import inspect_table
 
 
@@ -24,11 +24,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true",
                    help="also list the 1-D tensors (BatchNorm vectors, biases, scales, counters)")
     p.add_argument("--json", action="store_true", help="print the full inspection as one JSON object")
+    add_max_decoded(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = api.inspect_file(args.file)
+    report = api.inspect_file(args.file, args.max_decoded_mb)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "manifest"}))
     else:

@@ -440,6 +440,24 @@ def _mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
 
 def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     """Rebuild the GraphModule a document describes and load ``state_dict`` into it, strictly."""
+    gm = _skeleton(doc, state_dict)
+    gm.load_state_dict(state_dict, strict=True, assign=True)  # replaces the meta tensors
+    left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer would stay without values
+        raise GraphFormatError(f"tensors with no value in the state dict: {', '.join(left)}")
+    return gm.eval()
+
+
+def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`GraphFormatError` unless tensors of the names and shapes of
+    ``declared`` (meta tensors will do) are what the document's graph holds: a loader
+    checks a file's table this way before it decodes anything."""
+    _skeleton(doc, declared)
+
+
+def _skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+    """The document's GraphModule on the meta device, its get_attr tensors taken from
+    ``state_dict``, checked to hold exactly the names and shapes of ``state_dict``."""
     _check_document(doc)
     unknown = {spec.get("target") for spec in doc["nodes"]
                if isinstance(spec, dict) and spec.get("op") == "call_function" and spec.get("target") not in FUNCTIONS}
@@ -476,11 +494,7 @@ def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor])
     problem = _mismatch(state_dict, expected)
     if problem:
         raise GraphFormatError(f"the state dict does not fit the graph: {problem}")
-    gm.load_state_dict(state_dict, strict=True, assign=True)  # replaces the meta tensors
-    left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
-    if left:  # a non-persistent buffer would stay without values
-        raise GraphFormatError(f"tensors with no value in the state dict: {', '.join(left)}")
-    return gm.eval()
+    return gm
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from . import ppz
-from .graph_json import GraphFormatError, graph_from_json, graph_state_dict, graph_to_json
+from .graph_json import GraphFormatError, check_declared_state, graph_from_json, graph_state_dict, graph_to_json
 
 MANIFEST_FORMAT = "pyprune.model"
 # A weight with at most this many distinct non-zero values (8-bit quantization) gets a
@@ -69,11 +69,47 @@ def ppz_bytes(gm: fx.GraphModule, meta: Mapping[str, Any] | None = None,
     return ppz.pack_bytes(manifest, tensors, codebooks=by_tensor)
 
 
-def load_ppz(path: str | os.PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Read a model packed by :func:`save_ppz`: ``(graph module in eval mode, meta)``."""
-    manifest, tensors = ppz.unpack(path)
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("graph"), dict):
-        raise GraphFormatError(f"{path} is a .ppz container but holds no pyprune model "
-                               f"(manifest format {manifest.get('format')!r})")
+def load_ppz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Read a model packed by :func:`save_ppz`: ``(graph module in eval mode, meta)``.
+
+    Before anything is decoded, the tensors the file declares are checked against the
+    model's own graph (names and shapes) and their decoded size against ``max_bytes``
+    (default: :func:`ppz.default_max_bytes` of the file's size), so that a hostile file
+    costs no more memory than the honest one would."""
+    data, manifest, bound = _checked(path, max_bytes, require_model=True)
+    _, tensors = ppz.unpack_bytes(data, max_bytes=bound)
     meta = manifest.get("meta")
     return graph_from_json(manifest["graph"], tensors), meta if isinstance(meta, dict) else {}
+
+
+def inspect_model(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, Any]:
+    """:func:`ppz.inspect`, after the checks :func:`load_ppz` makes before decoding
+    (against the graph when the file holds a pyprune model)."""
+    data, _, bound = _checked(path, max_bytes, require_model=False)
+    return ppz.inspect_bytes(data, max_bytes=bound)
+
+
+def _checked(path: str | os.PathLike, max_bytes: int | None,
+             require_model: bool) -> tuple[bytes, dict[str, Any], int]:
+    """The file's bytes, manifest and decoding bound, once its table is known to decode
+    within the bound and, for a pyprune model, to hold exactly its graph's tensors."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f".ppz file not found: {p}")
+    data = p.read_bytes()
+    manifest, rows, decoded = ppz.table_bytes(data)
+    is_model = manifest.get("format") == MANIFEST_FORMAT and isinstance(manifest.get("graph"), dict)
+    if require_model and not is_model:
+        raise GraphFormatError(f"{path} is a .ppz container but holds no pyprune model "
+                               f"(manifest format {manifest.get('format')!r})")
+    bound = ppz.default_max_bytes(len(data)) if max_bytes is None else int(max_bytes)
+    if decoded > bound:
+        raise ppz.DecodedSizeError(f"{path}: its tensors decode to {decoded:,} bytes, more than the {bound:,} "
+                                   f"allowed for a {len(data):,}-byte file (--max-decoded-mb raises the bound)")
+    if is_model:
+        declared = {r.name: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in rows}
+        try:
+            check_declared_state(manifest["graph"], declared)
+        except GraphFormatError as exc:
+            raise GraphFormatError(f"{path}: {exc}") from None
+    return data, manifest, bound

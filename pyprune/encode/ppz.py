@@ -26,6 +26,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -33,9 +34,9 @@ import torch
 
 from ..files import atomic_write
 
-__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "PARTS", "VERSION", "VERSIONS", "CorruptFileError", "byte_budget",
-           "fp32_bytes", "inspect", "inspect_bytes", "is_ppz",
-           "pack", "pack_bytes", "unpack", "unpack_bytes"]
+__all__ = ["DTYPES", "ENCODINGS", "MAGIC", "PARTS", "VERSION", "VERSIONS", "CorruptFileError", "DecodedSizeError",
+           "TableRow", "byte_budget", "default_max_bytes", "fp32_bytes", "inspect", "inspect_bytes", "is_ppz",
+           "pack", "pack_bytes", "table_bytes", "unpack", "unpack_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -71,6 +72,11 @@ def _dtype_name(d: torch.dtype) -> str:
 
 class CorruptFileError(ValueError):
     """A ``.ppz`` file is malformed, truncated or hostile; the message names the section."""
+
+
+class DecodedSizeError(CorruptFileError):
+    """A ``.ppz`` file declares tensors larger than the bound it is read under (a
+    decompression bomb, or an honest file that needs a higher bound)."""
 
 
 def _C() -> Any:
@@ -237,15 +243,54 @@ def _read(path: PathLike) -> bytes:
     return p.read_bytes()
 
 
+# Decoded bytes a file may declare without being asked for more: this many times its
+# own size, and at least MIN_DECODED_CAP. An honest model decodes to ~10-600x its file
+# (a 99%-sparse layer of 2-bit codes is the high end); a file that declares far more
+# is a decompression bomb, and is refused before anything is allocated.
+DECODED_PER_FILE_BYTE = 1024
+MIN_DECODED_CAP = 256 << 20
+
+
+def default_max_bytes(file_bytes: int) -> int:
+    """The decoded size a file of ``file_bytes`` may declare when no bound is given."""
+    return max(MIN_DECODED_CAP, DECODED_PER_FILE_BYTE * int(file_bytes))
+
+
+def _bound(max_bytes: int | None, data: bytes | bytearray | memoryview) -> int:
+    return default_max_bytes(len(data)) if max_bytes is None else int(max_bytes)
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One section as the file's table declares it, before anything is decoded."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def table_bytes(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], list[TableRow], int]:
+    """The manifest, the declared tensors and their decoded size, from the file's bytes,
+    with the structure validated and nothing decoded."""
+    C = _C()
+    try:
+        raw_manifest, rows, decoded = C.ppz_table(data)
+    except C.CorruptFileError as exc:
+        raise CorruptFileError(str(exc)) from None
+    return (_manifest(raw_manifest), [TableRow(_name(raw, i), DTYPES[code], tuple(shape))
+                                      for i, (raw, code, shape) in enumerate(rows)], int(decoded))
+
+
 def unpack_bytes(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None,
                  threads: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """:func:`unpack` on the file's bytes."""
     C = _C()
     try:
-        raw_manifest, sections, layout = C.ppz_decode(data, _threads(threads),
-                                                      -1 if max_bytes is None else int(max_bytes))
+        raw_manifest, sections, layout = C.ppz_decode(data, _threads(threads), _bound(max_bytes, data))
     except C.CorruptFileError as exc:
         raise CorruptFileError(str(exc)) from None
+    except ValueError as exc:  # the decoded size is over the bound
+        raise DecodedSizeError(str(exc).replace("ppz: ", "")) from None
     manifest = _manifest(raw_manifest)
     tensors: dict[str, torch.Tensor] = {}
     rows = []
@@ -265,16 +310,19 @@ def unpack(path: PathLike, *, max_bytes: int | None = None,
     added. Tensors are bit-identical to what was packed.
 
     Args:
-        max_bytes: refuse (``ValueError``) a file whose tensors decode to more bytes than
-            this, checked before anything is allocated. Without it, the decoded size is
-            still bounded by the format (see ``docs/format.md``, "Safety").
+        max_bytes: refuse (:class:`DecodedSizeError`) a file whose tensors decode to more
+            bytes than this, checked before anything is allocated. Default:
+            :func:`default_max_bytes` of the file's size.
         threads: decoder threads (default: OpenMP's maximum).
 
     Raises:
         FileNotFoundError: no such file.
         CorruptFileError: anything wrong with the file, naming the section.
     """
-    return unpack_bytes(_read(path), max_bytes=max_bytes, threads=threads)
+    try:
+        return unpack_bytes(_read(path), max_bytes=max_bytes, threads=threads)
+    except DecodedSizeError as exc:
+        raise DecodedSizeError(f"{path}: {exc}") from None
 
 
 def _stream(d: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -285,13 +333,16 @@ def _stream(d: dict[str, Any] | None) -> dict[str, Any] | None:
             "entropy_per_symbol": d["entropy_bits"] / n if n else 0.0}
 
 
-def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> dict[str, Any]:
+def inspect_bytes(data: bytes | bytearray | memoryview, *, threads: int | None = None,
+                  max_bytes: int | None = None) -> dict[str, Any]:
     """:func:`inspect` on the file's bytes."""
     C = _C()
     try:
-        raw_manifest, file_bytes, sections, layout = C.ppz_inspect(data, _threads(threads))
+        raw_manifest, file_bytes, sections, layout = C.ppz_inspect(data, _threads(threads), _bound(max_bytes, data))
     except C.CorruptFileError as exc:
         raise CorruptFileError(str(exc)) from None
+    except ValueError as exc:
+        raise DecodedSizeError(str(exc).replace("ppz: ", "")) from None
     manifest = _manifest(raw_manifest)
     rows, table = [], []
     for i, s in enumerate(sections):
@@ -368,7 +419,7 @@ def byte_budget(rows: list[dict[str, Any]], total: Mapping[str, Any], layout: Ma
     return parts
 
 
-def inspect(path: PathLike, *, threads: int | None = None) -> dict[str, Any]:
+def inspect(path: PathLike, *, threads: int | None = None, max_bytes: int | None = None) -> dict[str, Any]:
     """How each tensor of a ``.ppz`` file is stored (decoding and validating all of it).
 
     Returns ``{"tensors": [row, ...], "total": {...}, "manifest": {...}}``. A row has
@@ -386,8 +437,12 @@ def inspect(path: PathLike, *, threads: int | None = None) -> dict[str, Any]:
 
     Raises:
         CorruptFileError: as :func:`unpack`.
+        DecodedSizeError: the tensors decode to more than ``max_bytes`` (as :func:`unpack`).
     """
-    return inspect_bytes(_read(path), threads=threads)
+    try:
+        return inspect_bytes(_read(path), threads=threads, max_bytes=max_bytes)
+    except DecodedSizeError as exc:
+        raise DecodedSizeError(f"{path}: {exc} (--max-decoded-mb raises the bound)") from None
 
 
 def is_ppz(path: PathLike) -> bool:

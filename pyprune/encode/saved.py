@@ -18,8 +18,9 @@ def is_saved_model(path: str | os.PathLike) -> bool:
     return Path(path).is_file() and (is_ppz(path) or is_graph_file(path))
 
 
-def load_saved_model(path: str | os.PathLike) -> LoadedModel:
+def load_saved_model(path: str | os.PathLike, max_bytes: int | None = None) -> LoadedModel:
     """The model in a ``.ppz`` or graph file, with the normalisation and input
-    shape its manifest records."""
-    gm, meta = load_ppz(path) if is_ppz(path) else load_graph_module(path)
+    shape its manifest records. ``max_bytes``: the most a ``.ppz`` file's tensors may
+    decode to (default: relative to the file's size, see :func:`load_ppz`)."""
+    gm, meta = load_ppz(path, max_bytes) if is_ppz(path) else load_graph_module(path)
     return LoadedModel.from_meta(gm, meta, Path(path).stem)

@@ -18,7 +18,7 @@ from .kernels import backend
 
 def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int = 1, repeats: int = 5,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 codes: bool = True) -> LoadedModel:
+                 codes: bool = True, max_bytes: int | None = None) -> LoadedModel:
     """Load a saved pyprune model (``.ppz`` or graph file) as a runtime model.
 
     The returned model's ``module`` is a :class:`~pyprune.runtime.build.RuntimeModel`
@@ -28,13 +28,14 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
     size, thread count, CPU model and kernel backend; otherwise they are measured and
     stored there. ``use_cache=False`` always measures and stores nothing. ``codes=False``
     holds sparse weights as fp32 CSR even where they are quantized (see
-    :func:`~pyprune.runtime.build.build_runtime`).
+    :func:`~pyprune.runtime.build.build_runtime`). ``max_bytes`` bounds what a ``.ppz``
+    file may decode to (see :func:`~pyprune.encode.load_ppz`).
 
     Raises ``ValueError`` for a file that is not a saved pyprune model."""
     if not is_saved_model(path):
         raise ValueError(f"{path} is not a saved pyprune model: the runtime loads a .ppz container or a graph "
                          "file written by `pyprune opt -o` or `pyprune compile`")
-    model = load_saved_model(path)
+    model = load_saved_model(path, max_bytes)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cached = None
     if runtime == "auto" and use_cache:

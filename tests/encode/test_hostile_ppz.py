@@ -1,0 +1,105 @@
+"""Hostile .ppz model files (issue 19, defect 1): a file whose table declares tensors
+its graph does not hold, or more decoded bytes than its size allows, is refused before
+anything is allocated, and reading it costs no more memory than the honest file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pyprune import api
+from pyprune.encode import GraphFormatError, ppz
+from pyprune.encode.model_ppz import inspect_model, load_ppz
+
+# fc.weight declared (1, 20M): 80 MB of float32 zeros, which CSR codes in ~320 KB
+BOMB_SHAPE = (1, 20_000_000)
+
+
+class ZeroHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3)
+        self.fc = nn.Linear(64, 1, bias=False)
+        nn.init.zeros_(self.fc.weight)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.fixture()
+def honest(tmp_path: Path) -> Path:
+    return api.save_model(api.LoadedModel(ZeroHead(), "zerohead", input_shape=(3, 8, 8)), tmp_path / "honest.ppz")
+
+
+def swap_tensor(honest: Path, out: Path, name: str, tensor: torch.Tensor) -> Path:
+    """``honest`` with one tensor replaced, its graph (manifest) kept: a well-formed
+    container whose table no longer fits the model it describes."""
+    manifest, tensors = ppz.unpack(honest)
+    manifest.pop("tensors")  # the table pack writes
+    ppz.pack(out, manifest, {**tensors, name: tensor})
+    return out
+
+
+@pytest.fixture()
+def bomb(honest: Path, tmp_path: Path) -> Path:
+    return swap_tensor(honest, tmp_path / "bomb.ppz", "fc.weight", torch.zeros(BOMB_SHAPE))
+
+
+def test_the_bomb_is_well_formed_and_declares_far_more_than_its_size(bomb: Path) -> None:
+    _, rows, decoded = ppz.table_bytes(bomb.read_bytes())
+    assert dict((r.name, r.shape) for r in rows)["fc.weight"] == BOMB_SHAPE
+    assert decoded > 200 * bomb.stat().st_size
+
+
+@pytest.mark.parametrize("read", [load_ppz, inspect_model], ids=["load", "inspect"])
+def test_a_table_that_does_not_fit_the_graph_is_refused_before_decoding(bomb: Path, monkeypatch, read) -> None:
+    def decoded(*args, **kwargs):
+        pytest.fail("decoded a file whose table fits no graph")
+    monkeypatch.setattr(ppz, "unpack_bytes", decoded)
+    monkeypatch.setattr(ppz, "inspect_bytes", decoded)
+    with pytest.raises(GraphFormatError,
+                       match=r"bomb\.ppz: .*mis-shaped .*fc\.weight: file \(1, 20000000\) vs graph \(1, 64\)"):
+        read(bomb)
+
+
+def test_a_file_that_decodes_past_the_bound_is_refused_with_both_sizes(bomb: Path, honest: Path,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setattr(ppz, "MIN_DECODED_CAP", 1 << 20)  # as for a bigger file: the ratio decides
+    monkeypatch.setattr(ppz, "DECODED_PER_FILE_BYTE", 64)
+    for read in (load_ppz, inspect_model):
+        with pytest.raises(ppz.DecodedSizeError, match=r"decode to 80,0\d\d,\d{3} bytes, more than the [\d,]+ allowed "
+                                                       r"for a [\d,]+-byte file \(--max-decoded-mb raises the bound\)"):
+            read(bomb)
+    # an honest file under a bound set too low is refused the same way, and loads under its own
+    with pytest.raises(ppz.DecodedSizeError):
+        load_ppz(honest, max_bytes=64)
+    gm, _ = load_ppz(honest, max_bytes=1 << 20)
+    assert torch.equal(gm.fc.weight, torch.zeros(1, 64))
+
+
+PEAK = textwrap.dedent("""
+    import resource, sys
+    from pyprune.cli import main
+    code = main(sys.argv[1:])
+    print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def _peak_kib(*argv: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, check=True).stdout
+    code, peak = out.split()[-2:]
+    return int(code), int(peak)
+
+
+@pytest.mark.parametrize("command", ["info", "inspect"])
+def test_reading_the_bomb_costs_no_more_memory_than_the_honest_file(honest: Path, bomb: Path, command: str) -> None:
+    code, honest_peak = _peak_kib(command, str(honest))
+    assert code == 0
+    code, bomb_peak = _peak_kib(command, str(bomb))
+    assert code == 2 and bomb_peak < 1.1 * honest_peak, (bomb_peak, honest_peak)
