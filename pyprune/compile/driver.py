@@ -124,7 +124,13 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     remove_state(config.output)
     if onnx.get("error"):
         warn(f"error: {config.output / 'model.onnx'} was not written: {onnx['error']}")
-    if not chosen["met_target"]:
+    if chosen["unconfirmed"]:
+        u = chosen["unconfirmed"]
+        warn(f"warning: the search recorded {u['pipeline']} at val {u['search_val_accuracy']:.4f}, but the file "
+             f"written for it measures {u['file_val_accuracy']:.4f}, below the target {target:.4f} (a journal "
+             f"edited or left by other settings?); {config.output / 'model.ppz'} holds the baseline, packed "
+             "losslessly")
+    elif not chosen["met_target"]:
         warn(f"warning: no compressed candidate met the target {target:.4f} within the budget; "
             f"{config.output / 'model.ppz'} holds the baseline, packed losslessly")
     if not config.quiet:

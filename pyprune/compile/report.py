@@ -47,7 +47,7 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
                    baseline.accuracy, "test_accuracy": final.test_accuracy,
                    "params": sum(p.numel() for p in chosen.gm.parameters()), "file_bytes": final.file_bytes,
                    "fp32_bytes": original, "compression": original / final.file_bytes,
-                   "parts": final.inspection["total"]["parts"]},
+                   "parts": final.inspection["total"]["parts"], "unconfirmed": final.unconfirmed},
         "search": {
             "kind": config.search, "order": list(outcome.order),
             "candidates": len(measured),

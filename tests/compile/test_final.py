@@ -44,3 +44,27 @@ def test_a_recovery_worse_than_before_backs_off():
     state.val_accuracy = 1.0  # nothing can beat it
     kept, record = recover(ev, state, 0.5, target=0.0)
     assert kept is state and "below 1.0000 before" in record["reason"]
+
+
+def test_a_journal_that_claims_the_target_cannot_make_met_target_true(tmp_path):
+    """Issue 19, defect 2: a search record edited to claim 0.95 for a model that measures
+    far less. met_target comes from the written file, which then holds the baseline."""
+    import torch
+
+    from pyprune.compile.final import write_final
+    from pyprune.search.heuristic import SearchOutcome
+
+    ev = tiny_evaluator(finetune_epochs=0.0)
+    base = tiny_base()
+    state = masked_state(ev)
+    state.candidate.accuracy, state.candidate.meets = 0.95, True  # what the poisoned journal line says
+    target = 0.9
+    measured = ev.accuracy(state.gm, ev.data.val)
+    assert measured < target
+    final = write_final(ev, base, SearchOutcome(state, ("mask",)), ev.data.val, tmp_path, target, {"arch": "tiny"},
+                        fold_batchnorm=False)
+    assert not final.met_target and final.state is base
+    assert final.unconfirmed == {"pipeline": state.pipeline, "search_val_accuracy": 0.95,
+                                 "file_val_accuracy": measured}
+    written = dict(final.decoded.named_parameters())
+    assert all(torch.equal(written[name], p) for name, p in base.gm.named_parameters())
