@@ -47,7 +47,12 @@ class OptResult:
     def provenance(self) -> list[dict[str, Any]]:
         """Every step, for the saved file's manifest. Codebooks are left out: the
         container stores them with their tensors, and twice as JSON text would
-        cost more than the quantized weights of a small model."""
+        cost more than the quantized weights of a small model. So are timings: the
+        same input and seed must give the same file, byte for byte."""
+        return [{k: v for k, v in step.items() if k != "seconds"} for step in self.report()]
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every step as ``--json`` prints it: the provenance with each step's seconds."""
         return [_without_codebooks(s.to_dict()) for s in self.steps]
 
     def codebooks(self) -> dict[str, torch.Tensor]:

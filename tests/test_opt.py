@@ -54,3 +54,17 @@ def test_provenance_leaves_codebooks_to_the_container():
     record = {"layers": {"conv": {"bits": 5, "codebook": [0.1, 0.2]}}, "codebooks": {"conv": [0.1, 0.2]}}
     assert _without_codebooks([{"name": "quant", "record": record}]) == \
         [{"name": "quant", "record": {"layers": {"conv": {"bits": 5}}}}]
+
+
+def test_the_same_input_and_seed_give_the_same_file(capsys, data_root, tmp_path):
+    """Issue 19, defect 7: step timings stay out of the file (they are in --json)."""
+    outputs = []
+    for name in ("a.ppz", "b.ppz"):
+        out = tmp_path / name
+        code, stdout, _ = run_cli(capsys, "opt", "--arch", "resnet20", "--passes", "mask(sparsity=0.5),quant(bits=5)",
+                                  "--finetune-epochs", 0.02, "--train-limit", 128, "--batch-size", 32,
+                                  "--data-root", data_root, "--eval-split", "none", "-o", out, "--json",
+                                  "--no-progress")
+        assert code == 0 and all("seconds" in step for step in last_json(stdout)["steps"])
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]

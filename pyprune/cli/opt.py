@@ -86,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
           f"{first.macs / 1e6:.1f}M -> {last.macs / 1e6:.1f}M MACs")
     if args.json:
         print(json.dumps({"model": model.name, "output": str(path), "pipeline": args.passes,
-                          "steps": result.provenance()}))
+                          "steps": result.report()}))
     return 0
