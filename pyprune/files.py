@@ -1,11 +1,13 @@
 """File helpers every layer uses: writing output files safely (never over an
 existing file unless asked, and atomically, so an interrupted write never leaves
-half a file behind) and hashing a file's bytes."""
+half a file behind), reading state files defensively, and hashing a file's bytes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,3 +46,46 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class UnsafeFileError(ValueError):
+    """A state file (cache entry, journal, saved weights) that is not a regular file of
+    bounded size: read as if it were absent, or refused, never followed or blocked on."""
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``, opened
+    without following a symbolic link and without blocking (a FIFO put in its place
+    would hang a plain open); :class:`UnsafeFileError` otherwise. FileNotFoundError
+    passes through."""
+    with _open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise UnsafeFileError(f"{path} holds more than the {max_bytes:,} bytes it may")
+    return data
+
+
+def check_regular(path: str | os.PathLike, max_bytes: int) -> None:
+    """:func:`read_regular`'s checks, for a file another reader then opens (torch.load)."""
+    with _open_regular(path, max_bytes):
+        pass
+
+
+def _open_regular(path: str | os.PathLike, max_bytes: int) -> BinaryIO:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{path} is a symbolic link, which is not followed") from None
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
+        raise UnsafeFileError(f"{path} cannot be read: {exc.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        f.close()
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError(f"{path} is not a regular file")
+        raise UnsafeFileError(f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} it may")
+    return f

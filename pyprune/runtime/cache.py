@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
+from ..files import atomic_write, read_regular
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: choices include "lanes"
+# An entry lists a few numbers per layer: a few hundred KB covers thousands of layers.
+MAX_ENTRY_BYTES = 4 << 20
 
 
 def default_cache_dir() -> Path:
@@ -63,10 +65,10 @@ def read_entry(cache_dir: Path, key: CacheKey) -> dict[str, dict[str, Any]] | No
     if there is no usable entry."""
     path = cache_dir / key.filename()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, MAX_ENTRY_BYTES).decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:  # unreadable or not JSON: measure again
+    except (OSError, ValueError) as exc:  # unreadable, not a regular file, too big, not JSON: measure again
         log.warning("ignoring unreadable runtime cache entry %s: %s", path, exc)
         return None
     if not _well_formed(data, key):

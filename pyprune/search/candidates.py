@@ -79,6 +79,17 @@ class State:
         return codebook_layers(self.passes(), self.gm)
 
 
+_NUMBER = (int, float)
+# (field, accepted types, required): what a journal record must hold to be replayed.
+_RECORD_FIELDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+    ("key", (str,), True), ("search", (str,), True), ("pipeline", (str,), True), ("stage", (str,), True),
+    ("level", (int, float, type(None)), True), ("phase", (str,), True), ("accuracy", (int, float, type(None)), True),
+    ("n", (int,), True), ("meets", (bool,), True), ("size_bytes", (int,), True), ("params", (int,), True),
+    ("finetune_epochs", _NUMBER, True), ("seconds", _NUMBER, True), ("status", (str,), False),
+    ("reason", (str,), False), ("extra", (dict,), False),
+)
+
+
 @dataclass
 class Candidate:
     """One measured setting: a row of ``report.json``.
@@ -112,6 +123,24 @@ class Candidate:
     def from_dict(cls, d: dict[str, Any]) -> "Candidate":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_record(cls, record: Any) -> "Candidate":
+        """A candidate from a journal record, checked field by field (the file may
+        be cut, edited or foreign); ``ValueError`` names the first field that is wrong."""
+        if not isinstance(record, dict):
+            raise ValueError(f"a {type(record).__name__}, not a record")
+        for name, kinds, required in _RECORD_FIELDS:
+            if name not in record:
+                if required:
+                    raise ValueError(f"no {name!r}")
+                continue
+            value = record[name]
+            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+                raise ValueError(f"{name!r} is {value!r:.60}, not {' or '.join(k.__name__ for k in kinds)}")
+        if record.get("accuracy") is not None and not 0.0 <= record["accuracy"] <= 1.0:
+            raise ValueError(f"'accuracy' {record['accuracy']!r} is not in [0, 1]")
+        return cls.from_dict(record)
 
     def summary(self) -> str:
         acc = "failed" if self.status != "ok" else f"{self.accuracy:.4f}"

@@ -11,12 +11,21 @@ later stage may start from them.
 
 Under torchrun only rank 0 writes (``writer``); every process reads, and saving
 weights ends at a barrier, so a later read finds the file in every process.
+
+On resume nothing in the folder is trusted: a record cut short by a kill is dropped
+and the file rewritten to end on a whole line, so the next record starts on its own
+line; a record of the wrong shape or types, or a weights file that will not load, is
+skipped with a warning naming the file and line, and that candidate is measured
+again. The journal and the weights are read only as regular files of bounded size.
+What the search takes from the journal is never the last word: the written model is
+measured again (:func:`pyprune.compile.final.write_final`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +34,15 @@ from typing import Any
 from torch import fx
 
 from .. import distributed
-from ..encode import load_graph_module, save_graph_module
+from ..encode import GraphFormatError, load_graph_module, save_graph_module
+from ..files import UnsafeFileError, atomic_write, check_regular, read_regular
 from .candidates import Candidate
+
+log = logging.getLogger(__name__)
+
+# A record is a few hundred bytes; a compile measures hundreds of candidates.
+MAX_JOURNAL_BYTES = 64 << 20
+MAX_STATE_BYTES = 8 << 30  # a fine-tuned model's weights, as a graph file
 
 
 class ResumeMismatch(ValueError):
@@ -48,12 +64,12 @@ class Journal:
         if folder is None:
             return
         path = self.path
-        if resume and path.is_file():
+        if resume and (path.exists() or path.is_symlink()):
             self._load(path)
         elif self.writer:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(path, "w") as f:
-                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            # replaced, never opened: whatever was there (a FIFO would block an open)
+            head = (json.dumps({"fingerprint": self.fingerprint}) + "\n").encode()
+            atomic_write(path, lambda f: f.write(head), force=True)
 
     @property
     def path(self) -> Path:
@@ -61,18 +77,36 @@ class Journal:
         return self.folder / "journal.jsonl"
 
     def _load(self, path: Path) -> None:
-        lines = path.read_text().splitlines()
-        head = json.loads(lines[0]) if lines else {}
-        if head.get("fingerprint") != self.fingerprint:
-            old = head.get("fingerprint", {})
+        try:
+            data = read_regular(path, MAX_JOURNAL_BYTES)
+        except UnsafeFileError as exc:
+            raise ResumeMismatch(f"cannot resume: {exc}. Use --force to start over.") from None
+        whole, _, cut = data.rpartition(b"\n")
+        if cut:  # a kill mid-write: the tail is dropped, so the next record starts on a line of its own
+            log.warning("%s: its last line was cut short (%d bytes); dropped, that candidate is measured again",
+                        path, len(cut))
+            if self.writer:
+                with open(path, "r+b") as f:
+                    f.truncate(len(whole) + 1 if whole else 0)
+        lines = (whole + b"\n").decode("utf-8", errors="replace").splitlines() if whole else []
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            head = None
+        if not isinstance(head, dict) or not isinstance(head.get("fingerprint"), dict):
+            raise ResumeMismatch(f"cannot resume: line 1 of {path} is not the settings record a compile writes. "
+                                 "Use --force to start over.")
+        if head["fingerprint"] != self.fingerprint:
+            old = head["fingerprint"]
             diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             raise ResumeMismatch(f"cannot resume: {path} was written with other settings ({', '.join(diff)} "
                                  f"differ). Use the same flags, or --force to start over.")
-        for line in lines[1:]:
+        for number, line in enumerate(lines[1:], start=2):
             try:
-                c = Candidate.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                continue  # the last line of a killed run may be cut short
+                c = Candidate.from_record(json.loads(line))
+            except ValueError as exc:  # not JSON, or not a candidate's record
+                log.warning("%s, line %d: %s; skipped, that candidate is measured again", path, number, exc)
+                continue
             self._entries[c.key] = c
             self._from_disk.add(c.key)
 
@@ -118,8 +152,15 @@ class Journal:
             distributed.barrier()
 
     def load_weights(self, key: str) -> fx.GraphModule | None:
+        """The fine-tuned weights saved for ``key``, or None (then the candidate is
+        trained again) when they are missing, not a regular file, or will not load."""
         path = self._weights_path(key)
-        if path is None or not path.is_file():
+        if path is None or not (path.exists() or path.is_symlink()):
             return None
-        gm, meta = load_graph_module(path)
+        try:
+            check_regular(path, MAX_STATE_BYTES)
+            gm, meta = load_graph_module(path)
+        except (UnsafeFileError, GraphFormatError, OSError) as exc:
+            log.warning("%s: %s; that candidate is trained again", path, exc)
+            return None
         return gm if meta.get("key") == key else None

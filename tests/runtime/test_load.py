@@ -106,3 +106,24 @@ def test_only_saved_models_load(tmp_path):
     for bad in (junk, tmp_path / "missing.ppz"):
         with pytest.raises(ValueError, match="not a saved pyprune model"):
             load_runtime(bad)
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "symlink to /dev/zero", "oversized"])
+def test_a_cache_entry_that_is_not_a_small_regular_file_is_ignored(compressed_ppz, counted, hostile):
+    """Issue 19, defect 4: a FIFO blocked eval forever; a symlink to /dev/zero read 6 GB."""
+    import os
+
+    from pyprune.runtime import cache
+
+    _, path = compressed_ppz("resnet20")
+    cache_file = load_runtime(path, runtime="auto").module.plan.cache_file
+    os.unlink(cache_file)
+    if hostile == "fifo":
+        os.mkfifo(cache_file)
+    elif hostile == "symlink to /dev/zero":
+        os.symlink("/dev/zero", cache_file)
+    else:
+        with open(cache_file, "wb") as f:
+            f.truncate(cache.MAX_ENTRY_BYTES + 1)
+    again = load_runtime(path, runtime="auto", use_cache=True)
+    assert again.module.plan.source == "measured"
