@@ -20,21 +20,41 @@ def _umask() -> int:
     return mask
 
 
+class OutputError(OSError):
+    """An output file could not be written (full disk, no permission, read-only
+    folder); the message is one line naming the path, and nothing of it is left."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    # torch.save reports a failed write as a RuntimeError from its stream writer
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], force: bool = False) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then move it into place."""
+    """Call ``write(f)`` on a temporary file beside ``path``, then move it into place.
+    Any failure to create, write or move it is an :class:`OutputError` naming ``path``,
+    and leaves neither ``path`` (as it was, if it existed) nor the temporary file."""
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(exc.errno, f"cannot write {path}: {_reason(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         # mkstemp creates the file 0600; give it the mode a plain open() would have
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, OutputError):
+            raise OutputError(getattr(exc, "errno", None), f"cannot write {path}: {_reason(exc)}") from None
         raise
     return path
 

@@ -97,3 +97,9 @@ def _run(args: argparse.Namespace) -> int:
         # devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # After BrokenPipeError, itself an OSError. A full disk, a permission, a
+        # read-only folder: one line that names the path.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pyprune {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from .. import api
 from ..distributed import is_main
+from ..files import atomic_write
 from .args import MODEL_EPILOG, Formatter, add_data_args, add_model_args, add_run_args, data_spec, load
 
 
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model.name}{runtime} on {args.data}/{args.split}: top-1 {result.accuracy:.4f} "
           f"({round(result.accuracy * result.n)}/{result.n}), loss {result.loss:.4f}, {result.seconds:.1f}s")
     if args.predictions and is_main():
-        Path(args.predictions).write_text("".join(f"{c}\n" for c in result.predictions.tolist()))
+        text = "".join(f"{c}\n" for c in result.predictions.tolist()).encode()
+        atomic_write(args.predictions, lambda f: f.write(text), force=True)
     if args.json:
         summary = {"model": model.name, "data": args.data, "split": args.split,
                    "accuracy": result.accuracy, "n": result.n, "loss": result.loss}

@@ -35,7 +35,7 @@ from torch import fx
 
 from .. import distributed
 from ..encode import GraphFormatError, load_graph_module, save_graph_module
-from ..files import UnsafeFileError, atomic_write, check_regular, read_regular
+from ..files import OutputError, UnsafeFileError, atomic_write, check_regular, read_regular
 from .candidates import Candidate
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,14 @@ class Journal:
     def put(self, candidate: Candidate) -> Candidate:
         self._entries[candidate.key] = candidate
         if self.folder is not None and self.writer:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(candidate.to_dict()) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            line = (json.dumps(candidate.to_dict()) + "\n").encode()
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(line)  # one write of a whole line, flushed to disk before the search goes on
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise OutputError(exc.errno, f"cannot write {self.path}: {exc.strerror or exc}") from None
         return candidate
 
     def __contains__(self, key: str) -> bool:
