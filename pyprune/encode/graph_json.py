@@ -427,13 +427,26 @@ def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dic
     return graph.create_node(op, target, args, kwargs, name=name)
 
 
+# What a stored tensor may be where the graph holds a float32 parameter or buffer:
+# float16 is how folded BatchNorm vectors are kept (ChannelAffine), bfloat16 the same idea.
+_FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
+    return stored in _FLOAT_STORAGE if expected == torch.float32 else stored == expected
+
+
 def _mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k}: file {tuple(state[k].shape)} vs graph {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    mistyped = [f"{k}: file {str(state[k].dtype).removeprefix('torch.')} vs graph "
+                f"{str(v.dtype).removeprefix('torch.')}"
+                for k, v in expected.items() if k in state and not _dtype_fits(state[k].dtype, v.dtype)]
     parts = [f"{title} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-             for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+             for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                                 ("wrong dtype", mistyped))
              if keys]
     return "; ".join(parts)
 
@@ -457,7 +470,14 @@ def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tenso
 
 def _skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     """The document's GraphModule on the meta device, its get_attr tensors taken from
-    ``state_dict``, checked to hold exactly the names and shapes of ``state_dict``."""
+    ``state_dict``, checked to hold exactly the names, shapes and dtypes of ``state_dict``."""
+    try:
+        return _build_skeleton(doc, state_dict)
+    except RecursionError:  # arguments nested hundreds deep
+        raise GraphFormatError("the document nests its values deeper than Python can read") from None
+
+
+def _build_skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     _check_document(doc)
     unknown = {spec.get("target") for spec in doc["nodes"]
                if isinstance(spec, dict) and spec.get("op") == "call_function" and spec.get("target") not in FUNCTIONS}

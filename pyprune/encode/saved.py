@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..models.loaded import LoadedModel
-from .graph_json import is_graph_file, load_graph_module
+from .graph_json import GraphFormatError, is_graph_file, load_graph_module
 from .model_ppz import load_ppz
 from .ppz import is_ppz
 
@@ -23,4 +23,7 @@ def load_saved_model(path: str | os.PathLike, max_bytes: int | None = None) -> L
     shape its manifest records. ``max_bytes``: the most a ``.ppz`` file's tensors may
     decode to (default: relative to the file's size, see :func:`load_ppz`)."""
     gm, meta = load_ppz(path, max_bytes) if is_ppz(path) else load_graph_module(path)
-    return LoadedModel.from_meta(gm, meta, Path(path).stem)
+    try:
+        return LoadedModel.from_meta(gm, meta, Path(path).stem)
+    except ValueError as exc:
+        raise GraphFormatError(f"{path}: {exc}") from None

@@ -3,6 +3,7 @@ zoo passes around (the CLI, the API, compile, the runtime)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +37,15 @@ class LoadedModel:
 
     @classmethod
     def from_meta(cls, module: nn.Module, meta: dict[str, Any], fallback_name: str) -> "LoadedModel":
-        """The model a saved file describes with :meth:`meta`."""
-        return cls(module, str(meta.get("arch") or fallback_name), tuple(meta.get("mean", DEFAULT_MEAN)),
-                   tuple(meta.get("std", DEFAULT_STD)), tuple(meta.get("input_shape", DEFAULT_INPUT_SHAPE)),
-                   history=_history(meta.get("provenance")))
+        """The model a saved file describes with :meth:`meta`; ``ValueError`` names the
+        field of a meta no model could have (the file may be hostile)."""
+        shape = _checked_shape(meta.get("input_shape", DEFAULT_INPUT_SHAPE))
+        mean = _checked_vector(meta.get("mean", DEFAULT_MEAN), "mean", shape[0], positive=False)
+        std = _checked_vector(meta.get("std", DEFAULT_STD), "std", shape[0], positive=True)
+        arch = meta.get("arch") or fallback_name
+        if not isinstance(arch, str):
+            raise ValueError(f"meta.arch is {arch!r:.60}, not a name")
+        return cls(module, arch, mean, std, shape, history=_history(meta.get("provenance")))
 
     # The module's own verbs, for code that treats the loaded model as the module.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -76,3 +82,26 @@ def _history(provenance: Any) -> tuple[str, ...]:
         elif step.get("name") not in (None, "input"):
             out.append(f"opt {step['name']}")
     return tuple(out)
+
+
+# One image of a saved model's input at most this many elements (256 MiB as float32).
+MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def _checked_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"meta.input_shape is {shape!r:.80}, not (channels, height, width) of positive integers")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"meta.input_shape {list(shape)} is {math.prod(shape):,} values per image, more than the "
+                         f"{MAX_INPUT_ELEMENTS:,} a model input may have")
+    return tuple(shape)
+
+
+def _checked_vector(values: Any, name: str, channels: int, positive: bool) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) != channels or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"meta.{name} is {values!r:.80}, not {channels} finite numbers (one per input channel)")
+    if positive and not all(v > 0 for v in values):
+        raise ValueError(f"meta.{name} is {list(values)}: every value must be positive")
+    return tuple(float(v) for v in values)

@@ -103,3 +103,57 @@ def test_reading_the_bomb_costs_no_more_memory_than_the_honest_file(honest: Path
     assert code == 0
     code, bomb_peak = _peak_kib(command, str(bomb))
     assert code == 2 and bomb_peak < 1.1 * honest_peak, (bomb_peak, honest_peak)
+
+
+# --- model files that lie about their tensors or their meta (defect 5) ------------------
+
+def _resave(honest: Path, out: Path, meta_update: dict | None = None, tensors_update: dict | None = None,
+            graph_update=None) -> Path:
+    manifest, tensors = ppz.unpack(honest)
+    manifest.pop("tensors")
+    manifest["meta"].update(meta_update or {})
+    if graph_update:
+        graph_update(manifest["graph"])
+    ppz.pack(out, manifest, {**tensors, **(tensors_update or {})})
+    return out
+
+
+def test_a_float_tensor_relabelled_int32_is_refused_naming_it(honest: Path, tmp_path: Path) -> None:
+    _, tensors = ppz.unpack(honest)
+    relabelled = tensors["conv.weight"].view(torch.int32)  # the same bytes, another dtype
+    bad = _resave(honest, tmp_path / "bad.ppz", tensors_update={"conv.weight": relabelled})
+    with pytest.raises(GraphFormatError, match=r"wrong dtype \(1\): conv\.weight: file int32 vs graph float32"):
+        load_ppz(bad)
+
+
+@pytest.mark.parametrize("meta,problem", [
+    ({"mean": 5}, "meta.mean is 5, not 3 finite numbers"),
+    ({"mean": [0.5] * 7}, "meta.mean is .*not 3 finite numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "meta.std is .*every value must be positive"),
+    ({"std": [0.2, "x", 0.2]}, "meta.std is .*not 3 finite numbers"),
+    ({"input_shape": [3, 20000, 20000]}, "meta.input_shape .* is 1,200,000,000 values per image"),
+    ({"input_shape": [3, -8, 8]}, "meta.input_shape is .*not \\(channels, height, width\\) of positive integers"),
+    ({"arch": ["x"]}, "meta.arch is"),
+])
+def test_a_meta_no_model_could_have_is_refused(honest: Path, tmp_path: Path, meta: dict, problem: str) -> None:
+    bad = _resave(honest, tmp_path / "bad.ppz", meta_update=meta)
+    with pytest.raises(GraphFormatError, match=f"bad\\.ppz: {problem}"):
+        api.load_model(str(bad))
+
+
+def test_arguments_nested_hundreds_deep_are_refused(honest: Path, tmp_path: Path) -> None:
+    def nest(graph: dict) -> None:
+        value: object = 1
+        for _ in range(800):
+            value = {"tuple": [value]}
+        node = next(n for n in graph["nodes"] if n["op"] in ("call_function", "call_method"))
+        node["kwargs"] = {"deep": value}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # for the writer; the reader runs under the usual limit
+    try:
+        bad = _resave(honest, tmp_path / "bad.ppz", graph_update=nest)
+    finally:
+        sys.setrecursionlimit(limit)
+    # the manifest's JSON parser or the graph decoder refuses it, whichever meets the depth first
+    with pytest.raises((GraphFormatError, ppz.CorruptFileError), match="nests its values deeper|RecursionError"):
+        load_ppz(bad)
