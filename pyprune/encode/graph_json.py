@@ -156,7 +156,8 @@ def qualname_problem(qualname: object) -> str | None:
     """Why ``qualname`` cannot name a submodule or tensor (None if it can): the one
     rule the writer and the reader both apply. A name is what PyTorch accepts, dot
     separated: no empty part, none an attribute every ``nn.Module`` has, no control
-    characters, and no quotes or backslashes, which torch.fx's generated code cannot hold."""
+    characters, no quotes or backslashes and no Python keywords, which torch.fx's
+    generated code cannot hold."""
     if not isinstance(qualname, str) or not qualname:
         return "a name must be a non-empty string"
     for part in qualname.split("."):
@@ -168,6 +169,8 @@ def qualname_problem(qualname: object) -> str | None:
             return "it holds control characters"
         if '"' in part or "\\" in part:
             return "torch.fx writes it into generated code unescaped, so it cannot hold quotes or backslashes"
+        if keyword.iskeyword(part):
+            return "it is a Python keyword, which torch.fx writes as an attribute in generated code"
     return None
 
 
@@ -401,6 +404,10 @@ def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dic
     where = f"node {name!r} ({op} {target})"
     if not _identifier(name) or name in nodes:
         raise GraphFormatError(f"{where}: node name must be a new Python identifier")
+    # fx writes node names as local variables of forward(self, ...): "self" would hide the
+    # module, and a dunder name is Python's
+    if name == "self" or name.startswith("__") and name.endswith("__"):
+        raise GraphFormatError(f"{where}: node name {name!r} is reserved in the generated code")
     if op not in _OPS or not isinstance(target, str):
         raise GraphFormatError(f"{where}: unknown op {op!r} or a target that is not a string")
     if not isinstance(spec["args"], list) or not isinstance(spec["kwargs"], dict) \

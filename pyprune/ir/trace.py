@@ -134,5 +134,5 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except SyntaxError as exc:  # fx writes module names into its generated code unescaped
         raise TraceError(f"torch.fx could not generate code for {type(model).__name__}: a submodule name it cannot "
-                         f"write ({exc.msg}: {(exc.text or '').strip()}); rename the submodule (no quotes or "
-                         "backslashes)", "", type(model).__name__) from exc
+                         f"write ({exc.msg}: {(exc.text or '').strip()}); rename the submodule (no quotes, "
+                         "backslashes or Python keywords)", "", type(model).__name__) from exc

@@ -157,3 +157,15 @@ def test_arguments_nested_hundreds_deep_are_refused(honest: Path, tmp_path: Path
     # the manifest's JSON parser or the graph decoder refuses it, whichever meets the depth first
     with pytest.raises((GraphFormatError, ppz.CorruptFileError), match="nests its values deeper|RecursionError"):
         load_ppz(bad)
+
+
+@pytest.mark.parametrize("name", ["self", "__class__", "__dict__"])
+def test_node_names_the_generated_code_reserves_are_refused(honest: Path, tmp_path: Path, name: str) -> None:
+    def rename(graph: dict) -> None:
+        old = graph["nodes"][0]["name"]
+        graph["nodes"][0]["name"] = graph["nodes"][0]["target"] = name
+        for node in graph["nodes"][1:]:
+            node["args"] = [{"node": name} if a == {"node": old} else a for a in node["args"]]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=rename)
+    with pytest.raises(GraphFormatError, match=f"node name '{name}' is reserved"):
+        load_ppz(bad)
