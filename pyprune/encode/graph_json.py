@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import re
+import unicodedata
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -171,6 +172,8 @@ def qualname_problem(qualname: object) -> str | None:
             return "torch.fx writes it into generated code unescaped, so it cannot hold quotes or backslashes"
         if keyword.iskeyword(part):
             return "it is a Python keyword, which torch.fx writes as an attribute in generated code"
+        if part.isidentifier() and unicodedata.normalize("NFKC", part) != part:
+            return "torch.fx writes it as an attribute, which Python reads as another name (NFKC)"
     return None
 
 
@@ -406,7 +409,7 @@ def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dic
         raise GraphFormatError(f"{where}: node name must be a new Python identifier")
     # fx writes node names as local variables of forward(self, ...): "self" would hide the
     # module, and a dunder name is Python's
-    if name == "self" or name.startswith("__") and name.endswith("__"):
+    if name == "self" or len(name) > 4 and name.startswith("__") and name.endswith("__"):
         raise GraphFormatError(f"{where}: node name {name!r} is reserved in the generated code")
     if op not in _OPS or not isinstance(target, str):
         raise GraphFormatError(f"{where}: unknown op {op!r} or a target that is not a string")
