@@ -249,9 +249,11 @@ def _decode(value: Any, where: str, nodes: Mapping[str, fx.Node] | None) -> Any:
             return table[body]
     if tag == "device" and isinstance(body, str):
         try:
-            return torch.device(body)
+            device = torch.device(body)
         except RuntimeError as exc:
             raise GraphFormatError(f"{where}: bad device {body!r}") from exc
+        _check_device_arg(device, where)
+        return device
     raise GraphFormatError(f"{where}: unknown or malformed value tag {tag!r} in {value!r:.80}")
 
 
@@ -400,6 +402,22 @@ def _check_version(version: Any, what: str) -> None:
         raise GraphFormatError(f"{what} has invalid version {version}")
 
 
+def _check_device_arg(value: Any, where: str) -> None:
+    """A device a document names must be one this machine has: the CPU, or a CUDA
+    device that exists (``meta`` would leave every later tensor without values)."""
+    if isinstance(value, str):
+        try:
+            value = torch.device(value)
+        except RuntimeError:
+            return  # not a device name (a dtype given by name, say)
+    if not isinstance(value, torch.device):
+        return
+    if value.type == "cpu" or value.type == "cuda" and (value.index or 0) < torch.cuda.device_count():
+        return
+    raise GraphFormatError(f"{where}: device {str(value)!r} is not one this machine has (cpu"
+                           f"{', cuda:0..' + str(torch.cuda.device_count() - 1) if torch.cuda.device_count() else ''})")
+
+
 def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dict) -> fx.Node:
     if not isinstance(spec, dict) or set(spec) != {"name", "op", "target", "args", "kwargs"}:
         raise GraphFormatError(f"malformed node entry {spec!r:.120}")
@@ -426,6 +444,9 @@ def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dic
         target = FUNCTIONS[target]
     elif op == "call_method" and target not in METHODS:
         raise GraphFormatError(f"{where}: method {target!r} is not in the allowlist")
+    elif op == "call_method" and target == "to":
+        for value in (*args[1:], *kwargs.values()):
+            _check_device_arg(value, where)
     elif op == "call_module" and target not in doc["modules"]:
         raise GraphFormatError(f"{where}: module {target!r} is not declared in 'modules'")
     elif op == "get_attr" and target not in doc["attrs"]:

@@ -169,3 +169,19 @@ def test_node_names_the_generated_code_reserves_are_refused(honest: Path, tmp_pa
     bad = _resave(honest, tmp_path / "bad.ppz", graph_update=rename)
     with pytest.raises(GraphFormatError, match=f"node name '{name}' is reserved"):
         load_ppz(bad)
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:7", {"device": "meta"}])
+def test_a_device_the_machine_lacks_is_refused(honest: Path, tmp_path: Path, device) -> None:
+    def move(graph: dict) -> None:
+        nodes = graph["nodes"]
+        x = nodes[0]["name"]
+        nodes.insert(1, {"name": "moved", "op": "call_method", "target": "to", "args": [{"node": x}, device],
+                         "kwargs": {}})
+        for node in nodes[2:]:
+            node["args"] = [{"node": "moved"} if a == {"node": x} else a for a in node["args"]]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=move)
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(GraphFormatError, match="is not one this machine has"):
+        load_ppz(bad)
