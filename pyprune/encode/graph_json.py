@@ -37,7 +37,7 @@ import pickle
 import re
 import unicodedata
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -492,11 +492,54 @@ def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor])
     return gm.eval()
 
 
-def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor]) -> None:
+def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor],
+                         input_shape: Sequence[int] | None = None) -> None:
     """Raise :class:`GraphFormatError` unless tensors of the names and shapes of
     ``declared`` (meta tensors will do) are what the document's graph holds: a loader
-    checks a file's table this way before it decodes anything."""
-    _skeleton(doc, declared)
+    checks a file's table this way before it decodes anything. With ``input_shape``,
+    one image is also run through the graph on the meta device, and an activation of
+    more than :func:`activation_bound` bytes is refused (a graph that expands a tensor a
+    hundred thousand times would otherwise ask for gigabytes when it runs)."""
+    gm = _skeleton(doc, {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta")
+                         for k, v in declared.items()})
+    if input_shape is not None:
+        _check_activations(gm, tuple(input_shape))
+
+
+# One image's activation may be this many times the image, and at least MIN_ACTIVATION_BYTES:
+# a 224x224 ResNet-50's largest is 5x its input, a VGG's 21x.
+ACTIVATION_PER_INPUT = 64
+MIN_ACTIVATION_BYTES = 64 << 20
+
+
+def activation_bound(input_shape: Sequence[int]) -> int:
+    """The most bytes one activation of one image may take in a model of ``input_shape``."""
+    return max(MIN_ACTIVATION_BYTES, ACTIVATION_PER_INPUT * 4 * math.prod(input_shape))
+
+
+class _ActivationBound(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, bound: int) -> None:
+        super().__init__(gm)
+        self.bound = bound
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.bound:
+                raise GraphFormatError(f"node {n.name!r} makes a {tuple(t.shape)} activation for one image, "
+                                       f"{t.numel() * t.element_size():,} bytes, more than the {self.bound:,} "
+                                       "a model of its input size may")
+        return out
+
+
+def _check_activations(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    x = torch.empty((1, *input_shape), device="meta")
+    try:
+        _ActivationBound(gm, activation_bound(input_shape)).run(x)
+    except GraphFormatError:
+        raise
+    except Exception:  # an op with no meta kernel: the bound is not checked, and the graph runs as it is
+        pass
 
 
 def _skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
@@ -604,6 +647,13 @@ def _unpickler_detail(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _small_shape(shape: Any) -> bool:
+    """An input shape worth running on the meta device: (C, H, W) of positive ints
+    (the model's loader checks the meta itself, and refuses what is not)."""
+    return isinstance(shape, list) and len(shape) == 3 and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 20 for d in shape)
+
+
 def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Read a file written by :func:`save_graph_module`; returns ``(graph_module, meta)``."""
     p = Path(path)
@@ -631,6 +681,8 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise GraphFormatError(f"{p}: meta must be a JSON object")
     try:
+        shape = meta.get("input_shape")
+        check_declared_state(doc, state, shape if _small_shape(shape) else None)
         return graph_from_json(doc, state), meta
     except GraphFormatError as exc:
         raise GraphFormatError(f"{p}: {exc}") from exc

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from . import ppz
-from .graph_json import GraphFormatError, check_declared_state, graph_from_json, graph_state_dict, graph_to_json
+from .graph_json import GraphFormatError, _small_shape, check_declared_state, graph_from_json, graph_state_dict, graph_to_json
 
 MANIFEST_FORMAT = "pyprune.model"
 # A weight with at most this many distinct non-zero values (8-bit quantization) gets a
@@ -108,8 +108,10 @@ def _checked(path: str | os.PathLike, max_bytes: int | None,
                                    f"allowed for a {len(data):,}-byte file (--max-decoded-mb raises the bound)")
     if is_model:
         declared = {r.name: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in rows}
+        meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
+        shape = meta.get("input_shape")
         try:
-            check_declared_state(manifest["graph"], declared)
+            check_declared_state(manifest["graph"], declared, shape if _small_shape(shape) else None)
         except GraphFormatError as exc:
             raise GraphFormatError(f"{path}: {exc}") from None
     return data, manifest, bound

@@ -185,3 +185,25 @@ def test_a_device_the_machine_lacks_is_refused(honest: Path, tmp_path: Path, dev
         pytest.skip("this machine has a cuda:7")
     with pytest.raises(GraphFormatError, match="is not one this machine has"):
         load_ppz(bad)
+
+
+def test_a_graph_that_expands_an_activation_past_the_bound_is_refused_before_it_runs(honest: Path,
+                                                                                   tmp_path: Path) -> None:
+    """unsqueeze -> expand(100000, ...) asked eval for 12 GB and info for 1.6 GB."""
+    def expand(graph: dict) -> None:
+        nodes = graph["nodes"]
+        x = nodes[0]["name"]
+        nodes[1:1] = [
+            {"name": "wide", "op": "call_method", "target": "unsqueeze", "args": [{"node": x}, 0], "kwargs": {}},
+            {"name": "huge", "op": "call_method", "target": "expand", "args": [{"node": "wide"}, 100000, -1, -1, -1, -1],
+             "kwargs": {}},
+            {"name": "flat", "op": "call_method", "target": "reshape", "args": [{"node": "huge"}, -1, 3, 8, 8],
+             "kwargs": {}},
+        ]
+        for node in nodes[4:]:
+            node["args"] = [{"node": "flat"} if a == {"node": x} else a for a in node["args"]]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=expand)
+    with pytest.raises(GraphFormatError, match=r"node '\w+' makes a \(100000, .* activation for one image"):
+        load_ppz(bad)
+    code, peak = _peak_kib("info", str(bad))
+    assert code == 2 and peak < 1.1 * _peak_kib("info", str(honest))[1]
