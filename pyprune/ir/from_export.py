@@ -246,9 +246,7 @@ def _permute(b: _Builder, node: fx.Node) -> Any:
     if b.fqn(source) is not None and dims == [1, 0] and node.users and \
             all(u.target in (aten.addmm.default, aten.mm.default) for u in node.users):
         return _TransposedWeight(source, node)
-    if node.target is aten.permute.default:
-        return b.call_method("permute", (source, *dims))
-    return b.call_method("t", (source,))
+    return b.call_method("permute", (source, *dims))
 
 
 def _matmul(b: _Builder, node: fx.Node) -> fx.Node:
@@ -461,12 +459,6 @@ def _hardtanh(b: _Builder, node: fx.Node) -> fx.Node:
 
 def _softmax(b: _Builder, node: fx.Node) -> fx.Node:
     return b.call_function(torch.softmax, (node.args[0], node.args[1]))
-
-
-def _method(name: str) -> Raiser:
-    def raise_(b: _Builder, node: fx.Node) -> fx.Node:
-        return b.call_method(name, tuple(_tuple(a) for a in node.args))
-    return raise_
 
 
 def _sym_size(b: _Builder, node: fx.Node) -> fx.Node:
