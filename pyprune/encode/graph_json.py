@@ -484,7 +484,13 @@ def _mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
 
 def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     """Rebuild the GraphModule a document describes and load ``state_dict`` into it, strictly."""
-    gm = _skeleton(doc, state_dict)
+    return load_into(_skeleton(doc, state_dict), state_dict)
+
+
+def load_into(skeleton: fx.GraphModule, state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+    """The graph of :func:`check_declared_state` with ``state_dict`` (the tensors it was
+    checked against, now decoded) in place of its meta tensors."""
+    gm = skeleton
     gm.load_state_dict(state_dict, strict=True, assign=True)  # replaces the meta tensors
     left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer would stay without values
@@ -493,17 +499,19 @@ def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor])
 
 
 def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor],
-                         input_shape: Sequence[int] | None = None) -> None:
+                         input_shape: Sequence[int] | None = None) -> fx.GraphModule:
     """Raise :class:`GraphFormatError` unless tensors of the names and shapes of
     ``declared`` (meta tensors will do) are what the document's graph holds: a loader
     checks a file's table this way before it decodes anything. With ``input_shape``,
     one image is also run through the graph on the meta device, and an activation of
     more than :func:`activation_bound` bytes is refused (a graph that expands a tensor a
-    hundred thousand times would otherwise ask for gigabytes when it runs)."""
+    hundred thousand times would otherwise ask for gigabytes when it runs). Returns the
+    graph on the meta device, for :func:`load_into`."""
     gm = _skeleton(doc, {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta")
                          for k, v in declared.items()})
     if input_shape is not None:
         _check_activations(gm, tuple(input_shape))
+    return gm
 
 
 # One image's activation may be this many times the image, and at least MIN_ACTIVATION_BYTES:
@@ -682,7 +690,7 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
         raise GraphFormatError(f"{p}: meta must be a JSON object")
     try:
         shape = meta.get("input_shape")
-        check_declared_state(doc, state, shape if _small_shape(shape) else None)
-        return graph_from_json(doc, state), meta
+        skeleton = check_declared_state(doc, state, shape if _small_shape(shape) else None)
+        return load_into(skeleton, state), meta
     except GraphFormatError as exc:
         raise GraphFormatError(f"{p}: {exc}") from exc

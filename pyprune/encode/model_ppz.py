@@ -19,7 +19,8 @@ import torch
 from torch import fx
 
 from . import ppz
-from .graph_json import GraphFormatError, _small_shape, check_declared_state, graph_from_json, graph_state_dict, graph_to_json
+from .graph_json import (GraphFormatError, _small_shape, check_declared_state, graph_state_dict, graph_to_json,
+                         load_into)
 
 MANIFEST_FORMAT = "pyprune.model"
 # A weight with at most this many distinct non-zero values (8-bit quantization) gets a
@@ -76,23 +77,24 @@ def load_ppz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[fx.
     model's own graph (names and shapes) and their decoded size against ``max_bytes``
     (default: :func:`ppz.default_max_bytes` of the file's size), so that a hostile file
     costs no more memory than the honest one would."""
-    data, manifest, bound = _checked(path, max_bytes, require_model=True)
+    data, manifest, bound, skeleton = _checked(path, max_bytes, require_model=True)
     _, tensors = ppz.unpack_bytes(data, max_bytes=bound)
     meta = manifest.get("meta")
-    return graph_from_json(manifest["graph"], tensors), meta if isinstance(meta, dict) else {}
+    return load_into(skeleton, tensors), meta if isinstance(meta, dict) else {}
 
 
 def inspect_model(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, Any]:
     """:func:`ppz.inspect`, after the checks :func:`load_ppz` makes before decoding
     (against the graph when the file holds a pyprune model)."""
-    data, _, bound = _checked(path, max_bytes, require_model=False)
+    data, _, bound, _ = _checked(path, max_bytes, require_model=False)
     return ppz.inspect_bytes(data, max_bytes=bound)
 
 
 def _checked(path: str | os.PathLike, max_bytes: int | None,
-             require_model: bool) -> tuple[bytes, dict[str, Any], int]:
+             require_model: bool) -> tuple[bytes, dict[str, Any], int, fx.GraphModule | None]:
     """The file's bytes, manifest and decoding bound, once its table is known to decode
-    within the bound and, for a pyprune model, to hold exactly its graph's tensors."""
+    within the bound and, for a pyprune model, to hold exactly its graph's tensors; and
+    that graph on the meta device (None for a container that holds no model)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f".ppz file not found: {p}")
@@ -106,12 +108,13 @@ def _checked(path: str | os.PathLike, max_bytes: int | None,
     if decoded > bound:
         raise ppz.DecodedSizeError(f"{path}: its tensors decode to {decoded:,} bytes, more than the {bound:,} "
                                    f"allowed for a {len(data):,}-byte file (--max-decoded-mb raises the bound)")
+    skeleton = None
     if is_model:
         declared = {r.name: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in rows}
         meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
         shape = meta.get("input_shape")
         try:
-            check_declared_state(manifest["graph"], declared, shape if _small_shape(shape) else None)
+            skeleton = check_declared_state(manifest["graph"], declared, shape if _small_shape(shape) else None)
         except GraphFormatError as exc:
             raise GraphFormatError(f"{path}: {exc}") from None
-    return data, manifest, bound
+    return data, manifest, bound, skeleton
