@@ -9,6 +9,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -109,3 +110,31 @@ def _open_regular(path: str | os.PathLike, max_bytes: int) -> BinaryIO:
             raise UnsafeFileError(f"{path} is not a regular file")
         raise UnsafeFileError(f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} it may")
     return f
+
+
+# What a file's contents may unpack to: this many times its own size, and at least
+# MIN_UNPACKED_BYTES. Honest files stay far below (torch.save and torch.export store zip
+# entries uncompressed; a .ppz decodes to ~10-600x); more is a decompression bomb.
+UNPACKED_PER_FILE_BYTE = 1024
+MIN_UNPACKED_BYTES = 256 << 20
+
+
+def zip_bomb_problem(path: str | os.PathLike) -> str | None:
+    """Why the zip archive at ``path`` must not be given to torch, which allocates each
+    entry at the size its headers declare: they declare more than the bound above (a
+    decompression bomb). None for an archive within it, and for a file that is no zip
+    (torch reads or refuses those itself)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+    size = os.path.getsize(path)
+    bound = max(MIN_UNPACKED_BYTES, UNPACKED_PER_FILE_BYTE * size)
+    total = sum(i.file_size for i in infos)
+    if total <= bound:
+        return None
+    big = max(infos, key=lambda i: i.file_size)
+    return (f"its zip entries unpack to {total:,} bytes, more than the {bound:,} allowed for a {size:,}-byte "
+            f"archive (entry {big.filename!r} declares {big.file_size:,} bytes from {big.compress_size:,}); "
+            "it is refused unread")

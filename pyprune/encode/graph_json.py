@@ -36,6 +36,7 @@ import os
 import pickle
 import re
 import unicodedata
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-from ..files import atomic_write
+from ..files import atomic_write, zip_bomb_problem
+from ..models.loaded import MAX_INPUT_ELEMENTS
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
            "allow_method", "allow_module_type", "disallow_function", "disallow_method", "disallow_module_type",
@@ -229,7 +231,7 @@ def _decode(value: Any, where: str, nodes: Mapping[str, fx.Node] | None) -> Any:
         raise GraphFormatError(f"{where}: malformed value {value!r:.80}")
     (tag, body), = value.items()
     if tag == "node" and nodes is not None:
-        if body not in nodes:
+        if not isinstance(body, str) or body not in nodes:
             raise GraphFormatError(f"{where}: refers to node {body!r}, which is not defined before it")
         return nodes[body]
     if tag == "float" and body in ("inf", "-inf", "nan"):
@@ -487,15 +489,23 @@ def graph_from_json(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor])
     return load_into(_skeleton(doc, state_dict), state_dict)
 
 
-def load_into(skeleton: fx.GraphModule, state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+def load_into(skeleton: fx.GraphModule, state_dict: Mapping[str, torch.Tensor],
+              input_shape: Sequence[int] | None = None) -> fx.GraphModule:
     """The graph of :func:`check_declared_state` with ``state_dict`` (the tensors it was
-    checked against, now decoded) in place of its meta tensors."""
+    checked against, now decoded) in place of its meta tensors. With ``input_shape``,
+    one image of zeros is run through it, and a graph that fails on it is refused
+    naming the node: a model that loads must run (the dtypes, shapes and arguments a
+    file gives its layers are only proven by running them)."""
     gm = skeleton
     gm.load_state_dict(state_dict, strict=True, assign=True)  # replaces the meta tensors
     left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer would stay without values
         raise GraphFormatError(f"tensors with no value in the state dict: {', '.join(left)}")
-    return gm.eval()
+    gm.eval()
+    if input_shape is not None:
+        with torch.no_grad():
+            _OneImage(gm, tuple(input_shape)).run(torch.zeros((1, *input_shape)))
+    return gm
 
 
 def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor],
@@ -525,13 +535,23 @@ def activation_bound(input_shape: Sequence[int]) -> int:
     return max(MIN_ACTIVATION_BYTES, ACTIVATION_PER_INPUT * 4 * math.prod(input_shape))
 
 
-class _ActivationBound(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, bound: int) -> None:
+class _OneImage(fx.Interpreter):
+    """Runs one image through a graph: an activation over :func:`activation_bound`
+    bytes is refused, and so is a node that fails, by name."""
+
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
         super().__init__(gm)
-        self.bound = bound
+        self.extra_traceback = False  # our message names the node; fx would append the graph
+        self.input_shape = input_shape
+        self.bound = activation_bound(input_shape)
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - whatever the layer raises, the file is at fault
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise _NodeFailed(f"node {n.name!r} ({n.op} {_target_name(n)}) fails on one "
+                              f"{(1, *self.input_shape)} input: {type(exc).__name__}: {first:.300}") from None
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.bound:
                 raise GraphFormatError(f"node {n.name!r} makes a {tuple(t.shape)} activation for one image, "
@@ -540,13 +560,21 @@ class _ActivationBound(fx.Interpreter):
         return out
 
 
+class _NodeFailed(GraphFormatError):
+    """A node of a loaded graph raised on a valid input."""
+
+
+def _target_name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target))
+
+
 def _check_activations(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    x = torch.empty((1, *input_shape), device="meta")
     try:
-        _ActivationBound(gm, activation_bound(input_shape)).run(x)
-    except GraphFormatError:
-        raise
-    except Exception:  # an op with no meta kernel: the bound is not checked, and the graph runs as it is
+        _OneImage(gm, input_shape).run(torch.empty((1, *input_shape), device="meta"))
+    except _NodeFailed:
+        # Meta kernels are missing for some ops and stricter or looser than the CPU's for
+        # others: the run on real zeros after loading decides (load_into). The bound
+        # holds up to the node that failed here.
         pass
 
 
@@ -620,7 +648,13 @@ def save_graph_module(gm: fx.GraphModule, path: PathLike, meta: dict[str, Any] |
 
 
 def _read(path: Path, mmap: bool = False) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    bomb = zip_bomb_problem(path)
+    if bomb:
+        raise GraphFormatError(f"{path}: {bomb}")
+    with warnings.catch_warnings():
+        # a sparse tensor (which the loader then refuses) makes torch warn about its scan
+        warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _is_torch_save_archive(path: Path) -> bool:
@@ -634,13 +668,20 @@ def _is_torch_save_archive(path: Path) -> bool:
     return any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("/constants.pkl") for n in names)
 
 
+def _has_compressed_entries(path: Path) -> bool:
+    # torch.save stores entries; one re-zipped with compression cannot be memory-mapped
+    with zipfile.ZipFile(path) as zf:
+        return any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+
+
 def is_graph_file(path: PathLike) -> bool:
     """True if ``path`` is a file written by :func:`save_graph_module` (any version)."""
     p = Path(path)
     if not p.is_file() or not _is_torch_save_archive(p):
         return False
     try:
-        obj = _read(p, mmap=True)  # tensors stay on disk; weights-only runs no code
+        # tensors stay on disk where they can (stored entries); weights-only runs no code
+        obj = _read(p, mmap=not _has_compressed_entries(p))
     except Exception:  # not a zip checkpoint, pickled objects, junk: not ours
         return False
     return isinstance(obj, dict) and obj.get("format") == FORMAT
@@ -655,11 +696,14 @@ def _unpickler_detail(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _small_shape(shape: Any) -> bool:
-    """An input shape worth running on the meta device: (C, H, W) of positive ints
-    (the model's loader checks the meta itself, and refuses what is not)."""
-    return isinstance(shape, list) and len(shape) == 3 and all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 20 for d in shape)
+def input_shape_to_run(meta: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The input shape of a saved model's meta, to run one image of before it loads:
+    (C, H, W) of positive ints within the size a model input may have; None for any
+    other (the model's loader checks the meta itself, and refuses those)."""
+    shape = meta.get("input_shape")
+    ok = isinstance(shape, list) and len(shape) == 3 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    return tuple(shape) if ok and math.prod(shape) <= MAX_INPUT_ELEMENTS else None
 
 
 def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -669,6 +713,8 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
         raise FileNotFoundError(f"graph file not found: {p}")
     try:
         obj = _read(p)
+    except GraphFormatError:
+        raise
     except pickle.UnpicklingError as exc:
         raise GraphFormatError(
             f"{p} was refused: it holds pickled Python objects, which a pyprune graph file never does "
@@ -682,6 +728,9 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
     if not isinstance(obj.get("graph"), str) or not isinstance(obj.get("meta"), str) or not (
             isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise GraphFormatError(f"{p}: fields 'graph' and 'meta' must be JSON text and 'state_dict' tensors")
+    not_dense = [f"{k} ({str(v.layout).removeprefix('torch.')})" for k, v in state.items() if v.layout != torch.strided]
+    if not_dense:
+        raise GraphFormatError(f"{p}: state_dict tensors must be dense; these are not: {', '.join(not_dense[:5])}")
     try:
         doc, meta = json.loads(obj["graph"]), json.loads(obj["meta"])
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -689,8 +738,7 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise GraphFormatError(f"{p}: meta must be a JSON object")
     try:
-        shape = meta.get("input_shape")
-        skeleton = check_declared_state(doc, state, shape if _small_shape(shape) else None)
-        return load_into(skeleton, state), meta
+        shape = input_shape_to_run(meta)
+        return load_into(check_declared_state(doc, state, shape), state, shape), meta
     except GraphFormatError as exc:
         raise GraphFormatError(f"{p}: {exc}") from exc

@@ -10,8 +10,9 @@ allowlist and the weights bit for bit: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from torch import fx
 
 from . import ppz
-from .graph_json import (GraphFormatError, _small_shape, check_declared_state, graph_state_dict, graph_to_json,
-                         load_into)
+from .graph_json import (GraphFormatError, check_declared_state, graph_state_dict, graph_to_json,
+                         input_shape_to_run, load_into)
 
 MANIFEST_FORMAT = "pyprune.model"
 # A weight with at most this many distinct non-zero values (8-bit quantization) gets a
@@ -77,17 +78,31 @@ def load_ppz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[fx.
     model's own graph (names and shapes) and their decoded size against ``max_bytes``
     (default: :func:`ppz.default_max_bytes` of the file's size), so that a hostile file
     costs no more memory than the honest one would."""
-    data, manifest, bound, skeleton = _checked(path, max_bytes, require_model=True)
-    _, tensors = ppz.unpack_bytes(data, max_bytes=bound)
-    meta = manifest.get("meta")
-    return load_into(skeleton, tensors), meta if isinstance(meta, dict) else {}
+    with _naming(path):
+        data, manifest, bound, skeleton = _checked(path, max_bytes, require_model=True)
+        _, tensors = ppz.unpack_bytes(data, max_bytes=bound)
+        meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
+        return load_into(skeleton, tensors, input_shape_to_run(meta)), meta
 
 
 def inspect_model(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, Any]:
     """:func:`ppz.inspect`, after the checks :func:`load_ppz` makes before decoding
     (against the graph when the file holds a pyprune model)."""
-    data, _, bound, _ = _checked(path, max_bytes, require_model=False)
-    return ppz.inspect_bytes(data, max_bytes=bound)
+    with _naming(path):
+        data, _, bound, _ = _checked(path, max_bytes, require_model=False)
+        return ppz.inspect_bytes(data, max_bytes=bound)
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """Errors about the file's contents begin with the file's name, once."""
+    try:
+        yield
+    except (ppz.CorruptFileError, GraphFormatError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise type(exc)(f"{path}: {exc}") from None
+
 
 
 def _checked(path: str | os.PathLike, max_bytes: int | None,
@@ -112,9 +127,5 @@ def _checked(path: str | os.PathLike, max_bytes: int | None,
     if is_model:
         declared = {r.name: torch.empty(r.shape, dtype=r.dtype, device="meta") for r in rows}
         meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
-        shape = meta.get("input_shape")
-        try:
-            skeleton = check_declared_state(manifest["graph"], declared, shape if _small_shape(shape) else None)
-        except GraphFormatError as exc:
-            raise GraphFormatError(f"{path}: {exc}") from None
+        skeleton = check_declared_state(manifest["graph"], declared, input_shape_to_run(meta))
     return data, manifest, bound, skeleton

@@ -32,6 +32,7 @@ from typing import Any, Union
 
 import torch
 
+from .. import files
 from ..files import atomic_write
 
 __all__ = ["DTYPES", "ENCODINGS", "MAGIC", "PARTS", "VERSION", "VERSIONS", "CorruptFileError", "DecodedSizeError",
@@ -247,8 +248,8 @@ def _read(path: PathLike) -> bytes:
 # own size, and at least MIN_DECODED_CAP. An honest model decodes to ~10-600x its file
 # (a 99%-sparse layer of 2-bit codes is the high end); a file that declares far more
 # is a decompression bomb, and is refused before anything is allocated.
-DECODED_PER_FILE_BYTE = 1024
-MIN_DECODED_CAP = 256 << 20
+DECODED_PER_FILE_BYTE = files.UNPACKED_PER_FILE_BYTE
+MIN_DECODED_CAP = files.MIN_UNPACKED_BYTES
 
 
 def default_max_bytes(file_bytes: int) -> int:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from .loading import HOW_TO_EXPORT, ModelLoadError
+from .loading import HOW_TO_EXPORT, ModelLoadError, _refuse_zip_bomb
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -104,6 +104,7 @@ def load_exported_program(path: PathLike) -> ExportedProgram:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelLoadError(f"model file not found: {p}")
+    _refuse_zip_bomb(p)
     try:
         with zipfile.ZipFile(p) as zf:
             if _archive_format(zf) != "pt2":

@@ -30,6 +30,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..files import zip_bomb_problem
 from .registry import ModelSpec, available_models, get_spec
 from .torchvision_zoo import is_torchvision_arch, torchvision_spec
 
@@ -133,6 +134,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     ``{"model": ...}``; strips a leading ``module.`` from every key.
     """
     p = _existing_file(path)
+    _refuse_zip_bomb(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -150,6 +152,13 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises many types on junk (IndexError, RuntimeError, ...)
         raise ModelLoadError(f"{p} is not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
     return _unwrap_state_dict(obj, str(p))
+
+
+def _refuse_zip_bomb(path: Path) -> None:
+    """Before torch.load, which allocates each zip entry at its declared size."""
+    bomb = zip_bomb_problem(path)
+    if bomb:
+        raise ModelLoadError(f"{path}: {bomb}")
 
 
 def _weights_only_detail(exc: BaseException) -> str:
@@ -302,6 +311,7 @@ def load_pickled_module(path: PathLike, trust_pickle: bool) -> nn.Module:
         raise ModelLoadError(
             f"{p} would have to be unpickled as a whole model. {_PICKLE_WARNING} ({FORMATS})"
         )
+    _refuse_zip_bomb(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -403,6 +413,7 @@ def _looks_like(state: Mapping[str, torch.Tensor]) -> str | None:
 
 def _load_whole_module(model_file: PathLike, trust_pickle: bool) -> nn.Module:
     p = _existing_file(model_file)
+    _refuse_zip_bomb(p)  # before the refusal below blames pickles
     if not trust_pickle:
         # A weights-only read is safe; if it succeeds the file is a state dict
         # and the useful advice is --arch, not --trust-pickle.

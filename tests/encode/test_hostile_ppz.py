@@ -4,6 +4,7 @@ anything is allocated, and reading it costs no more memory than the honest file.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,42 @@ def test_a_graph_that_expands_an_activation_past_the_bound_is_refused_before_it_
         load_ppz(bad)
     code, peak = _peak_kib("info", str(bad))
     assert code == 2 and peak < 1.1 * _peak_kib("info", str(honest))[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.complex64, torch.bool])
+def test_a_state_tensor_of_another_dtype_is_refused_naming_it(honest: Path, tmp_path: Path, dtype) -> None:
+    _, tensors = ppz.unpack(honest)
+    bad = _resave(honest, tmp_path / "bad.ppz", tensors_update={"conv.weight": tensors["conv.weight"].to(dtype)})
+    with pytest.raises(GraphFormatError, match=r"bad\.ppz: .*wrong dtype \(1\): conv\.weight: file \w+ vs graph float32"):
+        load_ppz(bad)
+
+
+def test_a_model_that_fails_on_its_own_input_is_refused_naming_the_node(honest: Path, tmp_path: Path) -> None:
+    """A bfloat16 bias beside a float32 weight passes every table check (bfloat16 is a
+    storage dtype for float32 vectors); only running the layer shows it cannot work."""
+    _, tensors = ppz.unpack(honest)
+    bad = _resave(honest, tmp_path / "bad.ppz", tensors_update={"conv.bias": tensors["conv.bias"].bfloat16()})
+    with pytest.raises(GraphFormatError) as info:
+        load_ppz(bad)
+    message = str(info.value)
+    assert re.fullmatch(r"\S*bad\.ppz: node 'conv' \(call_module conv\) fails on one \(1, 3, 8, 8\) input: "
+                        r"RuntimeError: .*BFloat16.*", message), message
+    assert "\n" not in message  # fx's "While executing ..." is not appended
+
+
+def test_a_node_argument_that_is_not_a_name_is_refused(honest: Path, tmp_path: Path) -> None:
+    def unhashable(graph: dict) -> None:
+        graph["nodes"][1]["args"] = [{"node": ["x"]}]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=unhashable)
+    with pytest.raises(GraphFormatError, match=r"refers to node \['x'\], which is not defined before it"):
+        load_ppz(bad)
+
+
+@pytest.mark.parametrize("read", [load_ppz, inspect_model], ids=["load", "inspect"])
+def test_a_corrupt_container_is_refused_naming_the_file_and_the_part(honest: Path, tmp_path: Path, read) -> None:
+    data = bytearray(honest.read_bytes())
+    data[-3] ^= 0xFF  # in the last section's body: its CRC no longer matches
+    bad = tmp_path / "bad.ppz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ppz.CorruptFileError, match=r"^\S*bad\.ppz: section \d+ \('[\w.]+'\): CRC32 mismatch"):
+        read(bad)
