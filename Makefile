@@ -26,7 +26,7 @@ export MAX_JOBS ?= 2
 STAMP := $(VENV)/.pyprune-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: install demo test test-all bench baselines asan clean
+.PHONY: install demo test test-all bench baselines fuzz asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -74,9 +74,20 @@ bench: install
 baselines: install
 	$(PY) bench/_checkpoints.py --arch resnet20 --arch resnet56
 
-# The container decoder and its fuzz tests under AddressSanitizer, built in a copy of
-# the tree so the normal extension is left alone (docs/format.md, "Fuzzing under ASan").
+# The long fuzz run: FUZZ_COUNT structure-aware mutants of each model-file kind (.ppz,
+# graph file) through inspect, info and eval, in worker processes (tests/fuzz). Prints
+# one row of counts per kind and every finding; fails on any finding, a hang over 30 s
+# or a worker over 2 GB. Findings are kept in FUZZ_OUT.
+FUZZ_COUNT ?= 20000
+FUZZ_OUT ?= /tmp/pyprune-fuzz
+fuzz: install
+	$(PY) -m tests.fuzz --count $(FUZZ_COUNT) --out $(FUZZ_OUT)
+
+# The container decoder, its fuzz tests and ASAN_FUZZ_COUNT mutants of each model-file
+# kind under AddressSanitizer, built in a copy of the tree so the normal extension is
+# left alone (docs/format.md, "Fuzzing under ASan").
 ASAN_DIR ?= /tmp/pyprune-asan
+ASAN_FUZZ_COUNT ?= 2000
 asan: install
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	tar --exclude=./.venv --exclude=./build --exclude=./data --exclude=./.git --exclude='*.so' -cf - . | tar -C $(ASAN_DIR) -xf -
@@ -85,7 +96,11 @@ asan: install
 	cd $(ASAN_DIR) && PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 		$(abspath $(PY)) -m pytest -p no:cacheprovider -s -m "" \
-		tests/encode/test_ppz_fuzz.py tests/encode/test_ppz_v2.py tests/encode/test_ppz.py tests/encode/test_huffman.py
+		tests/encode/test_ppz_fuzz.py tests/encode/test_ppz_v2.py tests/encode/test_ppz.py tests/encode/test_huffman.py \
+		tests/encode/test_hostile_ppz.py tests/fuzz
+	cd $(ASAN_DIR) && PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		$(abspath $(PY)) -m tests.fuzz --count $(ASAN_FUZZ_COUNT) --max-rss-mb 8192 --out $(ASAN_DIR)/fuzz
 
 clean:
 	rm -rf build *.egg-info pyprune/*.so

@@ -246,7 +246,7 @@ def _decode(value: Any, where: str, nodes: Mapping[str, fx.Node] | None) -> Any:
         return Ellipsis
     for name, table in (("dtype", _DTYPES), ("memory_format", _MEMORY_FORMATS)):
         if tag == name:
-            if body not in table:
+            if not isinstance(body, str) or body not in table:
                 raise GraphFormatError(f"{where}: unknown {name} {body!r}; known: {', '.join(table)}")
             return table[body]
     if tag == "device" and isinstance(body, str):
@@ -322,7 +322,7 @@ def _node_where(node: fx.Node) -> str:
 
 
 def _check_getattr(args: tuple, where: str) -> None:
-    if len(args) != 2 or args[1] not in _GETATTR_NAMES:
+    if len(args) != 2 or not isinstance(args[1], str) or args[1] not in _GETATTR_NAMES:
         raise GraphFormatError(f"{where}: getattr is allowed only for {', '.join(sorted(_GETATTR_NAMES))}, "
                                f"not {args[1:]!r:.80}")
 
@@ -431,7 +431,7 @@ def _decode_node(graph: fx.Graph, spec: Any, nodes: dict[str, fx.Node], doc: dic
     # module, and a dunder name is Python's
     if name == "self" or len(name) > 4 and name.startswith("__") and name.endswith("__"):
         raise GraphFormatError(f"{where}: node name {name!r} is reserved in the generated code")
-    if op not in _OPS or not isinstance(target, str):
+    if not isinstance(op, str) or op not in _OPS or not isinstance(target, str):
         raise GraphFormatError(f"{where}: unknown op {op!r} or a target that is not a string")
     if not isinstance(spec["args"], list) or not isinstance(spec["kwargs"], dict) \
             or not all(_identifier(k) for k in spec["kwargs"]):
@@ -590,7 +590,8 @@ def _skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx
 def _build_skeleton(doc: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     _check_document(doc)
     unknown = {spec.get("target") for spec in doc["nodes"]
-               if isinstance(spec, dict) and spec.get("op") == "call_function" and spec.get("target") not in FUNCTIONS}
+               if isinstance(spec, dict) and spec.get("op") == "call_function" and isinstance(spec.get("target"), str)
+               and spec["target"] not in FUNCTIONS}
     for hook in BEFORE_DECODE:
         hook(sorted(n for n in unknown if isinstance(n, str)))
     root: dict[str, Any] = {}

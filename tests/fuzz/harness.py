@@ -246,7 +246,9 @@ def headline(detail: str) -> str:
     lines = [ln for ln in detail.strip().splitlines() if ln.strip()]
     if any("Traceback (most recent call last)" in ln for ln in lines):
         raised = [ln for ln in lines if not ln[0].isspace() and not ln.startswith(("Traceback", "The above", "During"))]
-        return (lines[0].split(":")[0] + ": " + raised[-1]) if raised else lines[-1]
+        ours = [ln.strip() for ln in lines if ln.lstrip().startswith("File ") and "/pyprune/" in ln]
+        where = f" ({ours[-1]})" if ours else ""
+        return (lines[0].split(":")[0] + ": " + raised[-1] + where) if raised else lines[-1]
     return lines[0] if lines else ""
 
 
