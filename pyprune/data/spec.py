@@ -21,12 +21,13 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {"cifar10": load_cifar10}
 
 def load_dataset(name: str, split: str, data_root: str | Path | None = None,
                  download: bool = False, limit: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> ArrayDataset | FolderDataset:
+                 input_shape: tuple[int, ...] | None = None, model: str = "the model") -> ArrayDataset | FolderDataset:
     """Load split ``split`` of the dataset called ``name`` (see :data:`DATASETS`), or
     of the image folder PATH when ``name`` is ``imagefolder:PATH`` (see
     :mod:`.imagefolder`; PATH is absolute or relative to the current directory,
     ``data_root`` and ``download`` do not apply). ``input_shape`` is the model's
-    (C, H, W), for datasets that resize their images to it."""
+    (C, H, W), for datasets that resize their images to it; ``model`` names the
+    model in the error for a dataset of another fixed size."""
     if name.startswith(IMAGEFOLDER_PREFIX):
         path = name[len(IMAGEFOLDER_PREFIX):]
         if not path:
@@ -44,7 +45,7 @@ def load_dataset(name: str, split: str, data_root: str | Path | None = None,
     if input_shape is not None and isinstance(dataset, ArrayDataset) and \
             tuple(dataset.images.shape[1:]) != tuple(input_shape):
         have, want = "x".join(map(str, dataset.images.shape[1:])), "x".join(map(str, input_shape))
-        raise ValueError(f"{name} images are {have} (C x H x W), but the model takes {want}: {name} has one "
+        raise ValueError(f"{name} images are {have} (C x H x W), but {model} takes {want}: {name} has one "
                          f"fixed size, so nothing is resized. Use a model made for {have} inputs (--input-size "
                          f"{dataset.images.shape[-1]} when building one with --arch), or --data imagefolder:PATH, "
                          "whose images are resized to the model's")
@@ -68,7 +69,8 @@ class DataSpec:
         """``data`` as a DataSpec; a plain string names the dataset."""
         return data if isinstance(data, DataSpec) else cls(str(data))
 
-    def load(self, split: str, limit: int | None = None,
-             input_shape: tuple[int, ...] | None = None) -> ArrayDataset | FolderDataset:
-        """Split ``split`` (its first ``limit`` images), for a model of ``input_shape``."""
-        return load_dataset(self.name, split, self.root, self.download, limit, input_shape=input_shape)
+    def load(self, split: str, limit: int | None = None, input_shape: tuple[int, ...] | None = None,
+             model: str = "the model") -> ArrayDataset | FolderDataset:
+        """Split ``split`` (its first ``limit`` images), for a model of ``input_shape``
+        (``model`` names it in errors)."""
+        return load_dataset(self.name, split, self.root, self.download, limit, input_shape=input_shape, model=model)

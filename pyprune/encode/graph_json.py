@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from ..files import atomic_write, zip_bomb_problem
 from ..models.loaded import MAX_INPUT_ELEMENTS
+from ..models.loading import load_weights_only
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
            "allow_method", "allow_module_type", "disallow_function", "disallow_method", "disallow_module_type",
@@ -299,10 +300,12 @@ def _build_module(type_name: str, config: Any, where: str) -> nn.Module:
         raise GraphFormatError(f"{where}: {type_name} takes no argument(s) {', '.join(unknown)}")
     kwargs = {k: _decode(v, f"{where} config {k!r}", None) for k, v in config.items()}
     try:
-        with torch.device("meta"):  # shapes only; the state dict brings the values
+        with torch.device("meta"), warnings.catch_warnings():  # shapes only; the state dict brings the values
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
             return cls(**kwargs)
     except Exception as exc:
-        raise GraphFormatError(f"{where}: cannot build {type_name}({kwargs}): {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphFormatError(f"{where}: cannot build {type_name}({kwargs!s:.200}): {first}") from exc
 
 
 def _get_attr_path(root: nn.Module, target: str) -> Any:
@@ -504,7 +507,11 @@ def load_into(skeleton: fx.GraphModule, state_dict: Mapping[str, torch.Tensor],
     gm.eval()
     if input_shape is not None:
         with torch.no_grad():
-            _OneImage(gm, tuple(input_shape)).run(torch.zeros((1, *input_shape)))
+            out = _OneImage(gm, tuple(input_shape)).run(torch.zeros((1, *input_shape)))
+        if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == 1):
+            got = f"a {str(out.dtype).removeprefix('torch.')} tensor of shape {tuple(out.shape)}" \
+                if isinstance(out, torch.Tensor) else f"{type(out).__name__} {out!r:.40}"
+            raise GraphFormatError(f"the graph's output for one image is {got}, not a batch of one row of scores")
     return gm
 
 
@@ -652,10 +659,7 @@ def _read(path: Path, mmap: bool = False) -> Any:
     bomb = zip_bomb_problem(path)
     if bomb:
         raise GraphFormatError(f"{path}: {bomb}")
-    with warnings.catch_warnings():
-        # a sparse tensor (which the loader then refuses) makes torch warn about its scan
-        warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return load_weights_only(path, mmap=mmap)
 
 
 def _is_torch_save_archive(path: Path) -> bool:

@@ -24,6 +24,6 @@ def load_saved_model(path: str | os.PathLike, max_bytes: int | None = None) -> L
     decode to (default: relative to the file's size, see :func:`load_ppz`)."""
     gm, meta = load_ppz(path, max_bytes) if is_ppz(path) else load_graph_module(path)
     try:
-        return LoadedModel.from_meta(gm, meta, Path(path).stem)
+        return LoadedModel.from_meta(gm, meta, Path(path).stem, source=str(path))
     except ValueError as exc:
         raise GraphFormatError(f"{path}: {exc}") from None

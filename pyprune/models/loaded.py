@@ -28,6 +28,8 @@ class LoadedModel:
     leaf_modules: tuple[str, ...] = ()
     # what was done to it before, for a saved pyprune model: "compile quant(bits=4)", ...
     history: tuple[str, ...] = ()
+    # the file it was read from, when it carried its own input shape (a saved model)
+    source: str | None = None
 
     @classmethod
     def from_spec(cls, module: nn.Module, spec: ModelSpec | None, name: str) -> "LoadedModel":
@@ -36,7 +38,8 @@ class LoadedModel:
         return cls(module, spec.name, tuple(spec.mean), tuple(spec.std), tuple(spec.input_shape))
 
     @classmethod
-    def from_meta(cls, module: nn.Module, meta: dict[str, Any], fallback_name: str) -> "LoadedModel":
+    def from_meta(cls, module: nn.Module, meta: dict[str, Any], fallback_name: str,
+                  source: str | None = None) -> "LoadedModel":
         """The model a saved file describes with :meth:`meta`; ``ValueError`` names the
         field of a meta no model could have (the file may be hostile)."""
         shape = _checked_shape(meta.get("input_shape", DEFAULT_INPUT_SHAPE))
@@ -45,7 +48,7 @@ class LoadedModel:
         arch = meta.get("arch") or fallback_name
         if not isinstance(arch, str):
             raise ValueError(f"meta.arch is {arch!r:.60}, not a name")
-        return cls(module, arch, mean, std, shape, history=_history(meta.get("provenance")))
+        return cls(module, arch, mean, std, shape, history=_history(meta.get("provenance")), source=source)
 
     # The module's own verbs, for code that treats the loaded model as the module.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

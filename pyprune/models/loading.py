@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,7 +137,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     p = _existing_file(path)
     _refuse_zip_bomb(p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = load_weights_only(p)
     except pickle.UnpicklingError as exc:
         detail = _weights_only_detail(exc)
         if "Unsupported global" in detail:
@@ -152,6 +153,14 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises many types on junk (IndexError, RuntimeError, ...)
         raise ModelLoadError(f"{p} is not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
     return _unwrap_state_dict(obj, str(p))
+
+
+def load_weights_only(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, without torch's warning about the
+    scan of sparse tensors (a model file that holds one is then refused in one line)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _refuse_zip_bomb(path: Path) -> None:

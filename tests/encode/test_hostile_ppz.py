@@ -247,3 +247,20 @@ def test_a_corrupt_container_is_refused_naming_the_file_and_the_part(honest: Pat
     bad.write_bytes(bytes(data))
     with pytest.raises(ppz.CorruptFileError, match=r"^\S*bad\.ppz: section \d+ \('[\w.]+'\): CRC32 mismatch"):
         read(bad)
+
+
+def test_a_graph_whose_output_is_not_scores_is_refused(honest: Path, tmp_path: Path) -> None:
+    def constant_output(graph: dict) -> None:
+        graph["nodes"][-1]["args"] = [7]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=constant_output)
+    with pytest.raises(GraphFormatError, match=r"bad\.ppz: the graph's output for one image is int 7, not a batch"):
+        load_ppz(bad)
+
+
+def test_eval_names_the_file_whose_input_shape_the_data_does_not_have(honest: Path, tmp_path: Path,
+                                                                       data_root: Path, capsys) -> None:
+    from pyprune.cli.app import main
+    assert main(["eval", str(honest), "--data-root", str(data_root), "--limit", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pyprune eval: error: cifar10 images are 3x32x32 (C x H x W), but the model in {honest} "
+                          "(meta.input_shape) takes 3x8x8") and "\n" not in err, err

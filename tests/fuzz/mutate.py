@@ -168,7 +168,7 @@ def mutate_tensors(tensors: dict[str, torch.Tensor], rng: random.Random, compres
     op = rng.choice(ops)
     if op == "dtype":
         tensors[name] = t.to(rng.choice(DTYPES))
-    elif op == "shape":
+    elif op == "shape" and t.layout == torch.strided:
         tensors[name] = _reshaped(t, rng)
     elif op == "values" and t.is_floating_point() and t.numel():
         t = t.clone().reshape(-1)
@@ -221,8 +221,8 @@ def _ppz_semantic(data: bytes, rng: random.Random) -> bytes:
     try:
         return ppz.pack_bytes(manifest, tensors, _codebooks(tensors))
     except (ValueError, TypeError, RuntimeError):  # a mutation the writer refuses: write the rest
-        return ppz.pack_bytes(manifest, {k: v.to(torch.float32) if v.is_complex() else v
-                                         for k, v in tensors.items() if not v.is_sparse})
+        return ppz.pack_bytes(manifest, {k: v for k, v in tensors.items()
+                                         if isinstance(k, str) and k and not v.is_complex() and not v.is_sparse})
 
 
 def _ppz_container(data: bytes, rng: random.Random) -> bytes:
