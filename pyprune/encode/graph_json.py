@@ -46,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from ..files import atomic_write, zip_bomb_problem
-from ..models.loaded import MAX_INPUT_ELEMENTS
+from ..models.loaded import DEFAULT_INPUT_SHAPE, MAX_INPUT_ELEMENTS
 from ..models.loading import load_weights_only
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
@@ -705,8 +705,8 @@ def input_shape_to_run(meta: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The input shape of a saved model's meta, to run one image of before it loads:
     (C, H, W) of positive ints within the size a model input may have; None for any
     other (the model's loader checks the meta itself, and refuses those)."""
-    shape = meta.get("input_shape")
-    ok = isinstance(shape, list) and len(shape) == 3 and all(
+    shape = meta.get("input_shape", DEFAULT_INPUT_SHAPE)  # what LoadedModel takes when there is none
+    ok = isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
     return tuple(shape) if ok and math.prod(shape) <= MAX_INPUT_ELEMENTS else None
 

@@ -102,7 +102,7 @@ def _worker(conn: Connection, kind: str, seeds: dict[str, bytes], run_seed: int,
             path.write_bytes(mutant(kind, seeds[names[number % len(names)]], number, run_seed))
             _reset_peak_rss()
         except Exception:  # noqa: BLE001 - a fault of the mutator, not of pyprune
-            conn.send((number, [("harness", traceback.format_exc())], _peak_rss_bytes()))
+            conn.send((number, [("harness", traceback.format_exc())], 0))  # the mutator's memory is not pyprune's
             continue
         results = [run_command(argv, path) for argv in COMMANDS[kind]]
         conn.send((number, results, _peak_rss_bytes()))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import random
 import struct
 import sys
@@ -144,11 +145,9 @@ def _reshaped(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
     else:
         i = rng.randrange(len(shape))
         shape[i] = {"grow": shape[i] + rng.choice([1, 2, shape[i]]), "shrink": max(shape[i] - 1, 1), "zero": 0}[op]
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if n > 1 << 22:
-        shape = [1]
+        shape, n = [1], 1
     flat = t.reshape(-1)
     return flat.repeat(-(-n // max(flat.numel(), 1)) if n else 0)[:n].reshape(shape) if flat.numel() else torch.zeros(
         shape, dtype=t.dtype)
