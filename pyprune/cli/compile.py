@@ -116,6 +116,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--final-epochs", type=float, default=0.0, metavar="E",
                    help="fine-tune the chosen model E more epochs after the search, kept only if it still meets "
                         "the target (the budget keeps time back for it)")
+    g.add_argument("--continue-lr", type=float, default=None, metavar="LR",
+                   help="peak learning rate of a fine-tune that continues from a model this search already "
+                        "fine-tuned, and of --final-epochs: a settled model restarted at --lr can lose accuracy "
+                        "(bench/README.md, ResNet-56 with an hour; default: --lr)")
     g.add_argument("--slim-l1", type=float, default=0.0, metavar="S",
                    help="let the search try network slimming's sparsity training (L1 on BatchNorm gammas) first; "
                         "it is used only if it lets slimming go further")
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
-        max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
+        continue_lr=args.continue_lr, max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
         screen_steps=args.screen_steps, measure_from=args.measure_from)
     api.set_threads(args.threads)
     model = load(args)

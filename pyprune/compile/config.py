@@ -55,6 +55,7 @@ class CompileConfig:
     distill: float = 0.5
     distill_temperature: float = 4.0
     final_epochs: float = 0.0
+    continue_lr: float | None = None  # fine-tunes of already fine-tuned models (EvalSettings); None: train.lr
     # The marginal search's last phase retries untaken moves with 2x, 4x ... this many
     # times --finetune-epochs, while the budget lasts (1: never). None: 8 when there is
     # a budget to spend, 1 without one (so an unbounded compile does not run for hours).
@@ -88,6 +89,8 @@ class CompileConfig:
             self.max_effort = 8 if self.budget_minutes is not None else 1
         if self.max_effort < 1 or self.max_effort & (self.max_effort - 1):
             raise ValueError(f"--max-effort must be a power of two >= 1, got {self.max_effort}")
+        if self.continue_lr is not None and not self.continue_lr > 0:
+            raise ValueError(f"--continue-lr must be positive, got {self.continue_lr}")
         if self.onnx_verify < 0:
             raise ValueError(f"--onnx-verify must be >= 0, got {self.onnx_verify}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
@@ -131,6 +134,7 @@ class CompileConfig:
                 "max_effort": self.max_effort, "per_layer": self.per_layer,
                 **({"gradual_mask": True} if self.gradual_mask else {}),
                 **({"screen_steps": self.screen_steps} if self.screen_steps else {}),
+                **({"continue_lr": self.continue_lr} if self.continue_lr is not None else {}),
                 **({"measure_from": self.measure_from} if self.measure_from != "accepted" else {}),
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

@@ -89,7 +89,8 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
     progress = Progress(config.quiet or not main)
     train = TrainConfig(**{**vars(config.train), "progress": not config.quiet and main})
     settings = EvalSettings(config.finetune_epochs, train, config.recal_images, config.final_epochs,
-                            gradual_mask=config.gradual_mask, screen_steps=config.screen_steps)
+                            gradual_mask=config.gradual_mask, screen_steps=config.screen_steps,
+                            continue_lr=config.continue_lr)
     # The baseline is measured before out/ exists (the target may refuse it), so into a
     # journal in memory; the evaluator moves to the real one once the target is known.
     scratch = Journal()

@@ -67,6 +67,12 @@ class State:
     def pipeline(self) -> str:
         return ",".join(s for s in (self.prefix, *self.steps) if s)
 
+    @property
+    def tuned(self) -> bool:
+        """Whether the weights were fine-tuned in this search (here or on the path to
+        here): every fine-tune marks its key ``@ft``, and children extend the key."""
+        return "@ft" in self.key
+
     def passes(self) -> list[GraphPass]:
         """The state's passes, rebuilt from their text. Unrun passes capture their
         layers from the weights themselves (zeros, distinct values), so their

@@ -113,6 +113,16 @@ class EvalSettings:
     # measured. Recalibration alone underrates what fine-tuning recovers, most for
     # masking; a few dozen steps recover much of it (0: recalibration only).
     screen_steps: int = 0
+    # The peak learning rate of a fine-tune whose model this search already fine-tuned
+    # (a continuation, and the final recovery); None: train.lr, as for the first ones.
+    # Restarting a settled model's schedule at the first fine-tunes' rate can cost
+    # more accuracy than the fine-tune recovers.
+    continue_lr: float | None = None
+
+    def train_for(self, state: "State", **changes: Any) -> TrainConfig:
+        """The training settings of a fine-tune of ``state``."""
+        lr = self.continue_lr if self.continue_lr is not None and state.tuned else self.train.lr
+        return replace(self.train, lr=lr, **changes)
 
 
 class Evaluator:
@@ -179,7 +189,7 @@ class Evaluator:
         """:meth:`finetune` for at most ``max_seconds`` (see :class:`TrainConfig`), and
         the epochs it trained."""
         gm = copy.deepcopy(state.gm)
-        config = replace(self.settings.train, epochs=epochs, slim_l1=slim_l1, max_seconds=max_seconds)
+        config = self.settings.train_for(state, epochs=epochs, slim_l1=slim_l1, max_seconds=max_seconds)
         logs = fine_tune(gm, self.data.train, self.data.mean, self.data.std, config,
                          hooks=constraint_hooks(state.passes(), gm), teacher=self.teacher)
         trained = sum(log.images for log in logs) / len(self.data.train)
@@ -216,7 +226,7 @@ class Evaluator:
         (spec,) = parse_pipeline(mask_spec)
         gradual = create_pass(spec.name, **spec.options).gradually(child.gm)
         hooks = constraint_hooks(child.passes(), child.gm).extend(gradual.hooks())
-        config = replace(self.settings.train, epochs=ramp_epochs, slim_l1=0.0)
+        config = self.settings.train_for(child, epochs=ramp_epochs, slim_l1=0.0)
         fine_tune(child.gm, self.data.train, self.data.mean, self.data.std, config, hooks=hooks, teacher=self.teacher)
         gradual.finish(child.gm)
         masked = State(child.gm, (*before_mask, mask_spec), child.key, parent.prefix)

@@ -190,3 +190,26 @@ def test_a_screen_with_recovery_steps_measures_the_briefly_fine_tuned_child():
     assert recovered.accuracy > recalibrated.accuracy  # the 80% cut recovers in 4 steps here
     weights = [by_hand.gm.get_submodule(n).weight for n in ("conv1", "conv2", "fc")]
     assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+
+
+@pytest.mark.parametrize("continue_lr", [None, 0.002])
+def test_a_fine_tune_of_a_fine_tuned_model_runs_at_the_continuation_rate(monkeypatch, continue_lr):
+    """First fine-tunes at --lr; a continuation (the parent was fine-tuned in this
+    search) and the final recovery at --continue-lr, when given."""
+    import pyprune.search.evaluator as evaluator
+    rates = []
+    real = evaluator.fine_tune
+
+    def spy(gm, dataset, mean, std, config, **kwargs):
+        rates.append(config.lr)
+        return real(gm, dataset, mean, std, config, **kwargs)
+    monkeypatch.setattr(evaluator, "fine_tune", spy)
+    ev = tiny_evaluator(finetune_epochs=0.1, lr=0.05)
+    ev.settings.continue_lr = continue_lr
+    base = tiny_base()
+    first = ev.finetune(ev.apply(base, ["mask(sparsity=0.5)"]), 0.1)
+    second = ev.finetune(ev.apply(first, ["quant(bits=4)"]), 0.1)
+    ev.finetune(second, 0.1, key=f"{second.key}>final(0.1)@ft")
+    assert not base.tuned and first.tuned and second.tuned
+    later = 0.05 if continue_lr is None else continue_lr
+    assert rates == [0.05, later, later]
