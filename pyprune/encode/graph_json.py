@@ -46,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from ..files import atomic_write, zip_bomb_problem
-from ..models.loaded import DEFAULT_INPUT_SHAPE, MAX_INPUT_ELEMENTS
+from ..models.loaded import MAX_INPUT_ELEMENTS
 from ..models.loading import load_weights_only
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
@@ -506,13 +506,19 @@ def load_into(skeleton: fx.GraphModule, state_dict: Mapping[str, torch.Tensor],
         raise GraphFormatError(f"tensors with no value in the state dict: {', '.join(left)}")
     gm.eval()
     if input_shape is not None:
-        with torch.no_grad():
-            out = _OneImage(gm, tuple(input_shape)).run(torch.zeros((1, *input_shape)))
-        if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == 1):
-            got = f"a {str(out.dtype).removeprefix('torch.')} tensor of shape {tuple(out.shape)}" \
-                if isinstance(out, torch.Tensor) else f"{type(out).__name__} {out!r:.40}"
-            raise GraphFormatError(f"the graph's output for one image is {got}, not a batch of one row of scores")
+        check_runs(gm, tuple(input_shape))
     return gm
+
+
+def check_runs(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Run one image of zeros through ``gm``: :class:`GraphFormatError` names the node
+    that fails, or says what the output is when it is not one row of scores."""
+    with torch.no_grad():
+        out = _OneImage(gm, input_shape).run(torch.zeros((1, *input_shape)))
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == 1):
+        got = f"a {str(out.dtype).removeprefix('torch.')} tensor of shape {tuple(out.shape)}" \
+            if isinstance(out, torch.Tensor) else f"{type(out).__name__} {out!r:.40}"
+        raise GraphFormatError(f"the graph's output for one image is {got}, not a batch of one row of scores")
 
 
 def check_declared_state(doc: dict[str, Any], declared: Mapping[str, torch.Tensor],
@@ -705,7 +711,7 @@ def input_shape_to_run(meta: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The input shape of a saved model's meta, to run one image of before it loads:
     (C, H, W) of positive ints within the size a model input may have; None for any
     other (the model's loader checks the meta itself, and refuses those)."""
-    shape = meta.get("input_shape", DEFAULT_INPUT_SHAPE)  # what LoadedModel takes when there is none
+    shape = meta.get("input_shape")
     ok = isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
     return tuple(shape) if ok and math.prod(shape) <= MAX_INPUT_ELEMENTS else None

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..models.loaded import LoadedModel
-from .graph_json import GraphFormatError, is_graph_file, load_graph_module
+from .graph_json import GraphFormatError, check_runs, input_shape_to_run, is_graph_file, load_graph_module
 from .model_ppz import load_ppz
 from .ppz import is_ppz
 
@@ -24,6 +24,9 @@ def load_saved_model(path: str | os.PathLike, max_bytes: int | None = None) -> L
     decode to (default: relative to the file's size, see :func:`load_ppz`)."""
     gm, meta = load_ppz(path, max_bytes) if is_ppz(path) else load_graph_module(path)
     try:
-        return LoadedModel.from_meta(gm, meta, Path(path).stem, source=str(path))
-    except ValueError as exc:
+        model = LoadedModel.from_meta(gm, meta, Path(path).stem, source=str(path))
+        if input_shape_to_run(meta) is None:  # the loaders ran none: run the default shape the model now has
+            check_runs(gm, model.input_shape)
+    except ValueError as exc:  # GraphFormatError too
         raise GraphFormatError(f"{path}: {exc}") from None
+    return model

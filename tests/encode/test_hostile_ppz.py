@@ -253,12 +253,12 @@ def test_a_corrupt_container_is_refused_naming_the_file_and_the_part(honest: Pat
 @pytest.mark.parametrize("meta", [{}, {"input_shape": None}], ids=["own input shape", "default input shape"])
 def test_a_graph_whose_output_is_not_scores_is_refused(honest: Path, tmp_path: Path, meta: dict) -> None:
     """Also when the meta gives no input shape: the model is then run at the default
-    one, as LoadedModel takes it (the fuzzer found the check skipped there)."""
+    one LoadedModel gives it (the fuzzer found the check skipped there)."""
     def constant_output(graph: dict) -> None:
         graph["nodes"][-1]["args"] = [7]
     bad = _resave(honest, tmp_path / "bad.ppz", meta_update=meta, graph_update=constant_output)
     with pytest.raises(GraphFormatError, match=r"bad\.ppz: the graph's output for one image is int 7, not a batch"):
-        load_ppz(bad)
+        api.load_model(str(bad))
 
 
 def test_eval_names_the_file_whose_input_shape_the_data_does_not_have(honest: Path, tmp_path: Path,

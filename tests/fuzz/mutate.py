@@ -300,7 +300,8 @@ def rezip(entries: list[tuple[str, bytes]], deflated: set[str] = frozenset()) ->
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compresslevel=1) as zf:
         for name, body in entries:
-            zf.writestr(name, body, compress_type=zipfile.ZIP_DEFLATED if name in deflated else zipfile.ZIP_STORED)
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # not the clock: the same bytes each time
+            zf.writestr(info, body, compress_type=zipfile.ZIP_DEFLATED if name in deflated else zipfile.ZIP_STORED)
     return buf.getvalue()
 
 
