@@ -14,3 +14,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], left:
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none):
+    what a one-line error quotes of an exception raised by code it does not own."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -47,7 +47,8 @@ from torch import fx, nn
 
 from ..files import atomic_write, zip_bomb_problem
 from ..models.loaded import MAX_INPUT_ELEMENTS
-from ..models.loading import load_weights_only
+from ..models.loading import load_weights_only, weights_only_detail
+from ..text import first_line
 
 __all__ = ["FORMAT", "VERSION", "FUNCTIONS", "METHODS", "MODULE_TYPES", "GraphFormatError", "allow_function",
            "allow_method", "allow_module_type", "disallow_function", "disallow_method", "disallow_module_type",
@@ -304,8 +305,7 @@ def _build_module(type_name: str, config: Any, where: str) -> nn.Module:
             warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
             return cls(**kwargs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphFormatError(f"{where}: cannot build {type_name}({kwargs!s:.200}): {first}") from exc
+        raise GraphFormatError(f"{where}: cannot build {type_name}({kwargs!s:.200}): {first_line(exc)}") from exc
 
 
 def _get_attr_path(root: nn.Module, target: str) -> Any:
@@ -562,9 +562,8 @@ class _OneImage(fx.Interpreter):
         try:
             out = super().run_node(n)
         except Exception as exc:  # noqa: BLE001 - whatever the layer raises, the file is at fault
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise _NodeFailed(f"node {n.name!r} ({n.op} {_target_name(n)}) fails on one "
-                              f"{(1, *self.input_shape)} input: {type(exc).__name__}: {first:.300}") from None
+                              f"{(1, *self.input_shape)} input: {type(exc).__name__}: {first_line(exc):.300}") from None
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.bound:
                 raise GraphFormatError(f"node {n.name!r} makes a {tuple(t.shape)} activation for one image, "
@@ -698,15 +697,6 @@ def is_graph_file(path: PathLike) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def _unpickler_detail(exc: BaseException) -> str:
-    # torch's message is long advice; its "WeightsUnpickler error: ..." line is the fact.
-    for line in str(exc).splitlines():
-        _, found, rest = line.partition("WeightsUnpickler error:")
-        if found:
-            return rest.split(". Please use")[0].strip()
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def input_shape_to_run(meta: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The input shape of a saved model's meta, to run one image of before it loads:
     (C, H, W) of positive ints within the size a model input may have; None for any
@@ -729,7 +719,7 @@ def load_graph_module(path: PathLike) -> tuple[fx.GraphModule, dict[str, Any]]:
     except pickle.UnpicklingError as exc:
         raise GraphFormatError(
             f"{p} was refused: it holds pickled Python objects, which a pyprune graph file never does "
-            f"(read with torch.load(weights_only=True), nothing in it was run): {_unpickler_detail(exc)}") from exc
+            f"(read with torch.load(weights_only=True), nothing in it was run): {weights_only_detail(exc)}") from exc
     except Exception as exc:
         raise GraphFormatError(f"{p} is not a readable PyTorch file: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

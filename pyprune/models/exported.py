@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
+from ..text import first_line
 from .loading import HOW_TO_EXPORT, ModelLoadError, _refuse_zip_bomb
 
 if TYPE_CHECKING:
@@ -115,5 +116,4 @@ def load_exported_program(path: PathLike) -> ExportedProgram:
     try:
         return torch.export.load(p)
     except Exception as exc:  # the deserializer raises many types on what it cannot read
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{p}: torch.export.load could not read it: {first}") from exc
+        raise ModelLoadError(f"{p}: torch.export.load could not read it: {first_line(exc)}") from exc

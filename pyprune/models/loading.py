@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..files import zip_bomb_problem
+from ..text import first_line
 from .registry import ModelSpec, available_models, get_spec
 from .torchvision_zoo import is_torchvision_arch, torchvision_spec
 
@@ -139,7 +140,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = load_weights_only(p)
     except pickle.UnpicklingError as exc:
-        detail = _weights_only_detail(exc)
+        detail = weights_only_detail(exc)
         if "Unsupported global" in detail:
             # weights_only refuses any class outside its allow-list: in practice a
             # checkpoint made with torch.save(model) rather than model.state_dict().
@@ -151,7 +152,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
             ) from exc
         raise ModelLoadError(f"{p} is not a readable PyTorch checkpoint ({detail})") from exc
     except Exception as exc:  # torch raises many types on junk (IndexError, RuntimeError, ...)
-        raise ModelLoadError(f"{p} is not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{p} is not a readable PyTorch checkpoint ({first_line(exc)})") from exc
     return _unwrap_state_dict(obj, str(p))
 
 
@@ -170,18 +171,14 @@ def _refuse_zip_bomb(path: Path) -> None:
         raise ModelLoadError(f"{path}: {bomb}")
 
 
-def _weights_only_detail(exc: BaseException) -> str:
-    # torch's message is long advice; the "WeightsUnpickler error: ..." part is the fact.
+def weights_only_detail(exc: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, from its long advice: the
+    "WeightsUnpickler error: ..." part."""
     for line in str(exc).splitlines():
         _, found, rest = line.partition("WeightsUnpickler error:")
         if found:
             return rest.split(". Please use")[0].strip() or "unreadable pickle data"
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -324,7 +321,7 @@ def load_pickled_module(path: PathLike, trust_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"could not unpickle {p}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"could not unpickle {p}: {first_line(exc)}") from exc
     if not isinstance(obj, nn.Module):
         if isinstance(obj, Mapping):
             raise ModelLoadError(
