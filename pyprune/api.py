@@ -165,20 +165,15 @@ def list_passes() -> list[dict[str, Any]]:
     return describe_passes()
 
 
-def _named(model: LoadedModel) -> str:
-    # a saved model's input shape is the file's: name the file in a mismatch
-    return f"the model in {model.source} (meta.input_shape)" if model.source else "the model"
-
-
 def evaluate_model(model: LoadedModel, data: DataSpec | str = "cifar10", split: str = "test",
                    limit: int | None = None, batch_size: int = 500, progress: bool = True) -> EvalResult:
-    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape, model=_named(model))
+    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape, model=model.described)
     return evaluate(model.module, dataset, model.mean, model.std, batch_size=batch_size, progress=progress)
 
 
 def train_model(model: LoadedModel, config: TrainConfig, data: DataSpec | str = "cifar10", split: str = "train",
                 limit: int | None = None) -> list[EpochLog]:
-    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape, model=_named(model))
+    dataset = DataSpec.of(data).load(split, limit, input_shape=model.input_shape, model=model.described)
     return fine_tune(model.module, dataset, model.mean, model.std, config)
 
 
@@ -248,7 +243,7 @@ def export_onnx(model: LoadedModel, output: str | Path, form: str = "compact", v
     inputs = description = None
     if verify:
         try:
-            dataset = DataSpec.of(data).load(split, verify, input_shape=model.input_shape, model=_named(model))
+            dataset = DataSpec.of(data).load(split, verify, input_shape=model.input_shape, model=model.described)
         except DatasetNotFoundError as exc:
             raise DatasetNotFoundError(f"{exc}\nThe ONNX file is verified on that data; --verify 0 writes it "
                                        "unverified.") from None

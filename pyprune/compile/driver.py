@@ -55,7 +55,7 @@ def _load_data(config: CompileConfig, model: LoadedModel) -> tuple[SearchData, A
     val_split, test_split = config.splits
 
     def get(split: str, limit: int | None) -> ArrayDataset:
-        return config.data.load(split, limit, input_shape=model.input_shape)
+        return config.data.load(split, limit, input_shape=model.input_shape, model=model.described)
 
     val = get(val_split, config.val_limit)
     data = SearchData(get("train", config.train_limit), val, val.subset(slice(0, config.screen_limit)),

@@ -62,6 +62,11 @@ class LoadedModel:
         self.module.train(mode)
         return self
 
+    @property
+    def described(self) -> str:
+        """How errors name the model: a saved model's input shape is its file's."""
+        return f"the model in {self.source} (meta.input_shape)" if self.source else "the model"
+
     def meta(self) -> dict[str, Any]:
         """What a saved file (``.ppz``, graph file, ONNX metadata) records about the
         model besides its graph and weights."""
