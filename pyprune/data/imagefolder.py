@@ -338,17 +338,31 @@ class FolderBatches:
         self.seed = seed
         self.num_workers = num_workers
         self.epoch = 0
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.epoch
+        self.sampler.epoch = self.epoch
         self.epoch += 1
-        self.sampler.epoch = epoch
-        workers = min(self.num_workers, len(self))  # no idle processes for a few batches
-        loader = torch.utils.data.DataLoader(
-            self.images, batch_sampler=self.sampler, num_workers=workers,
-            collate_fn=functools.partial(_collate, shape=(3, self.dataset.size, self.dataset.size)),
-            generator=torch.Generator().manual_seed(self.seed + epoch))
-        yield from loader
+        yield from self._data_loader()
+
+    def _data_loader(self) -> torch.utils.data.DataLoader:
+        """One DataLoader for every epoch, its workers kept between them: a loader
+        made per epoch forked and joined its workers every epoch, and under
+        ``--nproc`` a CI run hung in one of those (as pytorch/pytorch#82077
+        reports). Forking a process whose gloo threads are running is not safe
+        either, so distributed processes start workers from a fork server. The
+        sampler draws each epoch's order in this process, and every image carries
+        its own augmentation seed, so kept workers change no result."""
+        if self._loader is None:
+            workers = min(self.num_workers, len(self))  # no idle processes for a few batches
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            self._loader = torch.utils.data.DataLoader(
+                self.images, batch_sampler=self.sampler, num_workers=workers,
+                collate_fn=functools.partial(_collate, shape=(3, self.dataset.size, self.dataset.size)),
+                persistent_workers=workers > 0,
+                multiprocessing_context="forkserver" if workers > 0 and distributed else None,
+                generator=torch.Generator().manual_seed(self.seed))
+        return self._loader
