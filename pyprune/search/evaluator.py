@@ -236,7 +236,8 @@ class Evaluator:
 
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
                 n: int, epochs: float, start: float, status: str = "ok", reason: str = "",
-                pipeline: str | None = None, estimate: float | None = None) -> Candidate:
+                pipeline: str | None = None, estimate: float | None = None,
+                trained: float | None = None) -> Candidate:
         size, params = self.size(state) if state is not None else (0, 0)
         judged = estimate if estimate is not None else accuracy
         meets = status == "ok" and judged is not None and judged >= self.target
@@ -244,7 +245,9 @@ class Evaluator:
         c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
                       accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason, extra)
         # fine-tunes by the time of one of the configured length, so efforts compare
-        units = epochs / self.settings.finetune_epochs if phase == "finetune" and epochs > 0 else 1.0
+        # (``trained``: the epochs this call trained, when it continued a held fine-tune)
+        trained = epochs if trained is None else trained
+        units = trained / self.settings.finetune_epochs if phase == "finetune" and trained > 0 else 1.0
         self._took(phase, c.seconds / units)
         self.measured += 1
         self.journal.put(c)
@@ -342,49 +345,94 @@ class Evaluator:
                          steps: Sequence[str] | None = None, within_budget: bool = True,
                          effort: int = 1) -> Candidate:
         """:meth:`measure` of several passes applied to ``parent`` at once, fine-tuned
-        ``effort`` times the configured epochs. With ``within_budget`` False it runs
-        even when the budget is spent (the search's one measurement that keeps a
-        screened answer)."""
+        ``effort`` times the configured epochs (a power of two: see :meth:`tuned_to`,
+        which continues the same candidate's shorter fine-tune when this run holds
+        it, so a retry at twice the effort costs one fine-tune, not two). With
+        ``within_budget`` False it runs even when the budget is spent (the search's
+        one measurement that keeps a screened answer)."""
         epochs = self.settings.finetune_epochs * effort
         base_key = f"{parent.key}>{','.join(specs)}"
-        tuned = "@ft" if effort == 1 else f"@ft{epochs!r}"
-        key = f"{base_key}{tuned}#val" if epochs > 0 else f"{base_key}@bn#val"
+        key = f"{self._tuned_key(base_key, effort)}#val" if epochs > 0 else f"{base_key}@bn#val"
         c = self._cached(key)
         if c is not None:
             return c
+        held = self._held_effort(base_key, effort) if epochs > 0 else 0
         if within_budget:
-            self.budget.check(self.expected_seconds("finetune") * effort if epochs > 0 else
+            self.budget.check(self.expected_seconds("finetune") * (effort - held) if epochs > 0 else
                               self.expected_seconds("val"))
         start = time.perf_counter()
         if epochs > 0:
             try:
-                child = self._tuned(parent, specs, steps, epochs, key=base_key + tuned)
+                child = self.tuned_to(parent, specs, steps, effort)
             except DivergenceError as exc:
                 pipeline = ",".join(s for s in (parent.prefix, *(steps or (*parent.steps, *specs))) if s)
                 return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
-                                    status="failed", reason=f"rolled back: {exc}", pipeline=pipeline)
-            self.journal.save_weights(child.key, child.gm)
-            self._states[child.key] = child
+                                    status="failed", reason=f"rolled back: {exc}", pipeline=pipeline,
+                                    trained=epochs - self.settings.finetune_epochs * held)
         else:
             child = self.apply(parent, specs, steps)
         return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",
-                            self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start)
+                            self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start,
+                            trained=epochs - self.settings.finetune_epochs * held)
+
+    @staticmethod
+    def _tuned_key(base_key: str, effort: int) -> str:
+        return f"{base_key}@ft" if effort == 1 else f"{base_key}@ft{effort}x"
+
+    def _held(self, key: str, steps: Sequence[str], prefix: str) -> State | None:
+        """The fine-tuned state of ``key`` from memory or the journal's folder."""
+        state = self._states.get(key)
+        if state is None:
+            gm = self.journal.load_weights(key)
+            if gm is not None:
+                state = self._states[key] = State(gm, tuple(steps), key, prefix)
+        return state
+
+    def _held_effort(self, base_key: str, effort: int) -> int:
+        """The largest effort below ``effort`` at which this candidate's fine-tuned
+        weights are held (0: none), which :meth:`tuned_to` continues."""
+        shorter = effort // 2
+        while shorter >= 1:
+            key = self._tuned_key(base_key, shorter)
+            if key in self._states or self.journal.has_weights(key):
+                return shorter
+            shorter //= 2
+        return 0
+
+    def tuned_to(self, parent: State, specs: Sequence[str], steps: Sequence[str] | None, effort: int) -> State:
+        """``specs`` applied to ``parent`` and fine-tuned ``effort`` times the configured
+        epochs, where effort ``2e`` is *defined* as effort ``e``'s model fine-tuned
+        ``e`` more (at the continuation rate): a candidate that missed the target by a
+        little is trained on rather than started again, and its weights are the same
+        whether or not the shorter fine-tune was held (it is redone when lost, which
+        keeps a resumed search exact). Every state made is kept (memory and journal).
+        Raises :class:`DivergenceError`."""
+        if effort < 1 or effort & (effort - 1):
+            raise ValueError(f"a fine-tune's effort must be a power of two >= 1, got {effort}")
+        steps = tuple(steps) if steps is not None else (*parent.steps, *specs)
+        base_key = f"{parent.key}>{','.join(specs)}"
+        key = self._tuned_key(base_key, effort)
+        held = self._held(key, steps, parent.prefix)
+        if held is not None:
+            return held
+        if effort == 1:
+            child = self._tuned(parent, specs, steps, self.settings.finetune_epochs, key=key)
+        else:
+            shorter = self.tuned_to(parent, specs, steps, effort // 2)
+            child = self.finetune(shorter, self.settings.finetune_epochs * (effort // 2), key=key)
+        self.journal.save_weights(child.key, child.gm)
+        self._states[child.key] = child
+        return child
 
     def state_of(self, parent: State, specs: Sequence[str], candidate: Candidate,
                  steps: Sequence[str] | None = None) -> State:
         """The model a measured candidate stands for: fine-tuned weights from
         memory or the journal's folder, or the recalibrated child rebuilt (the
-        passes and the recalibration are deterministic)."""
+        passes, the recalibration and the fine-tunes are deterministic)."""
         steps = tuple(steps) if steps is not None else (*parent.steps, *specs)
         if candidate.phase == "finetune":
-            key = candidate.key.removesuffix("#val")
-            state = self._states.get(key)
-            if state is None:
-                gm = self.journal.load_weights(key)
-                if gm is not None:
-                    state = State(gm, steps, key, parent.prefix)
-            if state is None:  # weights lost (e.g. a journal without its folder): redo the work
-                state = self._tuned(parent, specs, steps, candidate.finetune_epochs, key)
+            effort = max(1, round(candidate.finetune_epochs / self.settings.finetune_epochs))
+            state = self.tuned_to(parent, specs, steps, effort)  # held, or redone when the weights were lost
         else:
             state = self.apply(parent, specs, steps)
         state.candidate = candidate

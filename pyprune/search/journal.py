@@ -155,6 +155,11 @@ class Journal:
                 save_graph_module(gm, path, {"key": key}, force=True)
             distributed.barrier()
 
+    def has_weights(self, key: str) -> bool:
+        """Whether weights were saved for ``key`` (:meth:`load_weights` may still refuse them)."""
+        path = self._weights_path(key)
+        return path is not None and path.exists()
+
     def load_weights(self, key: str) -> fx.GraphModule | None:
         """The fine-tuned weights saved for ``key``, or None (then the candidate is
         trained again) when they are missing, not a regular file, or will not load."""

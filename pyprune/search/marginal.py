@@ -26,6 +26,12 @@ every technique that pays:
    fine-tuning recovered over a screen. This is how a technique that costs more
    accuracy than it saves gives its budget away, down to being dropped.
 
+   A deciding measurement here or in phase 2 that misses the target by a little
+   (:data:`NEAR_MISS`, then the most such a retry added) is *trained on*: measured
+   again at twice the effort, which continues the same fine-tune rather than
+   starting it again (:meth:`~.evaluator.Evaluator.tuned_to`), so a move that needs
+   one more fine-tune costs one more, not the retry of phase 4 from scratch.
+
 4. **Recover more.** When no move is left and time is, phase 3 runs again with
    twice the fine-tuning per deciding measurement (up to ``max_effort`` times the
    configured epochs): moves that missed the target by a little are bought with
@@ -57,6 +63,10 @@ FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 MAX_STEP = 4  # the furthest a phase-3 move goes in one measurement, in ladder positions
 MAX_SWAPS = 3  # swaps measured (fine-tuned) each time no move is left
 MIN_MARGIN = 0.005  # the narrowest recovery margin, in points of accuracy
+# A deciding measurement that missed the target by at most this much (until a
+# continuation has shown what one more fine-tune adds) is trained on at twice the
+# effort at once, rather than dropped and bought again later at full price.
+NEAR_MISS = 0.01
 # A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
 # of accuracy, ranks such moves by their bytes instead.
 MIN_COST = 1e-4
@@ -160,6 +170,7 @@ class MarginalSearch:
         self.screens: dict[Setting, Point] = {}
         self.measured: dict[Setting, Point] = {}  # the latest deciding measurement of each setting
         self.effort = 1  # fine-tuning of a deciding measurement, in multiples of the configured epochs
+        self.continued: list[float] = []  # what training a near miss on at twice the effort added
         self._by_effort: dict[tuple[Setting, int], Point] = {}
         self.outcome = MarginalOutcome(None)
 
@@ -174,19 +185,43 @@ class MarginalSearch:
             self.screens[setting] = self.oracle.screen(setting)
         return self.screens[setting]
 
-    def measure(self, setting: Setting, final: bool = False) -> Point:
+    def measure(self, setting: Setting, final: bool = False, effort: int | None = None) -> Point:
+        """The deciding measurement of ``setting`` at ``effort`` (default: the search's)."""
+        effort = self.effort if effort is None else effort
         known = self.measured.get(setting)
         if known is not None and (known.meets or not setting.stages_on):
             return known  # met the target: more fine-tuning is not needed to accept it
-        if (setting, self.effort) not in self._by_effort:
-            point = self.oracle.measure(setting, final=final, effort=self.effort)
+        if (setting, effort) not in self._by_effort:
+            point = self.oracle.measure(setting, final=final, effort=effort)
             screened = self.screens.get(setting)
             if screened is not None and screened.accuracy is not None and point.accuracy is not None:
-                self.recoveries.setdefault(self.effort, []).append(point.accuracy - screened.accuracy)
-            self._by_effort[setting, self.effort] = self.measured[setting] = point
+                self.recoveries.setdefault(effort, []).append(point.accuracy - screened.accuracy)
+            self._by_effort[setting, effort] = self.measured[setting] = point
             if point.meets and setting.stages_on and (self.outcome.best is None or point.bytes < self.outcome.best.bytes):
                 self.outcome.best = point
-        return self._by_effort[setting, self.effort]
+        return self._by_effort[setting, effort]
+
+    @property
+    def near_miss(self) -> float:
+        """How far below the target a measurement may land and still be trained on at
+        once: :data:`NEAR_MISS` until a continuation was seen, then the most one added
+        (never below :data:`MIN_MARGIN`)."""
+        return max(MIN_MARGIN, max(self.continued)) if self.continued else NEAR_MISS
+
+    def decide(self, setting: Setting) -> tuple[Point, bool]:
+        """:meth:`measure` at the search's effort; a near miss (see :attr:`near_miss`)
+        is measured again at twice that effort while ``max_effort`` allows, which
+        trains the same candidate on (the oracle continues the held fine-tune).
+        Returns the last measurement and whether it was trained on."""
+        point = self.measure(setting)
+        effort = 2 * self.effort
+        if point.meets or point.accuracy is None or effort > self.max_effort or \
+                point.accuracy < self.target - self.near_miss:
+            return point, False
+        again = self.measure(setting, effort=effort)
+        if again.accuracy is not None:
+            self.continued.append(again.accuracy - point.accuracy)
+        return again, True
 
     def verified_effort(self, setting: Setting) -> int:
         """The least effort at which ``setting`` met the target (1 if it never did)."""
@@ -264,8 +299,9 @@ class MarginalSearch:
             setting = self._share(FRACTIONS[lo])
             if setting == off:
                 break
-            point = self.measure(setting)
-            self._log("together", f"share {FRACTIONS[lo]:g}", point, point.meets)
+            point, trained_on = self.decide(setting)
+            self._log("together", f"share {FRACTIONS[lo]:g}" + (" trained on" if trained_on else ""), point,
+                      point.meets)
             if point.meets:
                 self.outcome.fraction = FRACTIONS[lo]
                 return setting
@@ -316,8 +352,9 @@ class MarginalSearch:
                     done.add(i)
             if moves:
                 rate, i, by, screened = max(moves, key=lambda m: (m[0], -m[1]))
-                point = self.measure(screened.setting)
-                self._log("trade", f"{self.names[i]}+{by}", point, point.meets, rate)
+                point, trained_on = self.decide(screened.setting)
+                self._log("trade", f"{self.names[i]}+{by}" + (" trained on" if trained_on else ""), point,
+                          point.meets, rate)
                 if point.meets:
                     current = point.setting
                     step[i] = min(MAX_STEP, 2 * by)
@@ -358,8 +395,8 @@ class MarginalSearch:
                     self._log("swap", kind, point, False)
         # best bytes per point first; a stuck search measures only a few of them
         for _, kind, screened in sorted(options, key=lambda o: (-o[0], o[1]))[:MAX_SWAPS]:
-            point = self.measure(screened.setting)
-            self._log("swap", kind, point, point.meets)
+            point, trained_on = self.decide(screened.setting)
+            self._log("swap", kind + (" trained on" if trained_on else ""), point, point.meets)
             if point.meets:
                 return point.setting
         return None

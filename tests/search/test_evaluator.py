@@ -82,6 +82,37 @@ def test_a_state_whose_weights_were_lost_is_rebuilt_by_the_same_fine_tune(gradua
     assert all(torch.equal(a, b) for a, b in zip(measured.gm.state_dict().values(), rebuilt.gm.state_dict().values()))
 
 
+def test_a_retry_at_twice_the_effort_continues_the_held_fine_tune(monkeypatch):
+    """Effort 2 is effort 1's model fine-tuned once more (at the continuation rate):
+    the same weights as doing that by hand, for one configured fine-tune of training,
+    and the same weights again when a resumed run lost every saved model."""
+    import pyprune.search.evaluator as evaluator
+    trained = []
+    real = evaluator.fine_tune
+
+    def spy(gm, dataset, mean, std, config, **kwargs):
+        trained.append(config.epochs)
+        return real(gm, dataset, mean, std, config, **kwargs)
+    monkeypatch.setattr(evaluator, "fine_tune", spy)
+    specs = ["mask(sparsity=0.6)", "quant(bits=3)"]
+    ev, base = tiny_evaluator(finetune_epochs=0.25), tiny_base()
+    once = ev.measure_pipeline(base, specs, "mask+quant", None)
+    twice = ev.measure_pipeline(base, specs, "mask+quant", None, effort=2)
+    assert trained == [0.25, 0.25] and twice.finetune_epochs == 0.5 and twice.key != once.key
+    by_hand = tiny_evaluator(finetune_epochs=0.25)
+    by_hand_once = by_hand.finetune(by_hand.apply(base, specs), 0.25, key="a@ft")
+    by_hand_twice = by_hand.finetune(by_hand_once, 0.25, key="b@ft")
+    state = ev.state_of(base, specs, twice)
+    assert twice.accuracy == ev.accuracy(state.gm, ev.data.val)
+    assert all(torch.equal(a, b) for a, b in zip(by_hand_twice.gm.state_dict().values(), state.gm.state_dict().values()))
+    rebuilt = tiny_evaluator(finetune_epochs=0.25, journal=ev.journal).state_of(base, specs, twice)
+    assert all(torch.equal(a, b) for a, b in zip(state.gm.state_dict().values(), rebuilt.gm.state_dict().values()))
+    # effort 4 continues effort 2: one more fine-tune of twice the configured length
+    trained.clear()
+    ev.measure_pipeline(base, specs, "mask+quant", None, effort=4)
+    assert trained == [0.5]
+
+
 def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
     ev, base = tiny_evaluator(lr=1e12), tiny_base()
     before = {k: v.clone() for k, v in base.gm.state_dict().items()}

@@ -180,6 +180,30 @@ def test_untaken_moves_are_retried_with_more_fine_tuning_while_there_is_effort_l
     assert search.verified_effort(Setting((2,))) == 2 and search.verified_effort(Setting((1,))) == 1
 
 
+def test_a_near_miss_is_trained_on_at_once_and_a_far_miss_is_not():
+    # 0.006 a position against 0.985: position 2 (0.982) misses by 0.003, within the
+    # first near-miss allowance (0.01), and one more fine-tune adds 0.005, so it is
+    # measured again at effort 2 straight away and met; that continuation sets the
+    # allowance to 0.005, so position 3 (0.976, 0.009 short) is not trained on.
+    oracle = FakeOracle(*linear((0.006,), (100,)), target=0.985)
+    oracle.recovery = 0.005
+    search = MarginalSearch(oracle, (4,), margin=0.02, names=("a",), max_effort=2)
+    search.trade(start_at(search, (1,)))
+    measured = [(index, effort) for (index, _), effort in zip(oracle.measured, oracle.efforts)]
+    assert measured == [((1,), 1), ((2,), 1), ((2,), 2), ((3,), 1)]
+    trail = [(m.kind, m.setting, m.accepted) for m in search.outcome.moves if m.verified]
+    assert trail == [("a+1 trained on", (2,), True), ("a+1", (3,), False)]
+    assert search.outcome.best.setting == Setting((2,)) and search.near_miss == pytest.approx(0.005)
+
+
+def test_without_effort_left_a_near_miss_is_not_trained_on():
+    oracle = FakeOracle(*linear((0.006,), (100,)), target=0.985)
+    oracle.recovery = 0.005
+    search = MarginalSearch(oracle, (4,), margin=0.02, max_effort=1)
+    search.trade(start_at(search, (1,)))
+    assert set(oracle.efforts) == {1} and search.outcome.best.setting == Setting((1,))
+
+
 def test_short_ladders_still_go_together_in_one_fine_tune():
     # one setting per stage: every share below 1/2 rounds each stage off (the baseline),
     # which must not stop the bisection from reaching all three on
