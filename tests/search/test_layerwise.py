@@ -8,7 +8,7 @@ from torch import nn
 from pyprune.ir import example_input, propagate_shapes, trace
 from pyprune.passes import parse_pipeline
 from pyprune.search.candidates import Stage
-from pyprune.search.layerwise import LayerOutcome, LayerRefinement, allocate, floor_layers
+from pyprune.search.layerwise import LayerOutcome, LayerRefinement, allocate, floor_layers, screened_layers
 from pyprune.search.marginal import Setting
 from pyprune.search.marginal_oracle import EvaluatorOracle
 
@@ -48,6 +48,33 @@ def test_floors_are_the_stem_the_classifier_and_1x1_convolutions():
     gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
     assert floor_layers(gm) == {"stem", "shortcut", "head"}
     assert floor_layers(tiny_base().gm) == {"conv1", "fc"}
+
+
+class WithSmallLayer(nn.Module):
+    """Body layers of 3x3x16x16 (2,304 weights), 3x3x16x2 and 3x3x2x16 (288 each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.wide = nn.Conv2d(16, 16, 3, padding=1)
+        self.narrow_in = nn.Conv2d(16, 2, 3, padding=1)
+        self.narrow_out = nn.Conv2d(2, 16, 3, padding=1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.wide(self.stem(x))
+        return self.head(self.narrow_out(self.narrow_in(x)).mean((2, 3)))
+
+
+def test_the_step_screens_every_layer_but_the_floors_and_those_under_a_quarter_of_the_mean():
+    gm = propagate_shapes(trace(WithSmallLayer()), example_input(SHAPE))
+    # mean of the body: (2304 + 288 + 288) / 3 = 960; a quarter is 240, so all three stay
+    assert screened_layers(gm, floor_layers(gm)) == ["wide", "narrow_in", "narrow_out"]
+    # with no floors the stem and head join the mean: (432 + 2304 + 288 + 288 + 48) / 5 = 672;
+    # a quarter is 168, which the 48-weight classifier is under
+    assert screened_layers(gm, set()) == ["stem", "wide", "narrow_in", "narrow_out"]
+    with_shortcut = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
+    assert screened_layers(with_shortcut, floor_layers(with_shortcut)) == ["body1", "body2"]
 
 
 def test_a_refinement_pushes_only_the_layers_outside_the_floors_and_keeps_what_meets():
