@@ -102,9 +102,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
                    help="softmax temperature of distillation (default 4)")
     g.add_argument("--max-effort", type=int, metavar="K",
-                   help="when no move is left and the budget is not spent, retry the untaken moves with 2x, 4x, "
-                        "... up to K times --finetune-epochs (a power of two; 1: never; default 8 with "
-                        "--budget-minutes, 1 without)")
+                   help="the most fine-tuning of one candidate, in multiples of --finetune-epochs (a power of "
+                        "two; default 8 with --budget-minutes, 1 without): a candidate that missed the target by "
+                        "a little is trained on at twice its fine-tuning at once, and when no move is left the "
+                        "untaken moves are retried with 2x, 4x, ... up to K (1: never)")
     g.add_argument("--gradual-mask", action=argparse.BooleanOptionalAction, default=False,
                    help="a deciding candidate that masks reaches its zeros during its fine-tune, on Zhu & Gupta's "
                         "cubic schedule, instead of all at once before it; passes after the mask then get half "

@@ -56,9 +56,11 @@ class CompileConfig:
     distill_temperature: float = 4.0
     final_epochs: float = 0.0
     continue_lr: float | None = None  # fine-tunes of already fine-tuned models (EvalSettings); None: train.lr
-    # The marginal search's last phase retries untaken moves with 2x, 4x ... this many
-    # times --finetune-epochs, while the budget lasts (1: never). None: 8 when there is
-    # a budget to spend, 1 without one (so an unbounded compile does not run for hours).
+    # The most fine-tuning of one candidate, in multiples of --finetune-epochs: a near
+    # miss is trained on at twice its effort, and the marginal search's last phase
+    # retries untaken moves with 2x, 4x ... this many, while the budget lasts (1: never).
+    # None: 8 when there is a budget to spend, 1 without one (so an unbounded compile
+    # does not run for hours).
     max_effort: int | None = None
     per_layer: bool = True  # after the marginal search, push single layers further (pyprune.search.layerwise)
     gradual_mask: bool = False  # deciding candidates reach their mask during fine-tuning (EvalSettings)
