@@ -82,23 +82,29 @@ def test_a_state_whose_weights_were_lost_is_rebuilt_by_the_same_fine_tune(gradua
     assert all(torch.equal(a, b) for a, b in zip(measured.gm.state_dict().values(), rebuilt.gm.state_dict().values()))
 
 
-def test_a_retry_at_twice_the_effort_continues_the_held_fine_tune(monkeypatch):
-    """Effort 2 is effort 1's model fine-tuned once more (at the continuation rate):
-    the same weights as doing that by hand, for one configured fine-tune of training,
-    and the same weights again when a resumed run lost every saved model."""
+@pytest.fixture
+def fine_tunes(monkeypatch) -> list:
+    """The training settings of every fine-tune the evaluator runs, in order."""
     import pyprune.search.evaluator as evaluator
-    trained = []
+    configs = []
     real = evaluator.fine_tune
 
     def spy(gm, dataset, mean, std, config, **kwargs):
-        trained.append(config.epochs)
+        configs.append(config)
         return real(gm, dataset, mean, std, config, **kwargs)
     monkeypatch.setattr(evaluator, "fine_tune", spy)
+    return configs
+
+
+def test_a_retry_at_twice_the_effort_continues_the_held_fine_tune(fine_tunes):
+    """Effort 2 is effort 1's model fine-tuned once more (at the continuation rate):
+    the same weights as doing that by hand, for one configured fine-tune of training,
+    and the same weights again when a resumed run lost every saved model."""
     specs = ["mask(sparsity=0.6)", "quant(bits=3)"]
     ev, base = tiny_evaluator(finetune_epochs=0.25), tiny_base()
     once = ev.measure_pipeline(base, specs, "mask+quant", None)
     twice = ev.measure_pipeline(base, specs, "mask+quant", None, effort=2)
-    assert trained == [0.25, 0.25] and twice.finetune_epochs == 0.5 and twice.key != once.key
+    assert [c.epochs for c in fine_tunes] == [0.25, 0.25] and twice.finetune_epochs == 0.5 and twice.key != once.key
     by_hand = tiny_evaluator(finetune_epochs=0.25)
     by_hand_once = by_hand.finetune(by_hand.apply(base, specs), 0.25, key="a@ft")
     by_hand_twice = by_hand.finetune(by_hand_once, 0.25, key="b@ft")
@@ -108,9 +114,9 @@ def test_a_retry_at_twice_the_effort_continues_the_held_fine_tune(monkeypatch):
     rebuilt = tiny_evaluator(finetune_epochs=0.25, journal=ev.journal).state_of(base, specs, twice)
     assert all(torch.equal(a, b) for a, b in zip(state.gm.state_dict().values(), rebuilt.gm.state_dict().values()))
     # effort 4 continues effort 2: one more fine-tune of twice the configured length
-    trained.clear()
+    fine_tunes.clear()
     ev.measure_pipeline(base, specs, "mask+quant", None, effort=4)
-    assert trained == [0.5]
+    assert [c.epochs for c in fine_tunes] == [0.5]
 
 
 def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
@@ -224,17 +230,9 @@ def test_a_screen_with_recovery_steps_measures_the_briefly_fine_tuned_child():
 
 
 @pytest.mark.parametrize("continue_lr", [None, 0.002])
-def test_a_fine_tune_of_a_fine_tuned_model_runs_at_the_continuation_rate(monkeypatch, continue_lr):
+def test_a_fine_tune_of_a_fine_tuned_model_runs_at_the_continuation_rate(fine_tunes, continue_lr):
     """First fine-tunes at --lr; a continuation (the parent was fine-tuned in this
     search) and the final recovery at --continue-lr, when given."""
-    import pyprune.search.evaluator as evaluator
-    rates = []
-    real = evaluator.fine_tune
-
-    def spy(gm, dataset, mean, std, config, **kwargs):
-        rates.append(config.lr)
-        return real(gm, dataset, mean, std, config, **kwargs)
-    monkeypatch.setattr(evaluator, "fine_tune", spy)
     ev = tiny_evaluator(finetune_epochs=0.1, lr=0.05)
     ev.settings.continue_lr = continue_lr
     base = tiny_base()
@@ -243,4 +241,4 @@ def test_a_fine_tune_of_a_fine_tuned_model_runs_at_the_continuation_rate(monkeyp
     ev.finetune(second, 0.1, key=f"{second.key}>final(0.1)@ft")
     assert not base.tuned and first.tuned and second.tuned
     later = 0.05 if continue_lr is None else continue_lr
-    assert rates == [0.05, later, later]
+    assert [c.lr for c in fine_tunes] == [0.05, later, later]
