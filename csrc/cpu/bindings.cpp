@@ -13,6 +13,7 @@
 #include "huffman.h"
 #include "ops.h"
 #include "ppz.h"
+#include "program.h"
 #include "sparse_bindings.h"
 
 namespace {
@@ -368,5 +369,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ppz_table", &ppz_table, py::arg("data"),
         "Parse a .ppz file without decoding: (manifest bytes, [(name bytes, dtype code, shape)], decoded bytes).");
   pyprune::register_sparse_kernels(m);
+  pyprune::register_program(m);
   m.def("ppz_crc32", &ppz_crc32, py::arg("data"), py::arg("crc") = 0, "CRC-32 as zlib.crc32.");
 }

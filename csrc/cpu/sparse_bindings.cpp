@@ -18,6 +18,18 @@ namespace {
 namespace sp = pyprune::sparse;
 using Pair = std::pair<int64_t, int64_t>;
 
+// Releases the GIL for its lifetime if this thread holds it: the kernels below run from
+// Python (GIL held) and inside a program run (already released).
+class ReleasedGil {
+ public:
+  ReleasedGil() {
+    if (PyGILState_Check()) release_.emplace();
+  }
+
+ private:
+  std::optional<pybind11::gil_scoped_release> release_;
+};
+
 void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* fn, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), fn, ": ", what, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", what, " must be ", dtype, ", got ", t.scalar_type());
@@ -191,27 +203,6 @@ CheckedConv checked_conv(const at::Tensor& input, const at::Tensor& rowptr, cons
   return c;
 }
 
-at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
-                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
-                         Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
-                         const std::string& algo, int64_t gap_bits, const std::optional<at::Tensor>& row_scale,
-                         const std::optional<at::Tensor>& residual) {
-  constexpr const char* fn = "sparse_conv2d";
-  const CheckedConv c =
-      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, {gap_bits, row_scale});
-  const sp::Isa i = parsed(sp::parse_isa, isa, fn);
-  const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
-  at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
-  const at::Tensor res = checked_residual(residual, out, fn);
-  const int threads = at::get_num_threads();
-  {
-    pybind11::gil_scoped_release nogil;
-    sp::conv2d(c.x.const_data_ptr<float>(), c.w(), c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a,
-               res.defined() ? res.const_data_ptr<float>() : nullptr);
-  }
-  return out;
-}
-
 // The CUDA kernel's arithmetic (csrc/common/sparse_conv_tile.h) run on the host, grid
 // and chunks as on the device: a test hook, slow by design.
 at::Tensor sparse_conv2d_portable(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
@@ -303,6 +294,29 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& rowptr
   return out;
 }
 
+}  // namespace
+
+at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
+                         const at::Tensor& values, Pair kernel_size, const std::optional<at::Tensor>& bias,
+                         Pair stride, Pair padding, Pair dilation, bool relu, const std::string& isa,
+                         const std::string& algo, int64_t gap_bits, const std::optional<at::Tensor>& row_scale,
+                         const std::optional<at::Tensor>& residual) {
+  constexpr const char* fn = "sparse_conv2d";
+  const CheckedConv c =
+      checked_conv(input, rowptr, colidx, values, kernel_size, bias, stride, padding, dilation, fn, {gap_bits, row_scale});
+  const sp::Isa i = parsed(sp::parse_isa, isa, fn);
+  const sp::ConvAlgo a = parsed(sp::parse_algo, algo, fn);
+  at::Tensor out = at::empty({c.g.batch, c.g.out_channels, c.g.out_h(), c.g.out_w()}, c.x.options());
+  const at::Tensor res = checked_residual(residual, out, fn);
+  const int threads = at::get_num_threads();
+  {
+    const ReleasedGil nogil;
+    sp::conv2d(c.x.const_data_ptr<float>(), c.w(), c.bias, relu, c.g, out.mutable_data_ptr<float>(), i, threads, a,
+               res.defined() ? res.const_data_ptr<float>() : nullptr);
+  }
+  return out;
+}
+
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, const at::Tensor& colidx,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu,
                          const std::string& isa, int64_t gap_bits, const std::optional<at::Tensor>& row_scale) {
@@ -316,13 +330,11 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& rowptr, cons
   at::Tensor out = at::empty({x.size(0), w.rows}, x.options());
   const int threads = at::get_num_threads();
   {
-    pybind11::gil_scoped_release nogil;
+    const ReleasedGil nogil;
     sp::linear(x.const_data_ptr<float>(), x.size(0), w, b, relu, out.mutable_data_ptr<float>(), i, threads);
   }
   return out;
 }
-
-}  // namespace
 
 void register_sparse_kernels(pybind11::module_& m) {
   namespace py = pybind11;

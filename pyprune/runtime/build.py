@@ -28,16 +28,20 @@ from .measure import interleaved_medians, time_modules
 from .modules import sparse_layer, sparse_supported, unfused
 from .residual import fuse_residual_adds
 from .plan import RUNTIMES, Choice, LayerPlan, RuntimePlan
+from .program import lower
 
 
 class RuntimeModel(nn.Module):
-    """An inference-only model: ``graph_module`` runs it, ``plan`` says per layer
-    which kernel it uses and why."""
+    """An inference-only model: ``graph_module`` is its computation, ``plan`` says per
+    layer which kernel it uses and why. ``program``, when the graph could be lowered
+    (:mod:`.program`), runs the same computation in one native call and is what
+    ``forward`` uses for a single tensor input; else ``graph_module`` runs it."""
 
-    def __init__(self, graph_module: fx.GraphModule, plan: RuntimePlan) -> None:
+    def __init__(self, graph_module: fx.GraphModule, plan: RuntimePlan, program: Any | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
+        self.program = program
         self.eval()
 
     def train(self, mode: bool = True) -> "RuntimeModel":
@@ -48,6 +52,8 @@ class RuntimeModel(nn.Module):
         return super().train(False)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.program is not None and len(args) == 1:
+            return self.program.run(args[0])
         return self.graph_module(*args)
 
     def table(self) -> str:
@@ -102,14 +108,17 @@ def _time_lanes(layer: LanesSparseConv2d, x: torch.Tensor, lanes: int, pad: int,
 
 def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str = "auto",
                   batch_size: int = 1, repeats: int = 5,
-                  cached: Mapping[str, Mapping[str, Any]] | None = None, codes: bool = True) -> RuntimeModel:
+                  cached: Mapping[str, Mapping[str, Any]] | None = None, codes: bool = True,
+                  program: bool = True) -> RuntimeModel:
     """The runtime model of ``gm`` for one-sample input ``input_shape``.
 
     ``cached`` (``{layer: {"choice", "dense_ms", "sparse_ms"}}``, as :mod:`.cache`
     stores) replaces the measurement of ``runtime="auto"`` when it covers every layer
     that has a choice; otherwise every such layer is measured ``repeats`` times.
     ``codes`` keeps a quantized sparse layer's weight as codes (:class:`CodesCSR`, code
-    and gap bits per non-zero) rather than fp32 CSR."""
+    and gap bits per non-zero) rather than fp32 CSR. ``program`` lowers the graph to a
+    native program (:mod:`.program`) where every node has a lowering; the plan's
+    ``executor`` says which ran and why."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if batch_size < 1:
@@ -186,9 +195,11 @@ def build_runtime(gm: fx.GraphModule, input_shape: tuple[int, ...], runtime: str
     graph.graph.lint()
     graph.recompile()
     graph.eval().requires_grad_(False)
+    native, why_not = lower(graph) if program else (None, "not asked for")
     plan = RuntimePlan(runtime, batch_size, torch.get_num_threads(), backend(), source, layers,
-                       lanes=lanes, lanes_conversions=rewrite.conversions, fused_adds=fused)
-    return RuntimeModel(graph, plan)
+                       lanes=lanes, lanes_conversions=rewrite.conversions, fused_adds=fused,
+                       executor="program" if native is not None else f"fx ({why_not})")
+    return RuntimeModel(graph, plan, native)
 
 
 def plan_cache_entry(plan: RuntimePlan) -> dict[str, dict[str, Any]]:

@@ -57,6 +57,8 @@ class RuntimePlan:
     lanes: int | None = None  # images per lane group of the lanes layers; None below 8 images
     lanes_conversions: int = 0  # NCHW <-> lanes conversions placed between layers
     fused_adds: int = 0  # residual adds (with their ReLUs) done in a sparse convolution's epilogue
+    # "program": the graph runs as one native program (.program); "fx (why)": node by node
+    executor: str = "fx"
 
     def choices(self) -> dict[str, Choice]:
         return {layer.name: layer.choice for layer in self.layers}
@@ -83,7 +85,7 @@ class RuntimePlan:
         lanes += f", {self.fused_adds} residual adds fused" if self.fused_adds else ""
         held = sum(p.weight_bytes or 0 for p in self.layers)
         lines.append(f"runtime {self.runtime}: {n_sparse}/{len(self.layers)} layers sparse{lanes}, weights "
-                     f"{held:,} bytes in memory; batch {self.batch_size}, "
+                     f"{held:,} bytes in memory; batch {self.batch_size}, run as {self.executor}, "
                      f"{self.threads} threads, {self.backend} sparse kernels, choices {self.source}"
                      + (f" ({self.cache_file})" if self.cache_file else ""))
         return "\n".join(lines)
