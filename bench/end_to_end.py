@@ -10,13 +10,17 @@ Models, all in eval mode under ``torch.inference_mode`` on ``--threads`` threads
   size of the row, without the cache; from 8 images on, runs of sparse convolutions
   keep their activations in the lanes layout). Quantized sparse weights stay in memory
   as codes (code and gap bits per non-zero); "runtime auto, fp32 CSR" holds them as fp32 CSR instead, the
-  baseline of the codes' speed and memory.
+  baseline of the codes' speed and memory. A runtime model runs as one native program
+  (``pyprune/runtime/program.py``) where every node of its graph lowers (at batch 1;
+  the lanes layout's layers, from 8 images on, do not), else node by node on its
+  torch.fx graph; "runtime auto, fx graph" is forced onto the graph, the program's
+  baseline.
 
 After the timings it prints the bytes every model holds in memory (all tensors of its
 state, weights and biases) beside the .ppz's tensor sections, and with
 ``--check-predictions DIR`` it writes the top-1 class of every test image as the
-compiled model predicts it as loaded and through runtime auto at the largest batch,
-then compares the two files with ``cmp``.
+compiled model predicts it as loaded and through runtime auto at each batch size,
+then compares the files with ``cmp``.
 
 For each batch size (latency at 1, throughput at 64) every model runs on the same
 random input; within each repeat the models take turns, so load from other
@@ -95,21 +99,25 @@ def held_bytes(module: nn.Module) -> int:
     return total
 
 
-def check_predictions(path: Path, batch: int, folder: Path) -> None:
-    """The compiled model's test predictions as loaded and through runtime auto at
-    ``batch``, written to two files and compared with cmp."""
+def check_predictions(path: Path, batches: list[int], folder: Path) -> None:
+    """The compiled model's test predictions as loaded and through runtime auto at each
+    batch size (at 1 it runs as one native program, from 8 on in the lanes layout),
+    written to files and compared with cmp."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, model in (("as-loaded", load_model(str(path))),
-                        (f"runtime-auto-b{batch}", load_runtime(path, runtime="auto", batch_size=batch,
-                                                                use_cache=False))):
+    runs = [("as-loaded", load_model(str(path)), 256)] + [
+        (f"runtime-auto-b{batch}", load_runtime(path, runtime="auto", batch_size=batch, use_cache=False), batch)
+        for batch in batches]
+    for name, model, batch in runs:
         result = evaluate_model(model, "cifar10", "test", batch_size=batch, progress=False)
         files[name] = folder / f"{name}.txt"
         files[name].write_text("".join(f"{c}\n" for c in result.predictions.tolist()))
-        print(f"{name}: top-1 {result.accuracy:.4f} on {result.n} test images -> {files[name]}")
-    a, b = files.values()
-    same = subprocess.run(["cmp", str(a), str(b)]).returncode == 0
-    print(f"cmp {a} {b}: {'identical' if same else 'DIFFERENT'}")
+        executor = f", run as {model.module.plan.executor}" if hasattr(model.module, "plan") else ""
+        print(f"{name}: top-1 {result.accuracy:.4f} on {result.n} test images{executor} -> {files[name]}")
+    loaded = files.pop("as-loaded")
+    for other in files.values():
+        same = subprocess.run(["cmp", str(loaded), str(other)]).returncode == 0
+        print(f"cmp {loaded} {other}: {'identical' if same else 'DIFFERENT'}")
 
 
 def main() -> None:
@@ -141,10 +149,12 @@ def main() -> None:
             models: dict[str, nn.Module] = {"original (dense, uncompressed)": original,
                                             "compiled, as loaded": compiled.module.eval()}
             plans = {}
-            for runtime, codes in (("dense", True), ("sparse", True), ("auto", True), ("auto", False)):
+            for runtime, codes, program in (("dense", True, True), ("sparse", True, True), ("auto", True, False),
+                                            ("auto", True, True), ("auto", False, True)):
                 rt = load_runtime(path, runtime=runtime, batch_size=batch, repeats=args.auto_repeats,
-                                  use_cache=False, codes=codes).module
-                name = f"compiled, runtime {runtime}" + ("" if codes else ", fp32 CSR")
+                                  use_cache=False, codes=codes, program=program).module
+                name = f"compiled, runtime {runtime}" + ("" if codes else ", fp32 CSR") + \
+                    ("" if program else ", fx graph")
                 models[name] = rt
                 plans[name] = rt.plan
             x = torch.randn(batch, *input_shape)
@@ -160,7 +170,8 @@ def main() -> None:
             n_sparse = sum(layer.choice != "dense" for layer in auto.layers)
             n_lanes = sum(layer.choice == "lanes" for layer in auto.layers)
             print(f"batch {batch}: {repeats} repeats; auto chose sparse for {n_sparse}/{len(auto.layers)} layers "
-                  f"({n_lanes} in lanes, {auto.lanes_conversions} conversions); max |runtime - as loaded| "
+                  f"({n_lanes} in lanes, {auto.lanes_conversions} conversions), run as {auto.executor}; "
+                  "max |runtime - as loaded| "
                   + ", ".join(f"{k.removeprefix('compiled, ')} {v:.1e}" for k, v in diffs.items()))
             memory = {name: held_bytes(m) for name, m in models.items()}
 
@@ -183,7 +194,7 @@ def main() -> None:
             print(f"| {name} | {held:,} | {held / sections:.2f}x |")
         if args.check_predictions:
             print()
-            check_predictions(path, batches[-1], args.check_predictions)
+            check_predictions(path, batches, args.check_predictions)
 
 
 if __name__ == "__main__":

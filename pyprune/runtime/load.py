@@ -18,7 +18,7 @@ from .kernels import backend
 
 def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int = 1, repeats: int = 5,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 codes: bool = True, max_bytes: int | None = None) -> LoadedModel:
+                 codes: bool = True, max_bytes: int | None = None, program: bool = True) -> LoadedModel:
     """Load a saved pyprune model (``.ppz`` or graph file) as a runtime model.
 
     The returned model's ``module`` is a :class:`~pyprune.runtime.build.RuntimeModel`
@@ -29,7 +29,8 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
     stored there. ``use_cache=False`` always measures and stores nothing. ``codes=False``
     holds sparse weights as fp32 CSR even where they are quantized (see
     :func:`~pyprune.runtime.build.build_runtime`). ``max_bytes`` bounds what a ``.ppz``
-    file may decode to (see :func:`~pyprune.encode.load_ppz`).
+    file may decode to (see :func:`~pyprune.encode.load_ppz`). ``program=False`` keeps the
+    model on its torch.fx graph rather than one native program (:mod:`.program`).
 
     Raises ``ValueError`` for a file that is not a saved pyprune model."""
     if not is_saved_model(path):
@@ -42,7 +43,7 @@ def load_runtime(path: str | os.PathLike, runtime: str = "auto", batch_size: int
         key = CacheKey(sha256_file(path), batch_size, torch.get_num_threads(), cpu_model(),
                        backend() + ("" if codes else "-csr"))
         cached = read_entry(cache, key)
-    module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached, codes)
+    module = build_runtime(model.module, model.input_shape, runtime, batch_size, repeats, cached, codes, program)
     if key is not None:
         written = cache / key.filename() if module.plan.source == "cache" else \
             write_entry(cache, key, plan_cache_entry(module.plan))
