@@ -95,9 +95,11 @@ struct CodesCsr {
 };
 
 // The plain CSR of `p`, fillers dropped, into rowptr (rows + 1), colidx and values (room
-// for n_entries = p.rowptr[rows] each). Throws std::invalid_argument for a bad rowptr, a
+// for n_entries = p.rowptr[rows] each), on up to `threads` OpenMP threads (chunks of
+// rows; the same result for any count). Throws std::invalid_argument for a bad rowptr, a
 // stream too short, a code past the codebook or a column past `cols`.
-void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t* colidx, float* values);
+void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t* colidx, float* values,
+                  int threads = 1);
 
 struct ConvGeometry {
   int64_t batch, in_channels, height, width;  // input NCHW

@@ -116,7 +116,7 @@ CheckedCsr csr_view(const at::Tensor& rowptr, const at::Tensor& colidx, const at
         p.row_scale = row_scale->const_data_ptr<float>();
       }
       const UnpackBuffers buf = unpack_buffers(w.rows, n);
-      sp::unpack_codes(p, n, buf.rowptr, buf.colidx, buf.values);
+      sp::unpack_codes(p, n, buf.rowptr, buf.colidx, buf.values, at::get_num_threads());
       // unpack_codes checked everything validate() would: rowptr from 0, rising, and
       // every column in [0, cols) (gaps are at least 1 from column -1).
       w.rowptr = buf.rowptr;

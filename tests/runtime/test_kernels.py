@@ -172,6 +172,28 @@ def test_native_kernels_on_codes_match_fp32_csr(levels, density):
                                F.linear(xl, linear), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_codes_unpacked_in_chunks_of_rows_match_fp32_csr_at_any_thread_count(threads):
+    """Weights of 8,192 entries and more are unpacked by chunks of rows, one per thread,
+    and the gaps the dropped fillers leave are closed after: the same CSR for any count."""
+    weight = quantized_weight((128, 128, 3, 3), 8, 0.08)
+    codes, csr = CodesCSR.from_dense(weight), CSR.from_dense(weight)
+    assert codes.n_entries >= 8192 and codes.n_entries > csr.nnz  # fillers present
+    x = torch.randn(1, 128, 6, 6)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        on_codes, on_csr = (_native.cpu().sparse_conv2d(x, *w.kernel_args(), (3, 3), None, (1, 1), (1, 1), (1, 1),
+                                                        False, **w.kernel_kwargs()) for w in (codes, csr))
+        assert torch.equal(on_codes, on_csr)
+        bad = codes.entries.clone()
+        bad[-1] = 255  # the last row's last entries: a code past the codebook or a column past the end
+        with pytest.raises((RuntimeError, ValueError), match="past"):
+            _native.cpu().sparse_conv2d(x, codes.rowptr, bad, codes.codebook, (3, 3), gap_bits=codes.gap_bits)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda rp, e, book: (rp, e, book[:1].contiguous()), "codebook has 2 to 256"),
     (lambda rp, e, book: (rp, torch.full_like(e, 255), book), "past"),
