@@ -31,14 +31,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "dense; sparse: every layer the sparse kernel supports (groups 1); auto: per layer the "
                         "fastest, timed at load on the layer's real input shape and cached (by file sha256, "
                         "batch, threads, CPU) in $PYPRUNE_CACHE, else ~/.cache/pyprune/runtime. All three give "
-                        "the same predictions. Without --runtime the model runs as loaded")
+                        "the same predictions. The model then runs as one native program (no Python per "
+                        "layer) where every node of its graph has a lowering, else node by node; --verbose "
+                        "says which. Without --runtime the model runs as loaded")
     g.add_argument("--runtime-batch", type=int, default=1, metavar="N",
                    help="batch size at which --runtime auto times the layers: 1 tunes for latency; the value of "
                         "--batch-size tunes for this evaluation's throughput")
     g.add_argument("--runtime-weights", choices=("codes", "csr"), default="codes",
                    help="how sparse layers hold quantized weights: codes, code and gap bits per non-zero as the "
-                        ".ppz stores them, unpacked per call (about the file's size in memory; 10-20%% slower "
-                        "in bench/end_to_end.py); csr: fp32 CSR, 8 bytes per non-zero")
+                        ".ppz stores them, unpacked per call (about the file's size in memory, but slower: "
+                        "the unpacking shows at batch 1, see bench/end_to_end.py); csr: fp32 CSR, 8 bytes per "
+                        "non-zero")
     g.add_argument("--verbose", action="store_true",
                    help="with --runtime, print the per-layer plan: choice, sparsity, BN/ReLU fusion, timings")
     p.set_defaults(func=run)
