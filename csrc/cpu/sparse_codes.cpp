@@ -52,22 +52,40 @@ void unpack_codes(const CodesCsr& p, int64_t n_entries, int32_t* rowptr, int32_t
   // and a code past the codebook is only noted. Returns the end position, or -1 - r for
   // the first bad row r.
   auto decode = [&](int64_t r0, int64_t r1, int64_t out) -> int64_t {
+    // Locals rather than captures: a store through colidx or values could alias what a
+    // captured reference points to, and the compiler reloaded every one of them per
+    // entry (half the unpacking time, measured).
+    const uint8_t* const stream = p.entries;
+    const int32_t* const entry_rows = p.rowptr;
+    int32_t* __restrict const col_out = colidx;
+    float* __restrict const value_out = values;
+    const int64_t w = width, fast = fast_end, stride = p.codebook_stride, cols = p.cols;
+    const int code_bits = p.code_bits;
+    const uint32_t cmask = code_mask, emask = entry_mask, codes = n_codes;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t lo = p.rowptr[r], hi = p.rowptr[r + 1];
-      const float* book = p.codebook + r * p.codebook_stride;
+      const int64_t lo = entry_rows[r], hi = entry_rows[r + 1];
+      const float* book = p.codebook + r * stride;
       const float scale = p.row_scale ? p.row_scale[r] : 1.0f;  // x * 1.0f is x, bit for bit
       int64_t col = -1;
       uint32_t bad_code = 0;
       for (int64_t j = lo; j < hi; ++j) {
-        const uint32_t e = entry_at(j), code = e & code_mask;
-        col += static_cast<int64_t>(e >> p.code_bits) + 1;
-        bad_code |= code >= n_codes;
-        colidx[out] = static_cast<int32_t>(col);
-        values[out] = book[code < n_codes ? code : 0] * scale;
+        uint32_t e;
+        if (j < fast) {
+          uint64_t word;
+          std::memcpy(&word, stream + ((j * w) >> 3), sizeof(word));
+          e = static_cast<uint32_t>(word >> ((j * w) & 7)) & emask;
+        } else {
+          e = entry_at(j);
+        }
+        const uint32_t code = e & cmask;
+        col += static_cast<int64_t>(e >> code_bits) + 1;
+        bad_code |= code >= codes;
+        col_out[out] = static_cast<int32_t>(col);
+        value_out[out] = book[code < codes ? code : 0] * scale;
         out += code != 0;
       }
       rowptr[r + 1] = static_cast<int32_t>(out);
-      if (bad_code || col >= p.cols) return -1 - r;
+      if (bad_code || col >= cols) return -1 - r;
     }
     return out;
   };
