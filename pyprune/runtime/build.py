@@ -51,6 +51,20 @@ class RuntimeModel(nn.Module):
             raise RuntimeError("a RuntimeModel is for inference only; train the model it was built from")
         return super().train(False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The native program holds no state of its own (the graph's tensors, bound as
+        # constants) and cannot be copied or pickled: a copy lowers its graph again.
+        state = dict(self.__dict__)
+        state["program"] = None
+        state["_relower"] = self.program is not None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        relower = state.pop("_relower", False)
+        self.__dict__.update(state)
+        if relower:
+            self.program = lower(self.graph_module)[0]
+
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.program is not None and len(args) == 1:
             return self.program.run(args[0])

@@ -69,6 +69,9 @@ class _SparseLayer(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, codes: bool = True,
                  unfolded: torch.Tensor | None = None) -> None:
         super().__init__()
+        # Detached: a folded weight may still require grad, and what is computed from it
+        # (the codes' per-row factors) would carry its history, which copies refuse.
+        weight = weight.detach()
         as_codes = None
         if codes:
             as_codes = CodesCSR.from_folded(unfolded, weight) if unfolded is not None else CodesCSR.from_dense(weight)

@@ -2,6 +2,8 @@
 same outputs as the torch.fx graph it came from, a clear fall-back where a node has no
 lowering, and clear errors from the program's builder."""
 
+import copy
+
 import pytest
 import torch
 from torch import fx, nn
@@ -34,6 +36,17 @@ def test_the_program_computes_what_the_graph_computes(arch, runtime, compressed_
     assert via_program.shape == via_graph.shape
     assert (via_program - via_graph).abs().max().item() <= 1e-5
     assert torch.equal(x, before)  # in-place steps touch only the program's own values
+
+
+@needs_program
+def test_a_copy_lowers_the_graph_again(compressed_ppz):
+    model, _ = compressed_ppz("resnet20")
+    rt = build_runtime(model.module, model.input_shape, "sparse")
+    other = copy.deepcopy(rt)
+    assert other.program is not None and other.program is not rt.program
+    x = torch.randn(1, *model.input_shape)
+    with torch.inference_mode():
+        assert torch.equal(other(x), rt(x))
 
 
 class Gated(nn.Module):
