@@ -37,15 +37,21 @@ struct Step {
   virtual at::Tensor run(std::vector<at::Tensor>& slots) const = 0;
 };
 
-// A sparse convolution over the input slot, with an optional residual slot added before
-// its ReLU (the runtime's fused residual adds).
-struct SparseConvStep : Step {
-  int64_t input = 0, residual = -1;
+// The weights and epilogue of a sparse step: the arguments of the kernels' tensor
+// functions (sparse_bindings.h), checked by them on every call.
+struct SparseStep : Step {
+  int64_t input = 0;
   at::Tensor rowptr, colidx, values;
   std::optional<at::Tensor> bias, row_scale;
-  Pair kernel_size, stride, padding, dilation;
   bool relu = false;
   int64_t gap_bits = 0;
+};
+
+// A sparse convolution over the input slot, with an optional residual slot added before
+// its ReLU (the runtime's fused residual adds).
+struct SparseConvStep : SparseStep {
+  int64_t residual = -1;
+  Pair kernel_size, stride, padding, dilation;
 
   at::Tensor run(std::vector<at::Tensor>& slots) const override {
     std::optional<at::Tensor> res;
@@ -55,13 +61,7 @@ struct SparseConvStep : Step {
   }
 };
 
-struct SparseLinearStep : Step {
-  int64_t input = 0;
-  at::Tensor rowptr, colidx, values;
-  std::optional<at::Tensor> bias, row_scale;
-  bool relu = false;
-  int64_t gap_bits = 0;
-
+struct SparseLinearStep : SparseStep {
   at::Tensor run(std::vector<at::Tensor>& slots) const override {
     return sparse_linear(slots[input], rowptr, colidx, values, bias, relu, "auto", gap_bits, row_scale);
   }
@@ -169,19 +169,12 @@ class Program {
                        Pair dilation, bool relu, int64_t gap_bits, const std::optional<at::Tensor>& row_scale,
                        int64_t residual, int64_t out, const std::vector<int64_t>& release) {
     auto step = std::make_unique<SparseConvStep>();
-    step->input = checked(input);
+    weights(*step, input, rowptr, colidx, values, bias, relu, gap_bits, row_scale);
     step->residual = residual < 0 ? -1 : checked(residual);
-    step->rowptr = rowptr;
-    step->colidx = colidx;
-    step->values = values;
-    step->bias = bias;
-    step->row_scale = row_scale;
     step->kernel_size = kernel_size;
     step->stride = stride;
     step->padding = padding;
     step->dilation = dilation;
-    step->relu = relu;
-    step->gap_bits = gap_bits;
     push(std::move(step), out, release);
   }
 
@@ -189,14 +182,7 @@ class Program {
                          const std::optional<at::Tensor>& bias, bool relu, int64_t gap_bits,
                          const std::optional<at::Tensor>& row_scale, int64_t out, const std::vector<int64_t>& release) {
     auto step = std::make_unique<SparseLinearStep>();
-    step->input = checked(input);
-    step->rowptr = rowptr;
-    step->colidx = colidx;
-    step->values = values;
-    step->bias = bias;
-    step->row_scale = row_scale;
-    step->relu = relu;
-    step->gap_bits = gap_bits;
+    weights(*step, input, rowptr, colidx, values, bias, relu, gap_bits, row_scale);
     push(std::move(step), out, release);
   }
 
@@ -225,6 +211,18 @@ class Program {
   int64_t checked(int64_t s) const {
     check_slot(s);
     return s;
+  }
+  void weights(SparseStep& step, int64_t input, const at::Tensor& rowptr, const at::Tensor& colidx,
+               const at::Tensor& values, const std::optional<at::Tensor>& bias, bool relu, int64_t gap_bits,
+               const std::optional<at::Tensor>& row_scale) const {
+    step.input = checked(input);
+    step.rowptr = rowptr;
+    step.colidx = colidx;
+    step.values = values;
+    step.bias = bias;
+    step.relu = relu;
+    step.gap_bits = gap_bits;
+    step.row_scale = row_scale;
   }
   void push(std::unique_ptr<Step> step, int64_t out, const std::vector<int64_t>& release) {
     step->out = checked(out);
