@@ -182,9 +182,20 @@ def _channel_affine(b: ProgramBuilder, node: fx.Node, m: ChannelAffine) -> int:
     return b.op("addcmul", [shift, node.args[0], scale])
 
 
-def _no_return_indices(m: nn.MaxPool2d) -> None:
+def _max_pool(b: ProgramBuilder, node: fx.Node, m: nn.MaxPool2d) -> int:
     if m.return_indices:
-        raise NotLowerable("max pooling that returns indices")
+        raise NotLowerable(f"{node.name}: max pooling that returns indices")
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return b.op("max_pool2d", [node.args[0], _pair(m.kernel_size), _pair(stride), _pair(m.padding),
+                               _pair(m.dilation), m.ceil_mode])
+
+
+def _alias(b: ProgramBuilder, value: Any) -> int:
+    """The slot of ``value`` itself, for a node that passes its input on unchanged."""
+    kind, slot = b.arg(value)
+    if kind != "slot":
+        raise NotLowerable(f"{value} is not a value the program computes")
+    return slot
 
 
 def _pair(v: Any) -> list[int]:
@@ -198,26 +209,26 @@ MODULE_LOWERINGS: dict[type[nn.Module], Lowering] = {
     nn.Linear: lambda b, n, m: _linear_of(b, n.args[0], m),
     ConvReLU2d: lambda b, n, m: _relu_after(b, _conv_of(b, n.args[0], m[0])),
     LinearReLU: lambda b, n, m: _relu_after(b, _linear_of(b, n.args[0], m[0])),
-    nn.ReLU: lambda b, n, m: b.op("relu", [n.args[0]]),
+    # An in-place ReLU stays in place: later readers of its input see what eager mode shows them.
+    nn.ReLU: lambda b, n, m: b.op("relu_" if m.inplace else "relu", [n.args[0]]),
     ChannelAffine: _channel_affine,
     nn.AdaptiveAvgPool2d: lambda b, n, m: b.op("adaptive_avg_pool2d", [n.args[0], _pair(m.output_size)]),
     nn.AvgPool2d: lambda b, n, m: b.op("avg_pool2d", [n.args[0], _pair(m.kernel_size),
                                                        _pair(m.stride if m.stride is not None else m.kernel_size),
                                                        _pair(m.padding), m.ceil_mode, m.count_include_pad,
                                                        m.divisor_override]),
-    nn.MaxPool2d: lambda b, n, m: (_no_return_indices(m), b.op("max_pool2d", [
-        n.args[0], _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size),
-        _pair(m.padding), _pair(m.dilation), m.ceil_mode]))[1],
+    nn.MaxPool2d: _max_pool,
     nn.Flatten: lambda b, n, m: b.op("flatten", [n.args[0], m.start_dim, m.end_dim], "using_ints"),
-    nn.Identity: lambda b, n, m: b.arg(n.args[0])[1],
-    nn.Dropout: lambda b, n, m: b.arg(n.args[0])[1],  # the runtime is in eval mode
+    nn.Identity: lambda b, n, m: _alias(b, n.args[0]),
+    nn.Dropout: lambda b, n, m: _alias(b, n.args[0]),  # the runtime is in eval mode
 }
 
 
 def _add(b: ProgramBuilder, node: fx.Node) -> int:
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         raise NotLowerable(f"{node.name}: only the sum of two values is lowered")
-    return b.op("add", list(node.args), "Tensor")
+    # += stays in place, as for the ReLU
+    return b.op("add_" if node.target is operator.iadd else "add", list(node.args), "Tensor")
 
 
 def _flatten(b: ProgramBuilder, node: fx.Node) -> int:
@@ -242,7 +253,7 @@ def _getitem(b: ProgramBuilder, node: fx.Node) -> int:
         if s == slice(None):
             continue
         value = _Slot(b.op("slice", [value, dim, s.start, s.stop, 1 if s.step is None else s.step], "Tensor"))
-    return value.slot if isinstance(value, _Slot) else b.arg(x)[1]
+    return value.slot if isinstance(value, _Slot) else _alias(b, x)
 
 
 def _cat(b: ProgramBuilder, node: fx.Node) -> int:
@@ -251,9 +262,10 @@ def _cat(b: ProgramBuilder, node: fx.Node) -> int:
 
 
 def _relu_fn(b: ProgramBuilder, node: fx.Node) -> int:
-    if node.kwargs.get("inplace") or len(node.args) > 1:
+    inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+    if set(node.kwargs) - {"inplace"} or len(node.args) > 2 or not isinstance(inplace, bool):
         raise NotLowerable(f"{node.name}: relu with arguments")
-    return b.op("relu", [node.args[0]])
+    return b.op("relu_" if inplace else "relu", [node.args[0]])
 
 
 FUNCTION_LOWERINGS: dict[Any, Callable[[ProgramBuilder, fx.Node], int]] = {

@@ -49,6 +49,34 @@ def test_a_copy_lowers_the_graph_again(compressed_ppz):
         assert torch.equal(other(x), rt(x))
 
 
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = a + a  # read before the ReLU changes a in place
+        r = self.relu(a)
+        c = a + b  # read after: eager mode sees the ReLU's result here
+        c += r
+        return c
+
+
+@needs_program
+@pytest.mark.parametrize("runtime", ["dense", "sparse"])
+def test_in_place_operations_keep_their_effect_on_later_readers(runtime):
+    model = InPlace().eval()
+    rt = build_runtime(fx.symbolic_trace(model), (3, 8, 8), runtime)
+    assert rt.program is not None
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        want = model(x)
+        assert torch.allclose(rt(x), want, atol=1e-5)
+        assert not torch.allclose(want, model.conv(x) * 3 + model.conv(x).relu())  # the in-place effect shows
+
+
 class Gated(nn.Module):
     def __init__(self):
         super().__init__()
