@@ -44,6 +44,7 @@ from typing import Any, Union
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from ..files import atomic_write, zip_bomb_problem
 from ..models.loaded import MAX_INPUT_ELEMENTS
@@ -580,13 +581,45 @@ def _target_name(n: fx.Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target))
 
 
+class _MetaImage(_OneImage):
+    """:class:`_OneImage` on the meta device. A function or method whose meta kernel
+    fails (missing, or stricter than the CPU's) runs on real zeros of its inputs, which
+    the bound has already held to a few activations' size, and its result goes back to
+    the meta device: the check goes on past that node, so failing one node on purpose
+    does not let the nodes after it allocate what they like in the real run."""
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._on_zeros_if_meta_fails(super().call_function, target, args, kwargs)
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._on_zeros_if_meta_fails(super().call_method, target, args, kwargs)
+
+    @staticmethod
+    def _on_zeros_if_meta_fails(call: Callable[..., Any], target: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return call(target, args, kwargs)
+        except Exception:  # noqa: BLE001 - retried on zeros; a real failure raises there
+            zeros_args, zeros_kwargs = tree_map(_zeros_for_meta, (args, kwargs))
+            with torch.no_grad():
+                out = call(target, zeros_args, zeros_kwargs)
+            return tree_map(_meta_for, out)
+
+
+def _zeros_for_meta(v: Any) -> Any:
+    return torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) and v.is_meta else v
+
+
+def _meta_for(v: Any) -> Any:
+    return torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+
+
 def _check_activations(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     try:
-        _OneImage(gm, input_shape).run(torch.empty((1, *input_shape), device="meta"))
+        _MetaImage(gm, input_shape).run(torch.empty((1, *input_shape), device="meta"))
     except _NodeFailed:
-        # Meta kernels are missing for some ops and stricter or looser than the CPU's for
-        # others: the run on real zeros after loading decides (load_into). The bound
-        # holds up to the node that failed here.
+        # A node that fails on zeros too, or a layer (module) whose meta kernel fails: the
+        # run on real zeros after loading decides (load_into) and names it. The bound
+        # holds up to that node.
         pass
 
 

@@ -4,6 +4,7 @@ anything is allocated, and reading it costs no more memory than the honest file.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from pyprune import api
-from pyprune.encode import GraphFormatError, ppz
+from pyprune.encode import GraphFormatError, graph_json, ppz
 from pyprune.encode.model_ppz import inspect_model, load_ppz
 
 # fc.weight declared (1, 20M): 80 MB of float32 zeros, which CSR codes in ~320 KB
@@ -189,26 +190,75 @@ def test_a_device_the_machine_lacks_is_refused(honest: Path, tmp_path: Path, dev
         load_ppz(bad)
 
 
-def test_a_graph_that_expands_an_activation_past_the_bound_is_refused_before_it_runs(honest: Path,
-                                                                                   tmp_path: Path) -> None:
-    """unsqueeze -> expand(100000, ...) asked eval for 12 GB and info for 1.6 GB."""
-    def expand(graph: dict) -> None:
+def expanding(first: list[dict]):
+    """A graph edit: the input goes through ``first`` (nodes that take ``{"node": "IN"}``
+    and end in one named ``"last"``), then unsqueeze -> expand(100000, ...) -> reshape,
+    whose result takes the input's place."""
+    def edit(graph: dict) -> None:
         nodes = graph["nodes"]
         x = nodes[0]["name"]
-        nodes[1:1] = [
-            {"name": "wide", "op": "call_method", "target": "unsqueeze", "args": [{"node": x}, 0], "kwargs": {}},
+        chain = json.loads(json.dumps(first).replace('"IN"', json.dumps(x)))
+        nodes[1:1] = chain + [
+            {"name": "wide", "op": "call_method", "target": "unsqueeze", "args": [{"node": "last"} if chain else {"node": x}, 0],
+             "kwargs": {}},
             {"name": "huge", "op": "call_method", "target": "expand", "args": [{"node": "wide"}, 100000, -1, -1, -1, -1],
              "kwargs": {}},
             {"name": "flat", "op": "call_method", "target": "reshape", "args": [{"node": "huge"}, -1, 3, 8, 8],
              "kwargs": {}},
         ]
-        for node in nodes[4:]:
+        for node in nodes[4 + len(chain):]:
             node["args"] = [{"node": "flat"} if a == {"node": x} else a for a in node["args"]]
-    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=expand)
-    with pytest.raises(GraphFormatError, match=r"node '\w+' makes a \(100000, .* activation for one image"):
+    return edit
+
+
+EXPANDED = r"node 'huge' makes a \(100000, 1, 3, 8, 8\) activation for one image"
+
+
+def test_a_graph_that_expands_an_activation_past_the_bound_is_refused_before_it_runs(honest: Path,
+                                                                                   tmp_path: Path) -> None:
+    """unsqueeze -> expand(100000, ...) asked eval for 12 GB and info for 1.6 GB."""
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=expanding([]))
+    with pytest.raises(GraphFormatError, match=EXPANDED):
         load_ppz(bad)
     code, peak = _peak_kib("info", str(bad))
     assert code == 2 and peak < 1.1 * _peak_kib("info", str(honest))[1]
+
+
+def meta_strict(x: torch.Tensor) -> torch.Tensor:
+    """The identity, except on the meta device, where it fails as an op whose meta kernel
+    is missing (or stricter than the CPU's) does."""
+    if x.is_meta:
+        raise NotImplementedError("no meta kernel")
+    return x
+
+
+@pytest.fixture()
+def allow_meta_strict():
+    graph_json.allow_function("tests.meta_strict", meta_strict)
+    yield
+    graph_json.disallow_function("tests.meta_strict")
+
+
+@pytest.mark.usefixtures("allow_meta_strict")
+def test_a_node_that_fails_on_the_meta_device_does_not_end_the_activation_check(honest: Path,
+                                                                                tmp_path: Path) -> None:
+    """The check runs that node on zeros and goes on: the expansion after it is refused
+    before anything is decoded (inspect decodes nothing and runs nothing for real)."""
+    strict = [{"name": "last", "op": "call_function", "target": "tests.meta_strict", "args": [{"node": "IN"}],
+               "kwargs": {}}]
+    bad = _resave(honest, tmp_path / "bad.ppz", graph_update=expanding(strict))
+    with pytest.raises(GraphFormatError, match=EXPANDED):
+        inspect_model(bad)
+    with pytest.raises(GraphFormatError, match=EXPANDED):
+        load_ppz(bad)
+    def through_strict(graph: dict) -> None:
+        x = graph["nodes"][0]["name"]
+        for node in graph["nodes"][1:]:
+            node["args"] = [{"node": "last"} if a == {"node": x} else a for a in node["args"]]
+        graph["nodes"].insert(1, json.loads(json.dumps(strict).replace('"IN"', json.dumps(x)))[0])
+    ok = _resave(honest, tmp_path / "ok.ppz", graph_update=through_strict)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(load_ppz(ok)[0](x), load_ppz(honest)[0](x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.complex64, torch.bool])
