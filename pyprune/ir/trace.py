@@ -68,7 +68,9 @@ class _PathTracer(fx.Tracer):
     """A tracer that remembers which submodule it is inside, for error messages,
     and treats the modules its matcher names as leaves."""
 
-    def __init__(self, leaves: LeafMatcher) -> None:
+    # ``leaves`` has a default because unpickling a GraphModule re-creates its tracer's
+    # class with no arguments (torch.load of a pickled model would fail otherwise).
+    def __init__(self, leaves: LeafMatcher = LeafMatcher()) -> None:
         super().__init__()
         self.leaves = leaves
         self.scope_stack: list[tuple[str, str]] = []

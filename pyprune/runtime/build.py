@@ -57,12 +57,20 @@ class RuntimeModel(nn.Module):
         state = dict(self.__dict__)
         state["program"] = None
         state["_relower"] = self.program is not None
+        # Unpickling traces the graph module again, which drops the shapes the lowering
+        # reads; they are propagated again from the input's.
+        inputs = [output_shape(n) for n in self.graph_module.graph.find_nodes(op="placeholder")]
+        state["_input_shape"] = inputs[0][1:] if len(inputs) == 1 and inputs[0] is not None else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         relower = state.pop("_relower", False)
+        input_shape = state.pop("_input_shape", None)
         self.__dict__.update(state)
         if relower:
+            placeholders = self.graph_module.graph.find_nodes(op="placeholder")
+            if input_shape is not None and output_shape(placeholders[0]) is None:
+                propagate_shapes(self.graph_module, example_input(tuple(input_shape)))
             self.program = lower(self.graph_module)[0]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

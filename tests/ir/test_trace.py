@@ -60,6 +60,18 @@ def test_leaf_module_is_the_way_out():
     torch.testing.assert_close(gm(x), model(x))
 
 
+def test_a_traced_model_survives_pickling(tmp_path):
+    """torch.save of a whole traced model (what a user may do with any nn.Module) loads
+    back and computes the same; unpickling re-creates the tracer with no arguments."""
+    model = Wrapper().eval()
+    gm = trace(model, leaf_modules=[DataDependent])
+    torch.save(gm, tmp_path / "gm.pt")
+    back = torch.load(tmp_path / "gm.pt", weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
+    assert [n.target for n in back.graph.nodes if n.op == "call_module"] == ["conv", "block.0", "block.1"]
+
+
 def test_shape_propagation_keeps_training_mode_and_bn_stats():
     model = build_model("resnet20")
     gm = trace(model).train()

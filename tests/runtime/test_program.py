@@ -39,10 +39,15 @@ def test_the_program_computes_what_the_graph_computes(arch, runtime, compressed_
 
 
 @needs_program
-def test_a_copy_lowers_the_graph_again(compressed_ppz):
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_lowers_the_graph_again(compressed_ppz, tmp_path, how):
     model, _ = compressed_ppz("resnet20")
     rt = build_runtime(model.module, model.input_shape, "sparse")
-    other = copy.deepcopy(rt)
+    if how == "deepcopy":
+        other = copy.deepcopy(rt)
+    else:  # a whole model through torch.save, as users do with any nn.Module
+        torch.save(rt, tmp_path / "rt.pt")
+        other = torch.load(tmp_path / "rt.pt", weights_only=False)
     assert other.program is not None and other.program is not rt.program
     x = torch.randn(1, *model.input_shape)
     with torch.inference_mode():
