@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from .compile import DEFAULT_ORDER, MEASURE_FROM, SEARCHES, CompileConfig, CompileResult, compile_model, fp32_bytes
+from .compile import (DEFAULT_ORDER, MEASURE_FROM, RECOVERY_MODELS, SEARCHES, CompileConfig, CompileResult,
+                      compile_model, fp32_bytes)
 from .data import DataSpec, DatasetNotFoundError
 from .encode import CorruptFileError, GraphFormatError, graph_to_json, save_graph_module
 from .encode.model_ppz import inspect_model, save_ppz
@@ -259,6 +260,7 @@ def set_threads(threads: int | None) -> None:
 
 __all__: Sequence[str] = [
     "CompileConfig", "CompileResult", "CorruptFileError", "DEFAULT_ATOL", "DEFAULT_ORDER", "SEARCHES", "DEFAULT_IMAGES", "DEFAULT_OPSET", "MEASURE_FROM",
+    "RECOVERY_MODELS",
     "DataSpec", "EpochLog", "EvalResult", "FORMS", "LoadedModel", "MIN_OPSET", "ModelInfo",
     "OptConfig", "OptResult", "RUNTIMES", "Target", "TrainConfig", "USER_ERRORS", "VerificationError",
     "check_savable", "compile_model", "decoded_bound", "evaluate_model", "export_onnx", "inspect_file", "list_models", "list_passes",

@@ -90,6 +90,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recover-margin", type=float, default=0.1, metavar="M",
                    help="fine-tune candidates whose screened accuracy is at most M below the target (grows with the "
                         "recovery fine-tuning shows)")
+    g.add_argument("--recovery-model", choices=api.RECOVERY_MODELS, default="additive",
+                   help="how the marginal search expects fine-tuning to recover a screened candidate: additive "
+                        "(default) measures candidates whose screen is within --recover-margin of the target, a "
+                        "margin that becomes 1.5x the most fine-tuning has recovered; proportional expects "
+                        "fine-tuning to win back a share of each candidate's own screened drop (the most seen so "
+                        "far, 0.5 before that), so larger moves are tried, and starts from a bolder first setting")
     g.add_argument("--budget-minutes", type=float, metavar="M",
                    help="stop searching after M minutes and keep the best verified model so far")
     g = p.add_argument_group("training")
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
         continue_lr=args.continue_lr, max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
-        screen_steps=args.screen_steps, measure_from=args.measure_from)
+        screen_steps=args.screen_steps, measure_from=args.measure_from, recovery=args.recovery_model)
     api.set_threads(args.threads)
     model = load(args)
     history = history_line(model)

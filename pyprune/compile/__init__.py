@@ -7,10 +7,10 @@
 * :mod:`.report`: ``report.json``'s content, ``report.md`` and ``pareto.png``.
 """
 
-from .config import DEFAULT_ORDER, MEASURE_FROM, SEARCHES, VAL_FROM, CompileConfig
+from .config import DEFAULT_ORDER, MEASURE_FROM, RECOVERY_MODELS, SEARCHES, VAL_FROM, CompileConfig
 from .driver import EXIT_ONNX_FAILED, CompileResult, compile_model
 from .final import FinalModel, fp32_bytes
 from .outputs import OUTPUTS, STATE_DIR
 
 __all__ = ["CompileConfig", "CompileResult", "DEFAULT_ORDER", "EXIT_ONNX_FAILED", "FinalModel", "OUTPUTS",
-           "MEASURE_FROM", "SEARCHES", "STATE_DIR", "VAL_FROM", "compile_model", "fp32_bytes"]
+           "MEASURE_FROM", "RECOVERY_MODELS", "SEARCHES", "STATE_DIR", "VAL_FROM", "compile_model", "fp32_bytes"]

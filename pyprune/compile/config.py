@@ -12,6 +12,7 @@ from ..data import DataSpec
 from ..models import LoadedModel
 from ..passes import pass_class
 from ..search import Stage, Target, make_stages
+from ..search.marginal import RECOVERY_MODELS
 from ..train import TrainConfig
 
 # The paper's order: structured slimming first, then deep compression's pruning and sharing.
@@ -66,6 +67,7 @@ class CompileConfig:
     gradual_mask: bool = False  # deciding candidates reach their mask during fine-tuning (EvalSettings)
     screen_steps: int = 0  # fine-tuning steps in every screen, after recalibration (EvalSettings)
     measure_from: str = "accepted"  # or "baseline" (pyprune.search.marginal_oracle)
+    recovery: str = "additive"  # or "proportional": how the marginal search expects fine-tuning to recover
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -85,6 +87,8 @@ class CompileConfig:
                 raise ValueError(f"{flag} must be positive, got {value}")
         if self.measure_from not in MEASURE_FROM:
             raise ValueError(f"--measure-from must be accepted or baseline, got {self.measure_from!r}")
+        if self.recovery not in RECOVERY_MODELS:
+            raise ValueError(f"--recovery-model must be additive or proportional, got {self.recovery!r}")
         if self.screen_steps < 0:
             raise ValueError(f"--screen-steps must be >= 0, got {self.screen_steps}")
         if self.max_effort is None:
@@ -138,5 +142,6 @@ class CompileConfig:
                 **({"screen_steps": self.screen_steps} if self.screen_steps else {}),
                 **({"continue_lr": self.continue_lr} if self.continue_lr is not None else {}),
                 **({"measure_from": self.measure_from} if self.measure_from != "accepted" else {}),
+                **({"recovery": self.recovery} if self.recovery != "additive" else {}),
                 # only when off, so that journals written before the switch existed still resume
                 **({} if t.sync_batchnorm else {"sync_batchnorm": False})}

@@ -156,7 +156,9 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
     if config.search == "marginal":
         outcome = _marginal(ev, start, stages, config.margin if config.finetune_epochs > 0 else 0.0,
                             config.max_effort if config.finetune_epochs > 0 else 1, config.per_layer,
-                            config.measure_from == "baseline")
+                            config.measure_from == "baseline",
+                            # without fine-tuning nothing is recovered: screens decide
+                            config.recovery if config.finetune_epochs > 0 else "additive")
     else:
         outcome = HeuristicSearch(ev, stages, config.margin).run(start)
     outcome.l1, outcome.orders = l1_record, orders
@@ -164,11 +166,11 @@ def _search(ev: Evaluator, base: State, config: CompileConfig) -> SearchOutcome:
 
 
 def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, max_effort: int,
-              per_layer: bool, from_baseline: bool = False) -> SearchOutcome:
+              per_layer: bool, from_baseline: bool = False, recovery: str = "additive") -> SearchOutcome:
     oracle = EvaluatorOracle(ev, stages, start, from_baseline)
     names, ladders = [s.name for s in stages], [s.levels for s in stages]
     ev.progress.expect(sum(math.ceil(math.log2(len(s.levels) + 1)) for s in stages) + 4)
-    search = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort)
+    search = MarginalSearch(oracle, [len(s.levels) for s in stages], margin, names, max_effort, recovery)
     result = search.run(recover_more=False)
     layers = LayerRefinement(ev, oracle, margin)
     kept_back = layers.expected_seconds(result.best.setting) if per_layer and result.best is not None else 0.0

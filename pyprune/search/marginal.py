@@ -26,6 +26,16 @@ every technique that pays:
    fine-tuning recovered over a screen. This is how a technique that costs more
    accuracy than it saves gives its budget away, down to being dropped.
 
+   With ``recovery="proportional"`` a screen is judged by what fine-tuning is
+   expected to win back of *its own* drop: a move whose screen lost ``d`` points
+   from the model it started from is expected to regain ``share * d``, where
+   ``share`` is the most any deciding measurement at that effort regained of its
+   screen's drop (:data:`PRIOR_SHARE` before two were seen). Recovery on CIFAR
+   ResNets is roughly such a share (64-92% of the drop in 7 of 8 measurements on
+   ResNet-56), so a large move is no longer ruled out by a margin learnt on small
+   ones. Phases 1 and 2 then bisect by that expectation, not by the bare
+   screen, so the first verified setting is a bolder one.
+
    A deciding measurement here or in phase 2 that misses the target by a little
    (:data:`NEAR_MISS`, then the most such a retry added) is *trained on*: measured
    again at twice the effort, which continues the same fine-tune rather than
@@ -70,6 +80,13 @@ NEAR_MISS = 0.01
 # A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
 # of accuracy, ranks such moves by their bytes instead.
 MIN_COST = 1e-4
+RECOVERY_MODELS = ("additive", "proportional")
+#: The proportional model's share of a screen's drop that fine-tuning regains, until
+#: two deciding measurements at the search's effort have shown it.
+PRIOR_SHARE = 0.5
+# A screen that lost less than this from its starting model says little about the
+# share fine-tuning regains (the ratio of two small differences): not counted.
+MIN_DROP = 0.01
 
 
 @dataclass(frozen=True, order=True)
@@ -160,12 +177,17 @@ class MarginalSearch:
     ``screen_only`` nothing is fine-tuned and screens decide."""
 
     def __init__(self, oracle: SettingOracle, ladders: Sequence[int], margin: float = 0.0,
-                 names: Sequence[str] | None = None, max_effort: int = 1) -> None:
+                 names: Sequence[str] | None = None, max_effort: int = 1, recovery: str = "additive") -> None:
+        if recovery not in RECOVERY_MODELS:
+            raise ValueError(f"recovery must be one of {', '.join(RECOVERY_MODELS)}, got {recovery!r}")
         self.oracle = oracle
         self.ladders = tuple(ladders)
         self.initial_margin = margin
         self.max_effort = max_effort
+        self.recovery = recovery
         self.recoveries: dict[int, list[float]] = {}  # effort -> measured minus screen estimate
+        self.shares: dict[int, list[float]] = {}  # effort -> that, over the screen's drop from its start
+        self.starts: dict[Setting, float] = {}  # a screened move -> the accuracy of the model it moved from
         self.names = tuple(names) if names else tuple(f"stage{i}" for i in range(len(self.ladders)))
         self.screens: dict[Setting, Point] = {}
         self.measured: dict[Setting, Point] = {}  # the latest deciding measurement of each setting
@@ -180,9 +202,13 @@ class MarginalSearch:
     def target(self) -> float:
         return self.oracle.target
 
-    def screen(self, setting: Setting) -> Point:
+    def screen(self, setting: Setting, start: float | None = None) -> Point:
+        """The screen estimate of ``setting``; ``start`` is the accuracy of the model
+        the move began from, which the proportional recovery model measures drops against."""
         if setting not in self.screens:
             self.screens[setting] = self.oracle.screen(setting)
+        if start is not None:
+            self.starts.setdefault(setting, start)
         return self.screens[setting]
 
     def measure(self, setting: Setting, final: bool = False, effort: int | None = None) -> Point:
@@ -196,6 +222,9 @@ class MarginalSearch:
             screened = self.screens.get(setting)
             if screened is not None and screened.accuracy is not None and point.accuracy is not None:
                 self.recoveries.setdefault(effort, []).append(point.accuracy - screened.accuracy)
+                drop = self.starts.get(setting, screened.accuracy) - screened.accuracy
+                if drop >= MIN_DROP:
+                    self.shares.setdefault(effort, []).append((point.accuracy - screened.accuracy) / drop)
             self._by_effort[setting, effort] = self.measured[setting] = point
             if point.meets and setting.stages_on and (self.outcome.best is None or point.bytes < self.outcome.best.bytes):
                 self.outcome.best = point
@@ -269,13 +298,14 @@ class MarginalSearch:
     def alone(self) -> None:
         """Phase 1: each stage's screened boundary with the others off."""
         off = Setting.off(len(self.ladders))
+        baseline = self.measured[off].accuracy if off in self.measured else None
         for i, n in enumerate(self.ladders):
             lo, hi = -1, n
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                point = self.screen(off.moved(i, mid + 1))
-                self._log("alone", f"{self.names[i]}@{mid}", point, point.meets)
-                lo, hi = (mid, hi) if point.meets else (lo, mid)
+                point = self.screen(off.moved(i, mid + 1), start=baseline)
+                self._log("alone", f"{self.names[i]}@{mid}", point, self._promising(point))
+                lo, hi = (mid, hi) if self._promising(point) else (lo, mid)
             self.outcome.singles[i] = lo
 
     def _share(self, fraction: float) -> Setting:
@@ -286,15 +316,16 @@ class MarginalSearch:
         """Phase 2: the largest common share of the boundaries that meets on a
         screen, then verified (backing off by halving the share if it misses)."""
         off = Setting.off(len(self.ladders))
+        baseline = self.measured[off].accuracy if off in self.measured else None
         lo, hi = -1, len(FRACTIONS)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             setting = self._share(FRACTIONS[mid])
-            point = self.screen(setting) if setting != off else None
+            point = self.screen(setting, start=baseline) if setting != off else None
             if point is not None:
-                self._log("together", f"share {FRACTIONS[mid]:g}", point, point.meets)
+                self._log("together", f"share {FRACTIONS[mid]:g}", point, self._promising(point))
             # a share that rounds every stage off is the baseline, which meets by definition
-            lo, hi = (mid, hi) if point is None or point.meets else (lo, mid)
+            lo, hi = (mid, hi) if point is None or self._promising(point) else (lo, mid)
         while lo >= 0:
             setting = self._share(FRACTIONS[lo])
             if setting == off:
@@ -307,6 +338,13 @@ class MarginalSearch:
                 return setting
             lo = lo // 2 if lo > 0 else -1
         return off
+
+    def _promising(self, point: Point) -> bool:
+        """Phases 1 and 2's test of a screen: it meets the target, or, under the
+        proportional model, is expected to once fine-tuned."""
+        if self.recovery == "proportional" and point.setting in self.starts:
+            return self.expected(point) >= self.target
+        return point.meets
 
     @staticmethod
     def _rate(frm: Point, to: Point) -> float:
@@ -327,8 +365,30 @@ class MarginalSearch:
             return self.initial_margin
         return min(self.initial_margin, max(MIN_MARGIN, 1.5 * max(seen)))
 
+    def share_at(self, effort: int) -> float:
+        """The proportional model's share of a screen's drop that a deciding measurement
+        at ``effort`` regains: the most seen (at most all of it), :data:`PRIOR_SHARE`
+        until two were seen."""
+        seen = self.shares.get(effort, [])
+        return min(1.0, max(seen)) if len(seen) >= 2 else PRIOR_SHARE
+
+    def expected(self, point: Point) -> float | None:
+        """What a deciding measurement of a screened ``point`` is expected to find:
+        the screen plus the share of its drop fine-tuning regains (proportional model;
+        a point with no known start is taken as it screened)."""
+        if point.accuracy is None:
+            return None
+        start = self.starts.get(point.setting)
+        if start is None or start <= point.accuracy:
+            return point.accuracy
+        return point.accuracy + self.share_at(self.effort) * (start - point.accuracy)
+
     def _recoverable(self, point: Point) -> bool:
-        return point.accuracy is not None and point.accuracy >= self.target - self.margin
+        if point.accuracy is None:
+            return False
+        if self.recovery == "proportional" and point.setting in self.starts:
+            return self.expected(point) >= self.target - MIN_MARGIN
+        return point.accuracy >= self.target - self.margin
 
     def trade(self, current: Setting) -> Setting:
         """Phase 3: marginal moves, then swaps, until no move is accepted."""
@@ -341,7 +401,7 @@ class MarginalSearch:
             for i in range(len(self.ladders)):
                 by = min(step[i], self.ladders[i] - 1 - current.index[i])
                 while i not in done and by > 0:
-                    point = self.screen(current.moved(i, by))
+                    point = self.screen(current.moved(i, by), start=here.accuracy)
                     if self._recoverable(point) and point.bytes < here.bytes:
                         moves.append((self._rate(here, point), i, by, point))
                         break
@@ -387,7 +447,7 @@ class MarginalSearch:
                 if not self._valid(setting) or setting in tried:
                     continue
                 tried.add(setting)
-                point = self.screen(setting)
+                point = self.screen(setting, start=here.accuracy)
                 kind = ",".join([f"{self.names[a]}-1"] + [f"{self.names[b]}+{by}" for b, by in push.items()])
                 if self._recoverable(point) and point.bytes < here.bytes:
                     options.append((self._rate(here, point), kind, point))

@@ -46,3 +46,14 @@ def test_functional_layer_norm_is_saved_and_read_back(tmp_path: Path) -> None:
     loaded = api.load_model(str(path)).eval()
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_the_recovery_model_is_checked_and_a_resume_must_match_it(tmp_path: Path) -> None:
+    target = api.Target(max_drop=0.01)
+    with pytest.raises(ValueError, match="--recovery-model must be additive or proportional, got 'hopeful'"):
+        api.CompileConfig(target, tmp_path / "out", recovery="hopeful")
+    model = api.LoadedModel(Unsavable(), "unsavable")
+    additive = api.CompileConfig(target, tmp_path / "out").fingerprint(model)
+    proportional = api.CompileConfig(target, tmp_path / "out", recovery="proportional").fingerprint(model)
+    # the default leaves the fingerprint of earlier journals as it was
+    assert "recovery" not in additive and proportional == {**additive, "recovery": "proportional"}

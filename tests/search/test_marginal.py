@@ -212,3 +212,93 @@ def test_short_ladders_still_go_together_in_one_fine_tune():
     search.measure(Setting.off(3))
     search.alone()
     assert search.together() == Setting((0, 0, 0)) and len(oracle.measured) == 1
+
+
+class DamageOracle(FakeOracle):
+    """A screen starts from the most compressed setting measured so far that it
+    extends (as the real oracle's does) and sees ``k`` times more damage than
+    fine-tuning leaves: ``accuracy - k * (start - accuracy)``, so fine-tuning wins back
+    the share ``k / (1 + k)`` of every screen's own drop."""
+
+    def __init__(self, *args, k: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.k = k
+        self.kept: list[tuple[int, ...]] = []
+
+    def _start(self, setting: Setting) -> float:
+        parents = [Setting(s) for s in self.kept if Setting(s).at_most(setting)] + [Setting.off(len(setting.index))]
+        return self.accuracy(max(parents, key=lambda p: sum(i + 1 for i in p.index)).index)
+
+    def screen(self, setting: Setting) -> Point:
+        point = super().screen(setting)
+        a = self.accuracy(setting.index)
+        point.accuracy = a - self.k * (self._start(setting) - a)
+        point.meets = point.accuracy >= self.target
+        return point
+
+    def measure(self, setting: Setting, final: bool = False, effort: int = 1) -> Point:
+        point = super().measure(setting, final, effort)
+        if point.meets and setting.stages_on:
+            self.kept.append(setting.index)
+        return point
+
+
+def test_the_proportional_model_expects_the_largest_share_of_a_drop_seen_won_back():
+    # by hand: two moves from the baseline (1.0) screened at 0.90 and 0.80 measure 0.96
+    # and 0.94, winning back 0.6 and 0.7 of their drops; a screen at 0.70 that started
+    # from 0.95 is then expected at 0.70 + 0.7 * 0.25
+    values = {(0, -1): (0.90, 0.96), (1, -1): (0.80, 0.94)}
+    oracle = FakeOracle(lambda s: values.get(s, (0, 1.0))[1], lambda s: 100 - sum(s), target=0.9)
+    oracle.screen = lambda s: Point(s, values[s.index][0], 1, False, False)
+    search = MarginalSearch(oracle, (4, 4), recovery="proportional")
+    search.measure(Setting.off(2))
+    assert search.share_at(1) == 0.5  # the prior, before two were seen
+    for index in values:
+        search.screen(Setting(index), start=1.0)
+        search.measure(Setting(index))
+    assert search.shares[1] == pytest.approx([0.6, 0.7]) and search.share_at(1) == pytest.approx(0.7)
+    later = Point(Setting((2, -1)), 0.70, 1, False, False)
+    search.starts[later.setting] = 0.95
+    assert search.expected(later) == pytest.approx(0.70 + 0.7 * 0.25)
+
+
+def test_a_large_move_the_additive_margin_rules_out_is_measured_under_the_proportional_model():
+    # stage a: 0.001 per position for 10 bytes; stage b: 0.01 for 1000. A screen sees 3x
+    # the damage fine-tuning leaves (k = 3), so b's first position, truly 0.989 from
+    # (0, -1), screens at 0.959: under a 0.01 margin the additive rule never measures it
+    # (and the margin it learns from a's small moves only narrows), while 0.959 plus half
+    # its 0.04 drop is expected to meet 0.97.
+    ends = {}
+    for recovery in ("additive", "proportional"):
+        oracle = DamageOracle(*linear((0.001, 0.01), (10, 1000), full=10_000), target=0.97, k=3)
+        search = MarginalSearch(oracle, (8, 8), margin=0.01, names=("a", "b"), recovery=recovery)
+        ends[recovery] = search.trade(start_at(search, (0, -1)))
+        if recovery == "proportional":
+            b_moves = [m for m in search.outcome.moves if m.verified and m.kind.startswith("b")]
+            assert b_moves[0].setting == (0, 0) and b_moves[0].accepted
+            assert search.shares[1][0] == pytest.approx(0.75)  # k / (1 + k), measured
+    assert ends["additive"].index[1] == -1
+    # b at two positions (0.999 - 0.02 = 0.979; a third would be 0.969), then a to 0.97
+    assert ends["proportional"].index[1] == 1 and oracle.accuracy(ends["proportional"].index) >= 0.97
+    assert oracle.size(ends["proportional"].index) < oracle.size(ends["additive"].index) - 1900
+
+
+def test_under_the_proportional_model_the_first_setting_is_bolder_and_still_one_fine_tune():
+    # k = 1: fine-tuning wins back half of a screen's drop, which is the prior share, so
+    # the expectation is exact; the additive rule's phases 1 and 2 stop where the bare
+    # screen meets, at half the true drop
+    found = {}
+    for recovery in ("additive", "proportional"):
+        oracle = DamageOracle(*linear((0.004, 0.004, 0.004), (100, 100, 100)), target=0.95, k=1)
+        search = MarginalSearch(oracle, (16, 16, 16), margin=0.02, recovery=recovery)
+        search.measure(Setting.off(3))
+        search.alone()
+        found[recovery] = search.together()
+        assert len(oracle.measured) == 1 and search.measured[found[recovery]].meets
+    assert found["proportional"].stages_on == 3
+    assert oracle.size(found["proportional"].index) < oracle.size(found["additive"].index)
+
+
+def test_an_unknown_recovery_model_is_refused():
+    with pytest.raises(ValueError, match="recovery must be one of additive, proportional"):
+        MarginalSearch(FakeOracle(*linear((0.01,), (1,)), target=0.9), (4,), recovery="hopeful")
