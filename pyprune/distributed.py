@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .text import first_line
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -36,6 +38,11 @@ class Shard:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+
+class JoinError(RuntimeError):
+    """This process could not join the process group, most often because a peer
+    already failed and left (its error is on stderr): said in one line, not a traceback."""
 
 
 def launched_by_torchrun() -> bool:
@@ -50,7 +57,12 @@ def init_from_env() -> Shard:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend)
+        except RuntimeError as exc:  # torch's DistError family included
+            others = int(os.environ["WORLD_SIZE"]) - 1
+            raise JoinError(f"could not join the other {others} process{'es' if others > 1 else ''} "
+                            f"(one may have failed and left): {first_line(exc)}") from None
     return current()
 
 
@@ -114,7 +126,12 @@ def shutdown(together: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
         if together:
             dist.barrier()
-        dist.destroy_process_group()
+            dist.destroy_process_group()
+            return
+        # a peer that failed first may have closed its connections already: leaving can
+        # then fail too, which must not add a traceback to the error this process printed
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

@@ -145,3 +145,39 @@ def test_nproc_passes_on_the_exit_code_of_the_failing_process(tmp_path, models_d
     assert f"{out} exists; pass --force" in run.stderr
     assert "Traceback" not in run.stderr
     assert out.read_bytes() == b"keep me"
+
+
+def test_a_process_that_cannot_join_its_peers_says_so_in_one_line(monkeypatch, capsys):
+    """Under --nproc, a peer that failed first (an existing output, say) can leave while
+    this process is still joining; the store then reports "Connection closed by peer".
+    That is one line and exit 1, not a traceback beside the peer's error."""
+    import torch.distributed as dist
+
+    from pyprune.cli.app import main
+
+    def peer_left(*args, **kwargs):
+        raise dist.DistNetworkError("Connection closed by peer\nmore detail")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", peer_left)
+    assert main(["passes"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["pyprune passes: error: could not join the other 1 process (one may have failed and "
+                                "left): Connection closed by peer"], err
+
+
+def test_leaving_after_a_failure_never_raises(monkeypatch):
+    """After its own error a process leaves the group at once; a peer gone first can
+    make that fail, which must not hide the error with a traceback."""
+    import torch.distributed as dist
+
+    from pyprune import distributed
+
+    def broken():
+        raise dist.DistNetworkError("Connection closed by peer")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", broken)
+    distributed.shutdown(together=False)  # returns
+    with pytest.raises(dist.DistNetworkError):  # after a success a failure to leave is real
+        monkeypatch.setattr(dist, "barrier", lambda: None)
+        distributed.shutdown(together=True)

@@ -14,6 +14,7 @@ from ..version import __version__
 from . import compile, evaluate, export, info, inspect, opt, passes, train
 from .args import MODEL_EPILOG, Formatter
 
+EXIT_FAILED = 1  # the run could not go on (a process of an --nproc run could not join the others)
 EXIT_USAGE = 2  # bad input: flags, files, data, models
 EXIT_UNVERIFIED = 3  # the ONNX file does not reproduce the model
 EXIT_INTERRUPTED = 130
@@ -65,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "it is the global batch, split evenly between the processes", file=sys.stderr)
             return EXIT_USAGE
         return distributed.launch(args.nproc, _without_nproc(argv))
-    distributed.init_from_env()
+    try:
+        distributed.init_from_env()
+    except distributed.JoinError as exc:
+        print(f"pyprune {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if not distributed.is_main():
         # every process runs the same program; only rank 0 speaks (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
