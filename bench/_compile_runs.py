@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from _checkpoints import add_checkpoint_args, load_checkpoint
+from pyprune.api import RECOVERY_MODELS
 from pyprune.compile import CompileConfig, compile_model
 from pyprune.data import DataSpec
 from pyprune.search.target import Target
@@ -35,6 +36,10 @@ def add_common_args(p: argparse.ArgumentParser, finetune_epochs: float) -> None:
     p.add_argument("--screen-steps", type=int, default=0, help="compile's --screen-steps")
     p.add_argument("--measure-from", choices=("accepted", "baseline"), default="accepted",
                    help="compile's --measure-from (the marginal search's deciding measurements)")
+    p.add_argument("--no-per-layer", dest="per_layer", action="store_false",
+                   help="compile's --no-per-layer: the search explores only the stages' ladders, as a grid does")
+    p.add_argument("--recovery-model", choices=RECOVERY_MODELS, default="additive",
+                   help="compile's --recovery-model (how the marginal search expects fine-tuning to recover)")
     p.add_argument("--keep-reports", metavar="DIR",
                    help="keep each run's compile output (report.json with the search's moves, report.md, "
                         "model.ppz) in DIR/<arch>-<label>; by default it is deleted")
@@ -61,7 +66,8 @@ def compile_run(args: argparse.Namespace, label: str, **settings) -> Run:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args)
     settings = {"budget_minutes": args.budget_minutes, "distill": args.distill, "final_epochs": args.final_epochs,
-                "screen_steps": args.screen_steps, "measure_from": args.measure_from, **settings}
+                "screen_steps": args.screen_steps, "measure_from": args.measure_from,
+                "recovery": args.recovery_model, "per_layer": args.per_layer, **settings}
     kept = Path(args.keep_reports) / re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.arch}-{label}") if args.keep_reports \
         else None
     with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         args.arch = arch
         print(f"{arch}: target val >= own val - {args.max_drop}, {args.budget_minutes} min per method, "
-              f"fine-tuning {args.finetune_epochs} epoch per candidate, distill {args.distill}, seed 0", flush=True)
+              f"fine-tuning {args.finetune_epochs} epoch per candidate, distill {args.distill}, recovery model {args.recovery_model}, seed 0", flush=True)
         methods = [("slimming only", {"order": ("slim",)}), ("deep compression only", {"order": ("mask", "quant")}),
                    ("combined", {"order": ("slim", "mask", "quant")})]
         if args.grid:

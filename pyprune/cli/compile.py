@@ -95,7 +95,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default) measures candidates whose screen is within --recover-margin of the target, a "
                         "margin that becomes 1.5x the most fine-tuning has recovered; proportional expects "
                         "fine-tuning to win back a share of each candidate's own screened drop (the most seen so "
-                        "far, 0.5 before that), so larger moves are tried, and starts from a bolder first setting")
+                        "far, 0.5 before that), so larger moves are tried, and starts from a bolder first setting; the "
+                        "per-layer step judges its screens the same way")
     g.add_argument("--budget-minutes", type=float, metavar="M",
                    help="stop searching after M minutes and keep the best verified model so far")
     g = p.add_argument_group("training")

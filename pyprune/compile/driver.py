@@ -188,6 +188,7 @@ def _marginal(ev: Evaluator, start: State, stages: list[Stage], margin: float, m
         # (the step stops at the budget like any other: its screens may fit and not its measurement)
         layers.effort = search.verified_effort(result.best.setting)
         layers.margin = search.margin_at(layers.effort)
+        layers.share = search.share_at(layers.effort) if recovery == "proportional" else None
         refinement = layers.run(result.best.setting)
         result.budget_exhausted = result.budget_exhausted or refinement.budget_exhausted
         layer_moves = [{**m.to_dict(), "levels": ""} for m in refinement.moves]

@@ -9,7 +9,10 @@ is screened one position further than the rest (BatchNorm recalibration, screeni
 of val accuracy) and what it saves (bytes). :func:`allocate` takes layers by bytes
 per point until their summed cost uses the slack: the chosen model's val accuracy
 minus the target, plus the recovery margin (what fine-tuning has been seen to
-recover). Single-layer costs do not add up (two layers pushed together cost more
+recover). Under the proportional recovery model (``share``, see :mod:`.marginal`) a
+push is judged as the marginal search judges a move: fine-tuning is expected to win
+back ``share`` of the screen's drop from the chosen model, so the slack is the drop
+whose unrecovered part still meets the target. Single-layer costs do not add up (two layers pushed together cost more
 than the two alone), so the allocation is screened as a whole first and halved,
 best layers kept, until that joint screen is within the margin of the target. Only
 then is it measured like any candidate (fine-tuned, all of val), and kept if it
@@ -35,7 +38,7 @@ from torch import fx, nn
 from ..passes import weight_layers
 from .candidates import State
 from .evaluator import BudgetExhausted, Evaluator
-from .marginal import MIN_COST, Move, Setting
+from .marginal import MIN_COST, MIN_MARGIN, Move, Setting, expected_recovery
 from .marginal_oracle import EvaluatorOracle, rerun
 
 MAX_TRIES = 3  # measurements of one stage's allocation: all of it, then halves
@@ -94,10 +97,12 @@ class LayerOutcome:
 class LayerRefinement:
     """See the module docstring; ``setting`` is what the marginal search chose."""
 
-    def __init__(self, ev: Evaluator, oracle: EvaluatorOracle, margin: float, effort: int = 1) -> None:
+    def __init__(self, ev: Evaluator, oracle: EvaluatorOracle, margin: float, effort: int = 1,
+                 share: float | None = None) -> None:
         self.ev = ev
         self.oracle = oracle
         self.margin = margin
+        self.share = share  # None: the additive recovery model (``margin``); else the proportional one's share
         # A deciding measurement fine-tunes as long as the one that verified the chosen
         # model: a shorter restart of the schedule can lose what the longer one bought
         # (2-bit codebooks fell 16 points in 0.5 epoch after 4 epochs had them meeting).
@@ -144,10 +149,10 @@ class LayerRefinement:
                         continue
                     gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
                     self._log(outcome, "layers", f"{stage.name} {name}+1", c, estimate, False)
-                slack = base_accuracy - self.ev.target + self.margin
-                chosen = allocate(gains, costs, slack, floors)
+                chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
                 for _ in range(MAX_TRIES):
-                    chosen = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k, chosen)
+                    chosen = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k, chosen,
+                                                 base_accuracy)
                     if not chosen:
                         break
                     trial = {**overrides, k: {**fixed, **dict.fromkeys(chosen, further)}}
@@ -166,6 +171,21 @@ class LayerRefinement:
         except BudgetExhausted:
             outcome.budget_exhausted = True
         return outcome
+
+    def slack(self, base_accuracy: float) -> float:
+        """The estimated accuracy the layers pushed together may lose from
+        ``base_accuracy`` and still be expected to meet the target once fine-tuned."""
+        if self.share is None:
+            return base_accuracy - self.ev.target + self.margin
+        # base - d + share * d >= target - MIN_MARGIN, solved for the drop d
+        return (base_accuracy - self.ev.target + MIN_MARGIN) / max(1.0 - self.share, 1e-3)
+
+    def within(self, estimate: float, base_accuracy: float) -> bool:
+        """Whether a screen ``estimate`` of a push from ``base_accuracy`` is worth a
+        deciding measurement."""
+        if self.share is None:
+            return estimate >= self.ev.target - self.margin
+        return expected_recovery(estimate, base_accuracy, self.share) >= self.ev.target - MIN_MARGIN
 
     def _floors_back(self, outcome: LayerOutcome, parent: State, setting: Setting,
                      overrides: Mapping[int, dict[str, Any]], k: int, floors: set[str],
@@ -188,9 +208,12 @@ class LayerRefinement:
         return kept, estimate, c.size_bytes
 
     def _fit_on_screen(self, outcome: LayerOutcome, parent: State, setting: Setting,
-                       overrides: Mapping[int, dict[str, Any]], k: int, chosen: list[str]) -> list[str]:
+                       overrides: Mapping[int, dict[str, Any]], k: int, chosen: list[str],
+                       base_accuracy: float | None = None) -> list[str]:
         """The longest prefix of ``chosen`` (halving) whose layers, pushed together,
-        screen within the margin of the target, down to its best layer alone."""
+        screen :meth:`within` reach of the target from ``base_accuracy`` (default:
+        ``parent``'s), down to its best layer alone."""
+        base_accuracy = parent.val_accuracy if base_accuracy is None else base_accuracy
         stage = self.oracle.stages[k]
         further = stage.levels[setting.index[k] + 1]
         while len(chosen) > 1:  # one layer's own screen fits: allocate took it within the slack
@@ -199,7 +222,7 @@ class LayerRefinement:
             c = self.ev.screen_pipeline(parent, specs, stage.name, further, steps=steps)
             estimate = self.ev.screen_estimate(parent, c)
             self._log(outcome, "layers", f"{stage.name}: {len(chosen)} layers +1", c, estimate, False)
-            if estimate is not None and estimate >= self.ev.target - self.margin:
+            if estimate is not None and self.within(estimate, base_accuracy):
                 return chosen
             chosen = chosen[:len(chosen) // 2]
         return chosen

@@ -80,6 +80,8 @@ NEAR_MISS = 0.01
 # A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
 # of accuracy, ranks such moves by their bytes instead.
 MIN_COST = 1e-4
+# How a screen's promise is judged (see the module docstring): fine-tuning recovers
+# up to a margin learnt from the deciding measurements, or a share of the screen's drop.
 RECOVERY_MODELS = ("additive", "proportional")
 #: The proportional model's share of a screen's drop that fine-tuning regains, until
 #: two deciding measurements at the search's effort have shown it.
@@ -87,6 +89,12 @@ PRIOR_SHARE = 0.5
 # A screen that lost less than this from its starting model says little about the
 # share fine-tuning regains (the ratio of two small differences): not counted.
 MIN_DROP = 0.01
+
+
+def expected_recovery(screen: float, start: float, share: float) -> float:
+    """The proportional model's expectation of a move that screened ``screen`` from a
+    model of accuracy ``start``: the screen plus ``share`` of its drop."""
+    return screen + share * max(0.0, start - screen)
 
 
 @dataclass(frozen=True, order=True)
@@ -379,9 +387,9 @@ class MarginalSearch:
         if point.accuracy is None:
             return None
         start = self.starts.get(point.setting)
-        if start is None or start <= point.accuracy:
+        if start is None:
             return point.accuracy
-        return point.accuracy + self.share_at(self.effort) * (start - point.accuracy)
+        return expected_recovery(point.accuracy, start, self.share_at(self.effort))
 
     def _recoverable(self, point: Point) -> bool:
         if point.accuracy is None:

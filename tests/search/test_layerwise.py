@@ -144,6 +144,24 @@ def test_an_allocation_is_halved_until_its_joint_screen_is_within_the_margin():
     assert ev.screened[3:] == [8, 4, 2]
 
 
+def test_under_the_proportional_model_a_joint_screen_is_judged_by_its_expected_recovery():
+    ev = JointCost()
+    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.8))], absolute=[True])
+    refinement = LayerRefinement(ev, oracle, margin=0.005, share=0.5)
+    parent = SimpleNamespace(val_accuracy=0.93)
+    layers = [f"l{i}" for i in range(8)]
+    # 8 layers screen 0.85: expected 0.85 + 0.5 * 0.08 = 0.89 < 0.90 - 0.005; 4 layers 0.89:
+    # expected 0.91, measured (the additive margin of 0.005 stopped at 2 layers, above)
+    outcome = LayerOutcome(None)
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0", "l1", "l2", "l3"]
+    assert ev.screened == [8, 4]
+    # the allocation's slack is the drop whose unrecovered half still meets: (0.93 - 0.90 + 0.005) / 0.5
+    assert abs(refinement.slack(0.93) - 0.07) < 1e-12
+    assert abs(LayerRefinement(ev, oracle, margin=0.005).slack(0.93) - 0.035) < 1e-12
+    # from a lower start the same screen is a smaller drop, so less is expected of it
+    assert refinement.within(0.88, 0.93) and not refinement.within(0.88, 0.90)
+
+
 class FloorsMatter:
     """mask at 0.7: floors back at 0.5 screen `floor_gain` better; each body layer at
     0.8 screens 0.015 worse and saves 100 bytes; the floors back cost 10 bytes."""
@@ -198,3 +216,28 @@ def test_floors_kept_less_compressed_give_their_accuracy_to_the_other_layers():
     ev = FloorsMatter(floor_gain=-0.01)  # the floors back screen worse: kept at 0.7, and 1 point of slack buys nothing
     outcome = LayerRefinement(ev, oracle, margin=0.001).run(Setting((1,)))
     assert outcome.state is None and ev.measured == []
+
+
+def test_the_compiles_per_layer_step_judges_screens_by_the_searchs_recovery_model(monkeypatch):
+    from pyprune.compile import driver
+    from pyprune.search.marginal import MarginalSearch
+
+    seen, shares = [], []
+    share_at = MarginalSearch.share_at
+
+    def run(self, setting):
+        seen.append(self.share)
+        return LayerOutcome(None)
+
+    def recorded_share_at(self, effort):
+        shares.append(share_at(self, effort))
+        return shares[-1]
+
+    monkeypatch.setattr(LayerRefinement, "run", run)
+    monkeypatch.setattr(MarginalSearch, "share_at", recorded_share_at)
+    for recovery in ("additive", "proportional"):
+        ev, base = tiny_evaluator(target=0.0), tiny_base()
+        base.candidate = ev.baseline(base)
+        driver._marginal(ev, base, [Stage("mask", (0.5, 0.8))], 0.1, 1, per_layer=True, recovery=recovery)
+    # the share the search holds at the verified effort when the step starts
+    assert seen == [None, shares[-1]] and 0 < shares[-1] <= 1
