@@ -76,8 +76,8 @@ baselines: install
 
 # The long fuzz run: FUZZ_COUNT structure-aware mutants of each model-file kind (.ppz,
 # graph file) through inspect, info and eval, in worker processes (tests/fuzz). Prints
-# one row of counts per kind and every finding; fails on any finding, a hang over 30 s
-# or a worker over 2 GB. Findings are kept in FUZZ_OUT.
+# one row of counts per kind and every finding; fails on any finding, a hang (30 s of CPU
+# on one mutant) or a worker over 2 GB. Findings are kept in FUZZ_OUT.
 FUZZ_COUNT ?= 20000
 FUZZ_OUT ?= /tmp/pyprune-fuzz
 fuzz: install

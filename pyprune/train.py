@@ -357,13 +357,27 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     return logs
 
 
+@contextlib.contextmanager
+def _layout(model: nn.Module, channels_last: bool):
+    """The memory format to feed ``model`` in: NHWC with its weights made so for the
+    block, else NCHW. Later passes slice weights as plain NCHW tensors, hence the return."""
+    if not channels_last:
+        yield torch.contiguous_format
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std: Sequence[float],
-                   images: int = 1024, batch_size: int = 128, seed: int = 0) -> int:
+                   images: int = 1024, batch_size: int = 128, seed: int = 0, channels_last: bool = False) -> int:
     """Re-estimate every BatchNorm's running mean and variance from the first
     ``images`` of ``dataset`` (no weight update): pruning and quantization shift
     the activations, and stale statistics alone cost accuracy that needs no
@@ -372,7 +386,7 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
     ResNet-20, recalibrating on plain images costs 2.4 points of test-search
     accuracy, on augmented ones it gains 2.4. Statistics are the plain average
     over the batches (momentum ``None``). Returns the number of images used (0
-    when the model has no BatchNorm)."""
+    when the model has no BatchNorm). ``channels_last``: see :func:`evaluate`."""
     bns = _batchnorms(model)
     if not bns:
         return 0
@@ -384,8 +398,9 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
         m.momentum = None
     model.train()
     try:
-        for x, _ in subset.batches(batch_size, mean, std, augment=True, seed=seed):
-            model(x)
+        with _layout(model, channels_last) as layout:
+            for x, _ in subset.batches(batch_size, mean, std, augment=True, seed=seed):
+                model(x.contiguous(memory_format=layout))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -395,10 +410,13 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std: Sequence[float],
-             batch_size: int = 500, progress: bool = True) -> EvalResult:
+             batch_size: int = 500, progress: bool = True, channels_last: bool = False) -> EvalResult:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``, in eval
     mode. Under torchrun each process evaluates a contiguous part of the images and
-    every process returns the result over all of them."""
+    every process returns the result over all of them. ``channels_last`` runs a plain
+    PyTorch model in NHWC (its weights are plain NCHW again on return): on the CPU
+    here ResNet-20's forward at batch 500 runs 2.1x faster so; not for modules with
+    their own kernels (the runtime's), which expect NCHW."""
     shard = distributed.current()
     n = len(dataset)
     part = dataset
@@ -412,11 +430,12 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
     predictions = []
     start = time.perf_counter()
     try:
-        for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            predictions.append(logits.argmax(1))
-            correct += (predictions[-1] == y).sum().item()
+        with _layout(model, channels_last) as layout:
+            for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
+                logits = model(x.contiguous(memory_format=layout))
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                predictions.append(logits.argmax(1))
+                correct += (predictions[-1] == y).sum().item()
     finally:
         model.train(was_training)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)

@@ -229,6 +229,21 @@ def test_evaluate_matches_direct_computation():
     assert torch.equal(result.predictions, logits.argmax(1))  # per image, in dataset order, across batches
 
 
+def test_evaluate_and_recalibrate_in_channels_last_match_nchw_and_hand_the_weights_back_nchw():
+    from pyprune.train import recalibrate_bn
+
+    data = tiny_data(70)
+    plain, nhwc = tiny_net(), tiny_net()
+    recalibrate_bn(plain, data, MEAN, STD, images=64, batch_size=16)
+    recalibrate_bn(nhwc, data, MEAN, STD, images=64, batch_size=16, channels_last=True)
+    torch.testing.assert_close(nhwc[1].running_mean, plain[1].running_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nhwc[1].running_var, plain[1].running_var, rtol=1e-4, atol=1e-5)
+    a = evaluate(plain, data, MEAN, STD, batch_size=32, progress=False)
+    b = evaluate(plain, data, MEAN, STD, batch_size=32, progress=False, channels_last=True)
+    assert torch.equal(a.predictions, b.predictions) and b.loss == pytest.approx(a.loss, rel=1e-4)
+    assert plain[0].weight.is_contiguous() and nhwc[0].weight.is_contiguous()
+
+
 def test_bad_config():
     with pytest.raises(ValueError):
         TrainConfig(epochs=0)

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=20000, help="mutants per kind (default: 20000)")
     ap.add_argument("--start", type=int, default=0, help="first mutant number, to resume or replay (default: 0)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
-    ap.add_argument("--deadline", type=float, default=30.0, help="seconds before a mutant counts as a hang")
+    ap.add_argument("--deadline", type=float, default=30.0,
+                    help="CPU seconds a worker may spend on one mutant before it counts as a hang (or 4x that "
+                         "on the clock without computing)")
     ap.add_argument("--seed", type=int, default=0, help="run seed: the same seed makes the same mutants")
     ap.add_argument("--max-rss-mb", type=float, default=2048, help="peak memory a worker may reach (default: 2048)")
     ap.add_argument("--out", type=Path, default=None, help="folder for seeds and findings (default: a temporary one)")

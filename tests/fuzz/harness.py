@@ -2,8 +2,10 @@
 
 Each mutant is written to a file and given to the commands a user would run on it
 (``inspect``, ``info``, ``eval`` on eight test images), in-process in a worker, so a
-worker that dies is a crash and one that does not answer within the deadline is a hang;
-both are killed and replaced. Every command must end in one of two ways:
+worker that dies is a crash and one that spends the deadline's seconds of CPU on one
+mutant (or, waiting without computing, :data:`WALL_FACTOR` times them on the clock) is a
+hang; both are killed and replaced. CPU time, not the clock, because a worker starved by
+other work on the machine is slow, not stuck. Every command must end in one of two ways:
 
 * ``ok``: exit 0 (the mutation left a model pyprune can load and run);
 * ``clean``: exit 2 with one line on stderr, ``pyprune CMD: error: ...``, naming the file.
@@ -114,6 +116,32 @@ class Worker:
     conn: Connection
     number: int | None = None
     started: float = 0.0
+    cpu_started: float | None = None
+
+    def overdue(self, deadline: float) -> bool:
+        """Whether the mutant in hand has taken ``deadline`` seconds of this worker's
+        CPU, or ``WALL_FACTOR`` times that on the clock (a deadlock computes nothing);
+        where CPU time cannot be read, ``deadline`` on the clock."""
+        wall = time.monotonic() - self.started
+        cpu = cpu_seconds(self.process.pid)
+        if cpu is None or self.cpu_started is None:
+            return wall > deadline
+        return cpu - self.cpu_started > deadline or wall > WALL_FACTOR * deadline
+
+
+#: How many deadlines of wall-clock time a worker may wait without using its CPU.
+WALL_FACTOR = 4
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process ``pid`` and all its threads, from
+    ``/proc`` (None where there is none, or the process is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -178,7 +206,7 @@ def run(kind: str, seeds: dict[str, bytes], numbers: range, folder: Path, worker
         while todo or any(w.number is not None for w in pool.workers):
             for w in pool.workers:
                 if w.number is None and todo:
-                    w.number, w.started = todo.pop(), time.monotonic()
+                    w.number, w.started, w.cpu_started = todo.pop(), time.monotonic(), cpu_seconds(w.process.pid)
                     w.conn.send(w.number)
             busy = [w for w in pool.workers if w.number is not None]
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=1.0)
@@ -194,8 +222,8 @@ def run(kind: str, seeds: dict[str, bytes], numbers: range, folder: Path, worker
                     _record(summary, number, results, rss, folder)
                 elif not w.process.is_alive():
                     _finding(summary, number, "crash", f"worker exit code {w.process.exitcode}", folder)
-                elif time.monotonic() - w.started > deadline:
-                    _finding(summary, number, "hang", f"no answer in {deadline:.0f} s", folder)
+                elif w.overdue(deadline):
+                    _finding(summary, number, "hang", f"no answer in {deadline:.0f} s of CPU", folder)
                 else:
                     continue
                 summary.mutants += 1

@@ -5,7 +5,11 @@ with nothing but exit 0 or a one-line error naming the file allowed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,3 +76,41 @@ def test_a_missing_file_is_a_clean_refusal(tmp_path: Path) -> None:
     verdict, detail = harness.run_command(["info"], tmp_path / "absent.pt")
     assert verdict == "clean", detail
     assert os.fspath(tmp_path / "absent.pt") in detail
+
+
+def _child(code: str) -> subprocess.Popen:
+    """A Python process that runs ``code`` after saying it has started."""
+    child = subprocess.Popen([sys.executable, "-c", f"print('ready', flush=True)\n{code}"], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="CPU time is read from /proc")
+def test_a_hang_is_cpu_time_spent_on_one_mutant_not_time_waited_by_a_starved_worker() -> None:
+    sleeper = _child("import time; time.sleep(60)")
+    spinner = _child("import time\nwhile True: pass")
+    try:
+        # a worker that waited 5 s without computing is starved or blocked: a hang only
+        # after WALL_FACTOR deadlines of the clock
+        idle = harness.Worker(SimpleNamespace(pid=sleeper.pid), None, 1, time.monotonic() - 5,
+                              harness.cpu_seconds(sleeper.pid))
+        assert not idle.overdue(deadline=2.0)
+        idle.started -= 2.0 * harness.WALL_FACTOR
+        assert idle.overdue(deadline=2.0)
+        # one that computed for a deadline's CPU seconds hangs, whatever the clock says
+        busy = harness.Worker(SimpleNamespace(pid=spinner.pid), None, 1, time.monotonic(),
+                              harness.cpu_seconds(spinner.pid))
+        waited = time.monotonic()
+        while harness.cpu_seconds(spinner.pid) - busy.cpu_started < 0.5 and time.monotonic() - waited < 60:
+            time.sleep(0.05)
+        busy.started = time.monotonic()
+        assert busy.overdue(deadline=0.4) and not busy.overdue(deadline=5.0)
+    finally:
+        for child in (sleeper, spinner):
+            child.kill()
+            child.wait()
+    # a process that is gone has no CPU time to read: the clock decides
+    assert harness.cpu_seconds(sleeper.pid) is None
+    gone = harness.Worker(SimpleNamespace(pid=sleeper.pid), None, 1, time.monotonic() - 3, None)
+    assert gone.overdue(deadline=2.0) and not gone.overdue(deadline=5.0)

@@ -25,6 +25,7 @@ class FakeOracle:
         self.measured: list[tuple[tuple[int, ...], bool]] = []  # (setting, final)
         self.efforts: list[int] = []
         self.recovery = 0.0  # accuracy each extra unit of fine-tuning effort adds
+        self.measured_size: Callable[[tuple[int, ...]], int] | None = None  # when fine-tuning changes the bytes
 
     def _spend(self, final: bool) -> None:
         if self.calls is not None and not final:
@@ -44,7 +45,8 @@ class FakeOracle:
             self.measured.append((setting.index, final))
             self.efforts.append(effort)
         a = self.accuracy(setting.index) + self.recovery * (effort - 1)
-        return Point(setting, a, self.size(setting.index), a >= self.target or not setting.stages_on, True)
+        size = (self.measured_size or self.size)(setting.index)
+        return Point(setting, a, size, a >= self.target or not setting.stages_on, True)
 
 
 def linear(costs: tuple[float, ...], gains: tuple[int, ...], full: int = 10_000):
@@ -71,6 +73,26 @@ def test_a_move_goes_to_the_stage_with_the_most_bytes_per_point():
     first = next(m for m in search.outcome.moves if m.phase == "trade" and m.verified)
     assert first.kind == "b+1" and first.setting == (0, 1) and first.accepted
     assert first.rate == pytest.approx(50 / 0.001)
+
+
+def test_a_move_or_swap_whose_measured_file_is_larger_than_the_screen_promised_is_not_taken():
+    # one stage: (1,) screens 800 bytes from (0,)'s 900, but measures 950 once fine-tuned
+    accuracy, size = linear((0.001,), (100,), full=1000)
+    oracle = FakeOracle(accuracy, size, target=0.9)
+    oracle.measured_size = lambda index: 950 if index == (1,) else size(index)
+    search = MarginalSearch(oracle, (3,), names=("a",))
+    assert search.trade(start_at(search, (0,))) == Setting((0,))
+    assert [(m.setting, m.accepted) for m in search.outcome.moves if m.verified] == [((1,), False)]
+
+    # two stages, no move meets from (1, 0); the swap a-1,b+1 screens 210 bytes under it
+    # (a: 10 bytes a position, b: 100) but measures 20 over it
+    accuracy, size = linear((0.02, 0.02), (10, 100), full=1000)
+    oracle = FakeOracle(accuracy, size, target=0.935)
+    oracle.measured_size = lambda index: 900 if index == (0, 1) else size(index)
+    search = MarginalSearch(oracle, (3, 3), names=("a", "b"))
+    assert search.trade(start_at(search, (1, 0))) == Setting((1, 0))
+    swaps = [m for m in search.outcome.moves if m.phase == "swap" and m.verified]
+    assert [(m.kind, m.bytes, m.accepted) for m in swaps] == [("a-1,b+1", 900, False)]
 
 
 def test_a_stage_that_buys_less_than_it_costs_is_backed_off_by_a_swap():
