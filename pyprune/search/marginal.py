@@ -22,9 +22,9 @@ every technique that pays:
    whose one-position move failed is done. When no stage can move, try *swaps*:
    one stage backed off one position while another goes one or two further, or
    all the others one further; the (at most :data:`MAX_SWAPS`) best by bytes per
-   point are measured, and the first that meets (and is smaller) is taken. The recovery margin
-   adapts: after two deciding measurements it is 1.5 times the most that
-   fine-tuning recovered over a screen. This is how a technique that costs more
+   point are measured, and the first that meets (and is smaller) is taken. The
+   recovery margin adapts: after two deciding measurements it is 1.5 times the most
+   that fine-tuning recovered over a screen. This is how a technique that costs more
    accuracy than it saves gives its budget away, down to being dropped.
 
    With ``recovery="proportional"`` a screen is judged by what fine-tuning is
