@@ -13,8 +13,9 @@ recover). Under the proportional recovery model (``share``, see :mod:`.marginal`
 push is judged as the marginal search judges a move: fine-tuning is expected to win
 back ``share`` of the screen's drop from the chosen model, so the slack is the drop
 whose unrecovered part still meets the target. Single-layer costs do not add up
-(two layers pushed together cost more than the two alone), so the allocation is screened as a whole first and halved,
-best layers kept, until that joint screen is within the margin of the target. Only
+(two layers pushed together cost more than the two alone), so the allocation is
+screened as a whole first and halved, best layers kept, until that joint screen is
+within the margin of the target. Only
 then is it measured like any candidate (fine-tuned, all of val), and kept if it
 meets the target and is smaller; when it misses, the first half of it is screened
 and measured again, twice at most.
