@@ -210,11 +210,10 @@ class LayerRefinement:
 
     def _fit_on_screen(self, outcome: LayerOutcome, parent: State, setting: Setting,
                        overrides: Mapping[int, dict[str, Any]], k: int, chosen: list[str],
-                       base_accuracy: float | None = None) -> list[str]:
+                       base_accuracy: float) -> list[str]:
         """The longest prefix of ``chosen`` (halving) whose layers, pushed together,
-        screen :meth:`within` reach of the target from ``base_accuracy`` (default:
-        ``parent``'s), down to its best layer alone."""
-        base_accuracy = parent.val_accuracy if base_accuracy is None else base_accuracy
+        screen :meth:`within` reach of the target from ``base_accuracy`` (the parent's
+        accuracy after the floors' step back), down to its best layer alone."""
         stage = self.oracle.stages[k]
         further = stage.levels[setting.index[k] + 1]
         while len(chosen) > 1:  # one layer's own screen fits: allocate took it within the slack

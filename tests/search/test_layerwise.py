@@ -136,11 +136,11 @@ def test_an_allocation_is_halved_until_its_joint_screen_is_within_the_margin():
     layers = [f"l{i}" for i in range(8)]
     # 8 layers estimate 0.85, 4 layers 0.89: below 0.90 - 0.005; 2 layers 0.91 fit, the best two
     outcome = LayerOutcome(None)
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0", "l1"]
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0", "l1"]
     assert ev.screened == [8, 4, 2] and [m.kind for m in outcome.moves] == [
         "mask: 8 layers +1", "mask: 4 layers +1", "mask: 2 layers +1"]
     ev.target = 0.93  # the best layer alone is left: its own screen fitted when it was allocated
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0"]
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0"]
     assert ev.screened[3:] == [8, 4, 2]
 
 
@@ -153,7 +153,7 @@ def test_under_the_proportional_model_a_joint_screen_is_judged_by_its_expected_r
     # 8 layers screen 0.85: expected 0.85 + 0.5 * 0.08 = 0.89 < 0.90 - 0.005; 4 layers 0.89:
     # expected 0.91, measured (the additive margin of 0.005 stopped at 2 layers, above)
     outcome = LayerOutcome(None)
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers) == ["l0", "l1", "l2", "l3"]
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0", "l1", "l2", "l3"]
     assert ev.screened == [8, 4]
     # the allocation's slack is the drop whose unrecovered half still meets: (0.93 - 0.90 + 0.005) / 0.5
     assert abs(refinement.slack(0.93) - 0.07) < 1e-12
