@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 PYTEST_ARGS ?=
+# `make test` runs the tests in this many processes (pytest-xdist), each test file in
+# one of them so that a file's module fixtures are built once; 0 runs them in this one.
+PYTEST_WORKERS ?= 2
 
 # The project's shared data and checkpoints, when they sit beside the checkout.
 ifneq ($(wildcard $(SHARED)/data),)
@@ -53,11 +56,11 @@ demo: install
 	@echo "  $(VENV)/bin/pyprune eval $(DEMO_OUT)/model.ppz --split test-report --runtime auto   # on the sparse kernels"
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Everything, including tests marked slow.
 test-all: install
-	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/sparse_conv.py

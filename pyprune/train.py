@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import ArrayDataset
-from .ir import inference_only
+from .ir import in_mode, inference_only
 from .passes.constraints import Hook, Projection, TrainHooks  # what passes ask of training; the engine runs it
 
 __all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "LatentWeights", "Projection", "TrainConfig",
@@ -263,24 +263,21 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
     for start_hook in hooks.on_start:
         start_hook(total_steps)
     device = _training_device(shard)
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    logs: list[EpochLog] = []
-    step = 0
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    model.train()
-    trained = _wrap(model, shard, device)
-    latent = LatentWeights(model, hooks.projections) if hooks.projections else None
     distil = teacher is not None and config.distill > 0
-    if distil:
-        teacher.to(device=device, memory_format=memory_format)
-        teacher_was_training = teacher.training
-        teacher.eval()
     show = config.progress and shard.rank == 0
-    try:
+    logs: list[EpochLog] = []
+    with contextlib.ExitStack() as placed:
+        memory_format = placed.enter_context(_layout(model, config.channels_last, device))
+        if distil:
+            placed.enter_context(_layout(teacher, config.channels_last, device))
+            placed.enter_context(in_mode(teacher, training=False))
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        step = 0
+        model.train()
+        trained = _wrap(model, shard, device)
+        latent = LatentWeights(model, hooks.projections) if hooks.projections else None
         with distributed.synchronized_batchnorm(model) if config.sync_batchnorm else contextlib.nullcontext():
             began = time.perf_counter()
             for epoch in range(math.ceil(config.epochs)):
@@ -343,12 +340,6 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
                 seconds = time.perf_counter() - start
                 logs.append(EpochLog(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1),
                                      seen / max(seconds, 1e-9), seconds, seen))
-    finally:
-        # later passes slice weights as plain NCHW tensors on the CPU
-        model.to(device="cpu", memory_format=torch.contiguous_format)
-        if distil:
-            teacher.to(device="cpu", memory_format=torch.contiguous_format)
-            teacher.train(teacher_was_training)
     if shard.distributed:
         # the statistics are global already; copying rank 0's buffers makes "equal on
         # every process" exact rather than equal up to the order of sums
@@ -358,17 +349,20 @@ def fine_tune(model: nn.Module, train_set: ArrayDataset, mean: Sequence[float], 
 
 
 @contextlib.contextmanager
-def _layout(model: nn.Module, channels_last: bool):
+def _layout(model: nn.Module, channels_last: bool, device: torch.device | None = None):
     """The memory format to feed ``model`` in: NHWC with its weights made so for the
-    block, else NCHW. Later passes slice weights as plain NCHW tensors, hence the return."""
-    if not channels_last:
-        yield torch.contiguous_format
+    block, else NCHW; on ``device`` for the block when one is given. Later passes
+    slice weights as plain NCHW tensors on the CPU, hence the return (to the CPU
+    when the block moved the model)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device is None and not channels_last:
+        yield memory_format
         return
-    model.to(memory_format=torch.channels_last)
+    model.to(device=device, memory_format=memory_format)
     try:
-        yield torch.channels_last
+        yield memory_format
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(device="cpu" if device is not None else None, memory_format=torch.contiguous_format)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -392,19 +386,16 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
         return 0
     subset = dataset.subset(slice(0, images))
     saved = [(m, m.momentum) for m in bns]
-    was_training = model.training
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     try:
-        with _layout(model, channels_last) as layout:
+        with in_mode(model, training=True), _layout(model, channels_last) as layout:
             for x, _ in subset.batches(batch_size, mean, std, augment=True, seed=seed):
                 model(x.contiguous(memory_format=layout))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
-        model.train(was_training)
     return len(subset)
 
 
@@ -423,21 +414,16 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
     if shard.distributed:
         bounds = torch.linspace(0, n, shard.world + 1).round().long().tolist()
         part = dataset.subset(slice(bounds[shard.rank], bounds[shard.rank + 1]))
-    was_training = model.training
-    model.eval()
     loader = part.batches(batch_size, mean, std)
     loss_sum = correct = 0.0
     predictions = []
     start = time.perf_counter()
-    try:
-        with _layout(model, channels_last) as layout:
-            for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
-                logits = model(x.contiguous(memory_format=layout))
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                predictions.append(logits.argmax(1))
-                correct += (predictions[-1] == y).sum().item()
-    finally:
-        model.train(was_training)
+    with in_mode(model, training=False), _layout(model, channels_last) as layout:
+        for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
+            logits = model(x.contiguous(memory_format=layout))
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            predictions.append(logits.argmax(1))
+            correct += (predictions[-1] == y).sum().item()
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
     if shard.distributed:
         loss_sum, correct = distributed.all_reduce_sum([loss_sum, correct])

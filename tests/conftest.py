@@ -43,9 +43,21 @@ def models_dir() -> Path:
     return _or_skip(shared_models_dir(), "shared checkpoints ($PYPRUNE_MODELS or ../shared/models)")
 
 
-# ---- CUDA: one skip condition and one extension fixture for every GPU test ----------
+# ---- pytest-xdist: `make test` runs the suite in one process per core -----------------
 
 import torch  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Each xdist worker gets its share of the cores: left at torch's default, every
+    # worker would run as many threads as there are cores, and on 2 cores two workers
+    # of 2 threads each run the small tensors of these tests slower than one of 2.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# ---- CUDA: one skip condition and one extension fixture for every GPU test ----------
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="no CUDA device (torch.cuda.is_available() is False)")

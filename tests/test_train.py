@@ -251,11 +251,18 @@ def test_bad_config():
         TrainConfig(slim_l1=-1)
 
 
-def test_divergence_raises_instead_of_training_on():
+def test_divergence_raises_instead_of_training_on_and_hands_both_models_back():
     from pyprune.train import DivergenceError
 
+    model, teacher = tiny_net(), tiny_net(seed=1).eval()
     with pytest.raises(DivergenceError, match="diverged"):
-        fine_tune(tiny_net(), tiny_data(), (0.5,) * 3, (0.25,) * 3, config(lr=1e9, epochs=2))
+        fine_tune(model, tiny_data(), (0.5,) * 3, (0.25,) * 3, config(lr=1e9, epochs=2, distill=0.5),
+                  teacher=teacher)
+    # as on a normal return: NCHW on the CPU (later passes slice the weights), the
+    # teacher in the mode it was given in
+    for m in (model, teacher):
+        assert all(p.device.type == "cpu" and p.is_contiguous() for p in m.parameters())
+    assert not teacher.training
 
 
 def test_bn_recalibration_is_the_average_of_the_augmented_batch_statistics():

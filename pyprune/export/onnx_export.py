@@ -34,6 +34,7 @@ import torch
 from onnxscript.optimizer import optimize_ir
 from torch import nn
 
+from ..ir import in_mode
 from ..version import __version__
 from .settings import DEFAULT_OPSET, FORMS, MIN_OPSET, OnnxExportError
 from .compact import REBUILDS_WEIGHT, CompactTensor, FloatWeight, encode_codebooks, float_weights, sparsify_initializers
@@ -94,16 +95,13 @@ def _explain(exc: BaseException, opset: int) -> str:
 def _export_program(module: nn.Module, input_shape: Sequence[int], opset: int) -> ir.Model:
     example = torch.randn(_EXAMPLE_BATCH, *input_shape)
     batch = torch.export.Dim("batch", min=1)
-    was_training = module.training
-    module.eval()
-    try:
-        program = torch.onnx.export(module, (example,), None, dynamo=True, optimize=False, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: batch},), verbose=False)
-    except Exception as exc:  # the exporter raises many types; all end here with one message
-        raise OnnxExportError(_explain(exc, opset)) from exc
-    finally:
-        module.train(was_training)
+    with in_mode(module, training=False):
+        try:
+            program = torch.onnx.export(module, (example,), None, dynamo=True, optimize=False, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: batch},), verbose=False)
+        except Exception as exc:  # the exporter raises many types; all end here with one message
+            raise OnnxExportError(_explain(exc, opset)) from exc
     return program.model
 
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from ..ir import in_mode
 from .onnx_export import INPUT_NAME
 from .settings import DEFAULT_ATOL, DEFAULT_IMAGES, Verification, VerificationError
 
@@ -42,16 +43,12 @@ def verify_onnx(model: bytes | str, module: nn.Module, inputs: torch.Tensor, ato
         raise ValueError(f"atol must be >= 0, got {atol}")
     start = time.perf_counter()
     sess = session(model)
-    was_training = module.training
-    module.eval()
     ours, theirs = [], []
-    try:
+    with in_mode(module, training=False):
         for i in range(0, inputs.shape[0], batch_size):
             x = inputs[i:i + batch_size].contiguous()
             theirs.append(module(x).float().numpy())
             ours.append(sess.run(None, {INPUT_NAME: x.numpy()})[0])
-    finally:
-        module.train(was_training)
     onnx_logits, torch_logits = np.concatenate(ours), np.concatenate(theirs)
     if onnx_logits.shape != torch_logits.shape:
         raise ValueError(f"onnxruntime gave logits of shape {onnx_logits.shape}, PyTorch {torch_logits.shape}")

@@ -4,6 +4,9 @@ holds them needs nothing but the allowlist to rebuild."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -34,3 +37,18 @@ LEAF_MODULES: tuple[type[nn.Module], ...] = (ChannelAffine,)
 def inference_only(model: nn.Module) -> list[str]:
     """Names of the submodules that make ``model`` an inference-only one (folded BatchNorm)."""
     return [name for name, m in model.named_modules() if isinstance(m, ChannelAffine)]
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``module`` in training or eval mode for the block, and every submodule in its
+    own mode again after, whatever the block raised: annotating, exporting or
+    measuring a model must not leave the caller's BatchNorm and dropout switched (nor
+    unfreeze a BatchNorm the caller keeps in eval mode inside a training model)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, was_training in modes:
+            m.training = was_training

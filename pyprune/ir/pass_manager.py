@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .accounting import layer_stats, totals
+from .modules import in_mode
 from .shape_prop import propagate_shapes
 
 
@@ -65,13 +66,8 @@ def pass_name(p: GraphPass) -> str:
 
 
 def _run_eval(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return gm(*inputs)
-    finally:
-        gm.train(was_training)
+    with in_mode(gm, training=False), torch.no_grad():
+        return gm(*inputs)
 
 
 class PassManager:

@@ -7,17 +7,14 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .modules import in_mode
+
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> fx.GraphModule:
     """Annotate ``gm`` in place and return it. Runs in eval mode under no_grad so
     that annotation never changes BatchNorm statistics."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        gm.train(was_training)
+    with in_mode(gm, training=False), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
     return gm
 
 
