@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyprune import api
-from pyprune.export import export_onnx, verify_onnx
+from pyprune.export import export_onnx, export_onnx_forms, verify_onnx
 
 PIPELINE = "slim(ratio=0.3),mask(sparsity=0.7),quant(bits=4)"
 SIZE = 64  # every family takes it; their specs say 224
@@ -32,8 +32,8 @@ def test_held_out_family_compresses_saves_reloads_and_exports(tmp_path: Path, ar
     with torch.no_grad():
         assert torch.equal(loaded(x), result.graph_module.eval()(x))
 
-    compact = export_onnx(loaded.module, loaded.input_shape, "compact")
-    dense = export_onnx(loaded.module, loaded.input_shape, "dense")
+    forms = export_onnx_forms(loaded.module, loaded.input_shape, ("compact", "dense"))  # one torch.export for both
+    compact, dense = forms["compact"], forms["dense"]
     verification = verify_onnx(compact.serialized(), loaded.module, x)
     assert verification.passed, verification.summary()
     ratio = compact.proto.ByteSize() / dense.proto.ByteSize()

@@ -59,10 +59,11 @@ def recalibrate(module: nn.Module, x: torch.Tensor) -> None:
     module.eval()
 
 
-# Deep models whose blocks CI checks in a shallower model, the same blocks repeated fewer
-# times (ResNet-110 is ResNet-56's basic blocks; the other two have stand-ins in
-# tests/export/models.py, 3 to 4x faster to export): the deep ones run with -m slow.
-DEEP_TWINS = {"resnet110", "resnet164", "densenet100"}
+# Models whose blocks CI checks in another model, the same blocks repeated fewer or more
+# times (ResNet-32, -44 and -110 are ResNet-20's and -56's basic blocks; VGG-13 and -16
+# are VGG-11's and -19's conv-BN-ReLU stages; ResNet-164 and DenseNet-100 have stand-ins
+# in tests/export/models.py, 3 to 4x faster to export): the twins run with -m slow.
+DEEP_TWINS = {"resnet32", "resnet44", "resnet110", "resnet164", "densenet100", "vgg13", "vgg16"}
 SHALLOW_TWINS = ["tests.export.models:preresnet29", "tests.export.models:densenet_bc_shallow"]
 
 
