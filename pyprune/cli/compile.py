@@ -159,6 +159,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted compile in OUT without redoing finished candidates")
     g.add_argument("--force", action="store_true", help="start over in a non-empty OUT")
+    g.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="do not write OUT/model.onnx: skips its export and verification (a third of a compile of "
+                        "a small model on few images); `pyprune export-onnx OUT/model.ppz --form compact -o OUT/model.onnx` writes it later")
     g.add_argument("--onnx-verify", type=int, default=api.DEFAULT_IMAGES, metavar="N",
                    help="validation images on which OUT/model.onnx (compact ONNX form) is checked against PyTorch "
                         "in onnxruntime (0: written unverified)")
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         train=api.TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                               sync_batchnorm=not args.no_sync_bn),
         data=api.DataSpec(args.data, args.data_root, args.download), resume=args.resume, force=args.force,
-        quiet=args.quiet, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
+        quiet=args.quiet, onnx=args.onnx, onnx_verify=args.onnx_verify, fold_batchnorm=not args.keep_batchnorm,
         distill=args.distill, distill_temperature=args.distill_temperature, final_epochs=args.final_epochs,
         continue_lr=args.continue_lr, max_effort=args.max_effort, per_layer=args.per_layer, gradual_mask=args.gradual_mask,
         screen_steps=args.screen_steps, measure_from=args.measure_from, recovery=args.recovery_model)

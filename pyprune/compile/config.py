@@ -49,6 +49,7 @@ class CompileConfig:
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    onnx: bool = True  # write model.onnx (False: --no-onnx; `pyprune export-onnx` writes it from model.ppz later)
     onnx_verify: int = 256
     fold_batchnorm: bool = True  # write BatchNorm folded for inference (bnfold) where the target holds
     # Recovery: every fine-tune distils from the uncompressed model (0: labels only), and

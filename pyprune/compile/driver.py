@@ -245,10 +245,13 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             f"final recovery not kept: {recovery['reason']}")
     say(f"writing {out / 'model.ppz'} and measuring it on {ev.data.val.name} and {test_set.name}")
     final = write_final(ev, base, outcome, test_set, out, target, meta, config.fold_batchnorm)
-    say(f"exporting {out / 'model.onnx'}" + (" and verifying it in onnxruntime" if config.onnx_verify else ""))
-    onnx = write_compact_onnx(final.decoded, out, ev.data.val, meta, config.onnx_verify) \
-        if distributed.is_main() else None
-    onnx = distributed.broadcast_object(onnx)
+    if config.onnx:
+        say(f"exporting {out / 'model.onnx'}" + (" and verifying it in onnxruntime" if config.onnx_verify else ""))
+        onnx = write_compact_onnx(final.decoded, out, ev.data.val, meta, config.onnx_verify) \
+            if distributed.is_main() else None
+        onnx = distributed.broadcast_object(onnx)
+    else:
+        onnx = {"path": None, "verified": False, "verification": None, "skipped": "--no-onnx"}
     report = build_report(ev, base, baseline, outcome, final, onnx, config, test_set, target, settings,
                           search_seconds, time.perf_counter() - started + ev.journal.replayed_seconds,
                           distributed.current().world)

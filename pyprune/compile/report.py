@@ -125,6 +125,8 @@ def _onnx_line(onnx: dict[str, Any] | None) -> str:
         return "ONNX: not exported."
     if onnx.get("error"):
         return f"ONNX: **not written** ({onnx['error']})."
+    if onnx.get("skipped"):
+        return f"ONNX: not written ({onnx['skipped']}; `pyprune export-onnx model.ppz --form compact -o model.onnx` writes it from the file)."
     v = onnx.get("verification")
     check = (f"verified in onnxruntime {v['onnxruntime']} on {v['data']}: max logit difference "
              f"{v['max_abs_diff']:.2g}, same top-1 on all {v['n']} images" if v else "not verified")
