@@ -117,13 +117,17 @@ def test_nproc_launches_torchrun(tmp_path, data_root, models_dir):
     assert torch.load(out, weights_only=True)["arch"] == "resnet20"
 
 
-def test_batch_not_divisible_by_processes_is_refused(tmp_path, data_root, models_dir):
-    weights = models_dir / "resnet20-12fca82f.th"
-    run = torchrun("-m", "pyprune", "train", "--arch", "resnet20", "--weights", weights, "--data-root", data_root,
-                   "--limit", 128, "--batch-size", 63, "--eval-split", "none", "--no-progress", "-o",
-                   tmp_path / "w.pt")
-    assert run.returncode != 0
-    assert "--batch-size 63 must be a multiple of the 2 processes" in run.stderr
+def test_batch_not_divisible_by_processes_is_refused(tmp_path, monkeypatch):
+    # each process refuses before its first collective (how a process's error reaches the
+    # user through torchrun: test_nproc_passes_on_the_exit_code_of_the_failing_process)
+    from pyprune import distributed
+    from pyprune.data import ArrayDataset
+    from pyprune.train import TrainConfig, fine_tune
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Shard(rank=1, world=2))
+    data = ArrayDataset(torch.zeros((8, 3, 4, 4), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="--batch-size 63 must be a multiple of the 2 processes"):
+        fine_tune(torch.nn.Conv2d(3, 2, 1), data, (0.5,) * 3, (0.25,) * 3, TrainConfig(batch_size=63, progress=False))
     # --nproc checks it before launching anything: a plain usage error
     shortcut = subprocess.run([sys.executable, "-m", "pyprune", "train", "--arch", "resnet20", "--batch-size", "63",
                                "--nproc", "2", "-o", str(tmp_path / "w.pt")], cwd=REPO, capture_output=True,
