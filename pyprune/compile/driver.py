@@ -38,7 +38,7 @@ from ..search.progress import Progress
 from ..train import TrainConfig
 from .config import CompileConfig
 from .final import recover, write_final
-from .outputs import STATE_DIR, check_output, clear_outputs, remove_state, write_compact_onnx, write_reports
+from .outputs import STATE_DIR, check_output, clear_outputs, no_onnx, remove_state, write_compact_onnx, write_reports
 from .report import build_report
 
 EXIT_ONNX_FAILED = 3
@@ -251,7 +251,7 @@ def _finish(ev: Evaluator, base: State, baseline: Candidate, outcome: SearchOutc
             if distributed.is_main() else None
         onnx = distributed.broadcast_object(onnx)
     else:
-        onnx = {"path": None, "verified": False, "verification": None, "skipped": "--no-onnx"}
+        onnx = no_onnx(skipped="--no-onnx")
     report = build_report(ev, base, baseline, outcome, final, onnx, config, test_set, target, settings,
                           search_seconds, time.perf_counter() - started + ev.journal.replayed_seconds,
                           distributed.current().world)

@@ -50,6 +50,12 @@ def remove_state(out: Path) -> None:
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
+def no_onnx(verification: dict[str, Any] | None = None, **why: Any) -> dict[str, Any]:
+    """The report's ``onnx`` entry when there is no ``model.onnx``; ``why`` says so
+    (``error=`` a failure, ``skipped=`` the flag that asked for none)."""
+    return {"path": None, "verified": False, "verification": verification, **why}
+
+
 def write_compact_onnx(gm: nn.Module, out: Path, val: ArrayDataset, meta: dict[str, Any],
                        n: int) -> dict[str, Any]:
     """The compact ONNX file of the decoded model, verified on ``n`` validation
@@ -59,10 +65,9 @@ def write_compact_onnx(gm: nn.Module, out: Path, val: ArrayDataset, meta: dict[s
         return export.write_onnx(gm, out / "model.onnx", "compact", meta["input_shape"], inputs=inputs, data=described,
                           meta=meta, force=True).to_dict()
     except VerificationError as exc:
-        return {"path": None, "kept": exc.kept, "verified": False, "verification": exc.verification.to_dict(),
-                "error": f"ONNX verification failed: {exc}"}
+        return no_onnx(exc.verification.to_dict(), kept=exc.kept, error=f"ONNX verification failed: {exc}")
     except OnnxExportError as exc:
-        return {"path": None, "verified": False, "verification": None, "error": f"ONNX export failed: {exc}"}
+        return no_onnx(error=f"ONNX export failed: {exc}")
 
 
 def write_reports(report: dict[str, Any], out: Path) -> None:
