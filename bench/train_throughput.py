@@ -9,7 +9,12 @@ Both train the same model for the same number of batches on 2 threads:
   normalise), num_workers=0, the common way to write it;
 * pyprune: ``pyprune.train.fine_tune`` with batched augmentation from uint8,
   cosine schedule, progress accounting and channels-last convolutions;
-* pyprune-nchw: the same with ``channels_last=False``.
+* pyprune-nchw: the same with ``channels_last=False``;
+* distilled: pyprune with knowledge distillation from a frozen copy of the model
+  (``--distill 0.5``, as every fine-tune of ``compile``), the teacher run on every batch;
+* distilled-memo: the same with the teacher wrapped in ``MemoizedTeacher``, as
+  ``compile`` does, after a first run has seen the batches (every fine-tune of a compile
+  after its first replays the same seeded batches).
 
 Each is repeated; the table gives medians and the ratio to the plain loop.
 
@@ -19,6 +24,7 @@ Each is repeated; the table gives medians and the ratio to the plain loop.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 from pyprune.data import Normalize, load_cifar10
 from pyprune.models import build_model, get_spec
-from pyprune.train import TrainConfig, fine_tune
+from pyprune.train import MemoizedTeacher, TrainConfig, fine_tune
 
 
 def sgd_loop(model, batches) -> float:
@@ -61,10 +67,11 @@ def torchvision_loop(model, dataset, batch_size, spec) -> float:
     return sgd_loop(model, loader)
 
 
-def engine_loop(model, dataset, batch_size, spec, channels_last=True) -> float:
-    config = TrainConfig(epochs=1, batch_size=batch_size, progress=False, channels_last=channels_last)
+def engine_loop(model, dataset, batch_size, spec, channels_last=True, teacher=None) -> float:
+    config = TrainConfig(epochs=1, batch_size=batch_size, progress=False, channels_last=channels_last,
+                         distill=0.5 if teacher is not None else 0.0)
     start = time.perf_counter()
-    fine_tune(model, dataset, spec.mean, spec.std, config)
+    fine_tune(model, dataset, spec.mean, spec.std, config, teacher=teacher)
     return time.perf_counter() - start
 
 
@@ -86,22 +93,30 @@ def main() -> None:
     batches = [(normalize(dataset.images[i:i + args.batch_size]), dataset.labels[i:i + args.batch_size])
                for i in range(0, n, args.batch_size)]
     model = build_model(args.arch)
+    teacher = copy.deepcopy(model).eval()
+    memo = MemoizedTeacher(copy.deepcopy(teacher))
     sgd_loop(model, batches[:2])  # warm-up: first calls allocate and pick kernels
+    engine_loop(model, dataset, args.batch_size, spec, teacher=memo)  # the memo sees the (seeded) batches once
 
-    times: dict[str, list[float]] = {"plain": [], "torchvision": [], "pyprune": [], "pyprune-nchw": []}
+    times: dict[str, list[float]] = {"plain": [], "torchvision": [], "pyprune": [], "pyprune-nchw": [],
+                                     "distilled": [], "distilled-memo": []}
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits all three alike
         times["plain"].append(sgd_loop(model, batches))
         times["torchvision"].append(torchvision_loop(model, dataset, args.batch_size, spec))
         times["pyprune"].append(engine_loop(model, dataset, args.batch_size, spec))
         times["pyprune-nchw"].append(engine_loop(model, dataset, args.batch_size, spec, channels_last=False))
+        times["distilled"].append(engine_loop(model, dataset, args.batch_size, spec, teacher=teacher))
+        times["distilled-memo"].append(engine_loop(model, dataset, args.batch_size, spec, teacher=memo))
 
     base = n / statistics.median(times["plain"])
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches x {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'loop':<12} {'median s':>9} {'images/s':>9} {'vs plain':>9}")
+    print(f"{'loop':<14} {'median s':>9} {'images/s':>9} {'vs plain':>9}")
     for name, ts in times.items():
         rate = n / statistics.median(ts)
-        print(f"{name:<12} {statistics.median(ts):>9.2f} {rate:>9.0f} {rate / base:>9.2f}")
+        print(f"{name:<14} {statistics.median(ts):>9.2f} {rate:>9.0f} {rate / base:>9.2f}")
+    print(f"distilled-memo / distilled: {statistics.median(times['distilled']) / statistics.median(times['distilled-memo']):.2f}x "
+          f"faster; teacher batches reused {memo.reused}, computed {memo.computed}")
 
 
 if __name__ == "__main__":

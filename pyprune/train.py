@@ -28,6 +28,7 @@ job, which torch does only on GPUs and only by replacing the modules).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -45,7 +46,8 @@ from .data import ArrayDataset
 from .ir import in_mode, inference_only
 from .passes.constraints import Hook, Projection, TrainHooks  # what passes ask of training; the engine runs it
 
-__all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "LatentWeights", "Projection", "TrainConfig",
+__all__ = ["DivergenceError", "EpochLog", "EvalResult", "Hook", "LatentWeights", "MemoizedTeacher", "Projection",
+           "TrainConfig",
            "TrainHooks", "bn_gamma_l1",
            "distillation_loss", "evaluate", "fine_tune", "recalibrate_bn", "seed_everything"]
 
@@ -155,6 +157,50 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
     return (1.0 - weight) * hard + weight * soft
+
+
+class MemoizedTeacher(nn.Module):
+    """A frozen teacher whose outputs are remembered by the content of its input.
+
+    A compile fine-tunes many candidates with the same seed, so every fine-tune
+    replays the same augmented batches, and the teacher (the uncompressed model,
+    never trained) answers each of them the same way each time: on a CPU its forward
+    pass is a fifth of a distilled step. Outputs are kept on the CPU, keyed by a hash
+    of the input's bytes (so a batch that differs in any value is recomputed), until
+    ``max_bytes`` of them are kept; later inputs are computed and not kept, as the
+    first batches of an epoch are the ones every fine-tune sees. Only evaluation-mode
+    calls without autograd on CPU tensors are remembered; anything else passes
+    straight through. A remembered output is the one computed first: one taken in
+    another memory format differs in the last bits from a fresh computation."""
+
+    def __init__(self, teacher: nn.Module, max_bytes: int = 256 << 20) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.max_bytes = max_bytes
+        self.kept_bytes = 0
+        self.reused = self.computed = 0
+        self._outputs: dict[bytes, torch.Tensor] = {}
+
+    def _key(self, x: torch.Tensor) -> bytes:
+        digest = hashlib.blake2b(x.detach().contiguous().numpy().tobytes(), digest_size=16)
+        digest.update(repr((tuple(x.shape), str(x.dtype))).encode())
+        return digest.digest()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or any(m.training for m in self.teacher.modules()):
+            return self.teacher(x)
+        key = self._key(x)
+        kept = self._outputs.get(key)
+        if kept is not None:
+            self.reused += 1
+            return kept.clone()
+        out = self.teacher(x)
+        self.computed += 1
+        size = out.numel() * out.element_size()
+        if self.kept_bytes + size <= self.max_bytes:
+            self._outputs[key] = out.detach().clone()
+            self.kept_bytes += size
+        return out
 
 
 class LatentWeights:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyprune.data import ArrayDataset, BatchLoader, Normalize
-from pyprune.train import TrainConfig, TrainHooks, _fit_steps, bn_gamma_l1, distillation_loss, evaluate, fine_tune
+from pyprune.train import MemoizedTeacher, TrainConfig, TrainHooks, _fit_steps, bn_gamma_l1, distillation_loss, evaluate, fine_tune
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -321,6 +321,48 @@ def test_distillation_trains_towards_the_teacher_and_leaves_it_alone():
     again = tiny_net()
     fine_tune(again, data, MEAN, STD, config(epochs=8, distill=0.0), teacher=teacher)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_memoized_teacher_answers_a_batch_it_has_seen_from_memory():
+    teacher = tiny_net(seed=1).eval()
+    memo = MemoizedTeacher(teacher, max_bytes=2 * 8 * 10 * 4)  # room for two batches of 8 outputs
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        expected = teacher(x)
+        first, again = memo(x), memo(x.clone())
+        assert torch.equal(first, expected) and torch.equal(again, expected)
+        assert (memo.computed, memo.reused) == (1, 1)
+        changed = x.clone()
+        changed[3, 1, 2, 2] += 1e-3  # one value differs: another batch
+        assert torch.equal(memo(changed), teacher(changed))
+        assert torch.equal(memo(x.contiguous(memory_format=torch.channels_last)), expected)  # the same values
+        assert (memo.computed, memo.reused) == (2, 2)
+        memo(torch.randn(8, 3, 16, 16))  # a third batch: computed, not kept (max_bytes)
+        assert memo.kept_bytes == 2 * 8 * 10 * 4
+        third = torch.randn(8, 3, 16, 16)
+        memo(third), memo(third)
+        assert (memo.computed, memo.reused) == (5, 2)
+    # autograd, or training mode (BatchNorm statistics would move), pass straight through
+    memo(x)
+    memo.train()
+    with torch.no_grad():
+        memo(x)
+    assert (memo.computed, memo.reused) == (5, 2)
+
+
+def test_fine_tuning_with_a_memoized_teacher_trains_the_same_weights():
+    data, teacher = tiny_data(), tiny_net(seed=1)
+    cfg = config(epochs=1, distill=0.5, seed=5)
+    plain = tiny_net()
+    fine_tune(plain, data, MEAN, STD, cfg, teacher=teacher)
+    memo = MemoizedTeacher(teacher)
+    for run in range(2):  # the second replays every batch from memory
+        model = tiny_net()
+        fine_tune(model, data, MEAN, STD, cfg, teacher=memo)
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+    steps = 96 // 32
+    assert (memo.computed, memo.reused) == (steps, steps)
+    assert memo.teacher.training  # handed back in the mode it came in
 
 
 def test_bad_distillation_settings_name_the_flag():

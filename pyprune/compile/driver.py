@@ -35,7 +35,7 @@ from ..search.layerwise import LayerRefinement
 from ..search.marginal import MarginalSearch, Setting
 from ..search.marginal_oracle import EvaluatorOracle
 from ..search.progress import Progress
-from ..train import TrainConfig
+from ..train import MemoizedTeacher, TrainConfig
 from .config import CompileConfig
 from .final import recover, write_final
 from .outputs import STATE_DIR, check_output, clear_outputs, no_onnx, remove_state, write_compact_onnx, write_reports
@@ -98,7 +98,9 @@ def compile_model(model: LoadedModel, config: CompileConfig, log: Callable[[str]
                    search=config.search)
     base = State(gm)
     if config.distill > 0:
-        ev.teacher = copy.deepcopy(gm)  # the uncompressed model, which fine-tuning never changes
+        # the uncompressed model, which fine-tuning never changes: every fine-tune replays
+        # the same seeded batches, so its outputs are computed once
+        ev.teacher = MemoizedTeacher(copy.deepcopy(gm))
     try:
         baseline = ev.baseline(base)
         base.candidate, base.val_accuracy = baseline, baseline.accuracy

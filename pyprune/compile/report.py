@@ -56,6 +56,8 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
             "validated": sum(c["phase"] == "val" for c in measured),
             "failed": sum(c["status"] != "ok" for c in measured),
             "cache_hits": ev.journal.hits, "seconds": search_seconds,
+            # distillation's teacher batches answered from memory / computed (MemoizedTeacher)
+            "teacher_batches": {"reused": getattr(ev.teacher, "reused", 0), "computed": getattr(ev.teacher, "computed", 0)},
             "budget_minutes": config.budget_minutes, "budget_exhausted": outcome.budget_exhausted,
             "stages": [s.to_dict() for s in outcome.stages], "l1": outcome.l1, "orders": outcome.orders,
             "moves": outcome.moves, "kept_on_screen": outcome.kept_on_screen,
