@@ -78,6 +78,10 @@ MIN_MARGIN = 0.005  # the narrowest recovery margin, in points of accuracy
 # continuation has shown what one more fine-tune adds) is trained on at twice the
 # effort at once, rather than dropped and bought again later at full price.
 NEAR_MISS = 0.01
+# A deciding measurement costs a fine-tune; a move or swap whose screen promises less
+# than this share of the accepted file's bytes is not worth one (a ResNet-56 hour spent
+# six minutes on a swap that promised 5 bytes of 243,000, then walked back and forth).
+MIN_SAVING = 0.002
 # A move that costs (almost) no accuracy has an unbounded rate; this floor, in points
 # of accuracy, ranks such moves by their bytes instead.
 MIN_COST = 1e-4
@@ -411,7 +415,7 @@ class MarginalSearch:
                 by = min(step[i], self.ladders[i] - 1 - current.index[i])
                 while i not in done and by > 0:
                     point = self.screen(current.moved(i, by), start=here.accuracy)
-                    if self._recoverable(point) and point.bytes < here.bytes:
+                    if self._recoverable(point) and self._saves(point, here):
                         moves.append((self._rate(here, point), i, by, point))
                         break
                     self._log("trade", f"{self.names[i]}+{by}", point, False)
@@ -459,7 +463,7 @@ class MarginalSearch:
                 tried.add(setting)
                 point = self.screen(setting, start=here.accuracy)
                 kind = ",".join([f"{self.names[a]}-1"] + [f"{self.names[b]}+{by}" for b, by in push.items()])
-                if self._recoverable(point) and point.bytes < here.bytes:
+                if self._recoverable(point) and self._saves(point, here):
                     options.append((self._rate(here, point), kind, point))
                 else:
                     self._log("swap", kind, point, False)
@@ -471,6 +475,12 @@ class MarginalSearch:
             if accepted:
                 return point.setting
         return None
+
+    @staticmethod
+    def _saves(point: Point, here: Point) -> bool:
+        """Whether a screened move promises enough bytes to be worth a fine-tune
+        (:data:`MIN_SAVING`)."""
+        return point.bytes <= here.bytes * (1.0 - MIN_SAVING)
 
     @staticmethod
     def _smaller_and_meets(point: Point, here: Point) -> bool:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyprune.search.evaluator import BudgetExhausted
-from pyprune.search.marginal import MarginalSearch, Point, Setting
+from pyprune.search.marginal import MIN_SAVING, MarginalSearch, Point, Setting
 
 
 class FakeOracle:
@@ -73,6 +73,20 @@ def test_a_move_goes_to_the_stage_with_the_most_bytes_per_point():
     first = next(m for m in search.outcome.moves if m.phase == "trade" and m.verified)
     assert first.kind == "b+1" and first.setting == (0, 1) and first.accepted
     assert first.rate == pytest.approx(50 / 0.001)
+
+
+def test_a_move_that_promises_next_to_no_bytes_is_not_worth_a_fine_tune():
+    # stage a: free, but 1 byte a position (rate 1 / MIN_COST = 10,000 per point);
+    # stage b: 100 bytes for 0.02 (5,000 per point). By rate alone a would be measured first.
+    oracle = FakeOracle(*linear((0.0, 0.02), (1, 100)), target=0.9)
+    search = MarginalSearch(oracle, (8, 8), names=("a", "b"))
+    start = start_at(search, (0, 0))
+    assert 1 < MIN_SAVING * oracle.size(start.index) < 100
+    search.trade(start)
+    measured = [index for index, _ in oracle.measured]
+    assert measured[1] == (0, 1)  # after the start, b's move
+    assert all(index[1] > 0 for index in measured[1:])  # no measurement was spent on a's moves alone
+    assert search.outcome.best.setting.index[1] == 4  # b went as far as the target allows (0.98 - 4 * 0.02 > 0.9)
 
 
 def test_a_move_or_swap_whose_measured_file_is_larger_than_the_screen_promised_is_not_taken():
@@ -285,14 +299,14 @@ def test_the_proportional_model_expects_the_largest_share_of_a_drop_seen_won_bac
 
 
 def test_a_large_move_the_additive_margin_rules_out_is_measured_under_the_proportional_model():
-    # stage a: 0.001 per position for 10 bytes; stage b: 0.01 for 1000. A screen sees 3x
+    # stage a: 0.001 per position for 30 bytes; stage b: 0.01 for 1000. A screen sees 3x
     # the damage fine-tuning leaves (k = 3), so b's first position, truly 0.989 from
     # (0, -1), screens at 0.959: under a 0.01 margin the additive rule never measures it
     # (and the margin it learns from a's small moves only narrows), while 0.959 plus half
     # its 0.04 drop is expected to meet 0.97.
     ends = {}
     for recovery in ("additive", "proportional"):
-        oracle = DamageOracle(*linear((0.001, 0.01), (10, 1000), full=10_000), target=0.97, k=3)
+        oracle = DamageOracle(*linear((0.001, 0.01), (30, 1000), full=10_000), target=0.97, k=3)
         search = MarginalSearch(oracle, (8, 8), margin=0.01, names=("a", "b"), recovery=recovery)
         ends[recovery] = search.trade(start_at(search, (0, -1)))
         if recovery == "proportional":
