@@ -78,9 +78,14 @@ def test_tiny_compile_writes_everything_and_the_file_reproduces_the_report(clean
     assert {"pipeline", "accuracy", "size_bytes", "seconds", "finetune_epochs", "phase"} <= set(rows[0])
     assert any(r["key"] == chosen["key"] + "#val" and r["meets"] for r in rows)
     assert report["search"]["finetuned"] == sum(r["phase"] == "finetune" for r in rows)
+    # every fine-tune (0.25 epoch: the same first 2 seeded batches) distils from the one
+    # teacher, which computes those 2 batches once and answers the rest from memory
+    assert report["search"]["finetuned"] >= 2
+    assert report["search"]["teacher_batches"] == {"computed": 2, "reused": 2 * (report["search"]["finetuned"] - 1)}
     assert len(report["layers"]) == 20 and report["layers"][0]["layer"] == "conv1"
     md = (out / "report.md").read_text()
     assert "## Per layer" in md and f"{chosen['compression']:.2f}x" in md and "layer3.2.conv2" in md
+    assert "the teacher's outputs computed for 2 batches" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # where the bytes are: the parts of model.ppz sum to its size, as inspect finds them

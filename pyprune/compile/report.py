@@ -72,6 +72,13 @@ def build_report(ev: Evaluator, base: State, baseline: Candidate, outcome: Searc
     return report
 
 
+def _teacher_line(batches: dict[str, int] | None) -> list[str]:
+    if not batches or not (batches["reused"] or batches["computed"]):
+        return []  # no distillation
+    return [f"- distillation: the teacher's outputs computed for {batches['computed']:,} batches, "
+            f"remembered for {batches['reused']:,} more (every fine-tune replays the same seeded batches)"]
+
+
 def layer_table(base: fx.GraphModule, final: fx.GraphModule, inspection: dict[str, Any],
                 quantized: set[str]) -> list[dict[str, Any]]:
     """One row per conv/linear layer of the original model: channels before and
@@ -193,6 +200,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"- candidates measured: {search['candidates']} ({search['screened']} screened, "
               f"{search['finetuned']} fine-tuned, {search['validated']} validated without training, "
               f"{search['failed']} failed); cache hits: {search['cache_hits']}",
+              *_teacher_line(search.get("teacher_batches")),
               f"- search time {search['seconds']:.1f}s, total {report['total_seconds']:.1f}s"
               + (" — **time budget exhausted**" if search["budget_exhausted"] else "")]
     if search.get("moves") is not None:
@@ -239,15 +247,24 @@ def _marginal_lines(search: dict[str, Any]) -> list[str]:
                      f"on the screen; chose {s['level'] if s['level'] is not None else 'off'}")
     lines += ["", "| phase | move | setting | val (estimate if screened) | KiB | measured | accepted | "
                   "bytes per point |", "| --- | --- | --- | ---: | ---: | --- | --- | ---: |"]
+    seen, repeats = set(), 0
     for m in search["moves"]:
         if m["phase"] == "alone" and not m["verified"]:
             continue  # the bisection's screens: summed up by the stage lines above
         acc = f"{m['accuracy']:.4f}" if m["accuracy"] is not None else "failed"
         rate = f"{m['rate']:,.0f}" if m.get("rate") is not None else ""
+        # the search asks again after every accepted move; what it knew, it does not measure again
+        result = (tuple(m["setting"]), m["verified"], m["accuracy"], m["bytes"])
+        again = " (again)" if result in seen else ""
+        repeats += bool(again)
+        seen.add(result)
         lines.append(f"| {m['phase']} | {m['kind']} | {m.get('levels', m['setting'])} | {acc} | {m['bytes'] / 1024:.1f} | "
-                     f"{'yes' if m['verified'] else 'screen'} | {'yes' if m['accepted'] else ''} | {rate} |")
+                     f"{'yes' if m['verified'] else 'screen'}{again} | {'yes' if m['accepted'] else ''} | {rate} |")
     lines += [""] + [f"- {phase}: {what}" for phase, what in _PHASES.items()
                      if any(m["phase"] == phase for m in search["moves"])]
+    if repeats:
+        lines.append(f"- (again): {repeats} rows repeat an earlier row's result from the search's memory; "
+                     "they took no time")
     if search.get("kept_on_screen"):
         lines.append("- the budget ran out before any setting was verified; the smallest screened answer was "
                      "verified after it")
