@@ -133,14 +133,14 @@ def test_an_allocation_is_halved_until_its_joint_screen_is_within_the_margin():
     oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.8))], absolute=[True])
     refinement = LayerRefinement(ev, oracle, margin=0.005)
     parent = SimpleNamespace(val_accuracy=0.93)
-    layers = [f"l{i}" for i in range(8)]
+    layers = {f"l{i}": 0.8 for i in range(8)}
     # 8 layers estimate 0.85, 4 layers 0.89: below 0.90 - 0.005; 2 layers 0.91 fit, the best two
     outcome = LayerOutcome(None)
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0", "l1"]
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == {"l0": 0.8, "l1": 0.8}
     assert ev.screened == [8, 4, 2] and [m.kind for m in outcome.moves] == [
         "mask: 8 layers +1", "mask: 4 layers +1", "mask: 2 layers +1"]
     ev.target = 0.93  # the best layer alone is left: its own screen fitted when it was allocated
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0"]
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == {"l0": 0.8}
     assert ev.screened[3:] == [8, 4, 2]
 
 
@@ -149,11 +149,12 @@ def test_under_the_proportional_model_a_joint_screen_is_judged_by_its_expected_r
     oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.8))], absolute=[True])
     refinement = LayerRefinement(ev, oracle, margin=0.005, share=0.5)
     parent = SimpleNamespace(val_accuracy=0.93)
-    layers = [f"l{i}" for i in range(8)]
+    layers = {f"l{i}": 0.8 for i in range(8)}
     # 8 layers screen 0.85: expected 0.85 + 0.5 * 0.08 = 0.89 < 0.90 - 0.005; 4 layers 0.89:
     # expected 0.91, measured (the additive margin of 0.005 stopped at 2 layers, above)
     outcome = LayerOutcome(None)
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ["l0", "l1", "l2", "l3"]
+    assert list(refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93)) == [
+        "l0", "l1", "l2", "l3"]
     assert ev.screened == [8, 4]
     # the allocation's slack is the drop whose unrecovered half still meets: (0.93 - 0.90 + 0.005) / 0.5
     assert abs(refinement.slack(0.93) - 0.07) < 1e-12
@@ -241,3 +242,128 @@ def test_the_compiles_per_layer_step_judges_screens_by_the_searchs_recovery_mode
         driver._marginal(ev, base, [Stage("mask", (0.5, 0.8))], 0.1, 1, per_layer=True, recovery=recovery)
     # the share the search holds at the verified effort when the step starts
     assert seen == [None, shares[-1]] and 0 < shares[-1] <= 1
+
+
+class Ladder:
+    """mask from 0.5 on the ladder (0.5, 0.7, 0.8, 0.9): every position a body layer
+    goes past 0.5 costs it 0.01 of accuracy and saves 100 bytes; the floors stay.
+    A screen advances the clock 1 s and a deciding measurement 10 s."""
+
+    target = 0.8995  # not 0.90: 0.95 - 0.05 lands either side of it in floating point
+    levels = (0.5, 0.7, 0.8, 0.9)
+
+    def __init__(self, minutes=None):
+        from pyprune.search.evaluator import Budget
+
+        self.now = 0.0
+        self.budget = Budget(minutes, SimpleNamespace(replayed_seconds=0.0), clock=lambda: self.now)
+        self.measured = []
+
+    def expected_seconds(self, phase):
+        return {"screen": 1.0, "finetune": 10.0}[phase]
+
+    def _estimate(self, specs):
+        (spec,) = parse_pipeline(",".join(specs))
+        layers = spec.options.get("layers", {})
+        past = sum(self.levels.index(layers.get(name, spec.options["sparsity"])) for name in ("body1", "body2"))
+        return 0.95 - 0.01 * past, 10000 - 100 * past
+
+    def screen_pipeline(self, parent, specs, stage, level, steps=None):
+        self.now += 1.0
+        estimate, size = self._estimate(specs)
+        return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate)
+
+    def screen_estimate(self, parent, c):
+        return c.estimate
+
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
+        self.now += 10.0
+        self.measured.append(steps)
+        estimate, size = self._estimate(specs)
+        return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
+
+    def state_of(self, parent, specs, c, steps=None):
+        return SimpleNamespace(steps=steps, candidate=c, val_accuracy=c.accuracy, gm=parent.gm)
+
+
+def _ladder_refinement(ev):
+    gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
+    parent = SimpleNamespace(gm=gm, val_accuracy=0.95, candidate=SimpleNamespace(size_bytes=10000))
+    oracle = SimpleNamespace(stages=[Stage("mask", Ladder.levels)], absolute=[True], state=lambda s: parent,
+                             measured_from=lambda setting, overrides, accepted: accepted)
+    return LayerRefinement(ev, oracle, margin=0.001)
+
+
+def _pushed(steps):
+    (spec,) = parse_pipeline(",".join(steps))
+    return {name: level for name, level in spec.options["layers"].items() if name.startswith("body")}
+
+
+def test_a_round_that_kept_a_model_is_followed_by_one_from_it_each_layer_one_position_further():
+    ev = Ladder()
+    outcome = _ladder_refinement(ev).run(Setting((0,)))
+    # round 1: both bodies 0.5 -> 0.7 (0.02 of the 0.0515 slack from 0.95); round 2 from
+    # 0.93: both to 0.8 (0.02 of 0.0315); round 3 from 0.91: one of them fits in 0.0115;
+    # round 4 from 0.90: the other's 0.01 does not fit in 0.0015, nothing is kept, the step ends
+    assert [_pushed(steps) for steps in ev.measured] == [
+        {"body1": 0.7, "body2": 0.7}, {"body1": 0.8, "body2": 0.8}, {"body1": 0.9, "body2": 0.8}]
+    assert outcome.state.candidate.size_bytes == 10000 - 100 * 5 and not outcome.budget_exhausted
+    kinds = [m.kind for m in outcome.moves]
+    assert kinds[:3] == ["mask body1+1", "mask body2+1", "mask: 2 layers +1"]
+    assert "round 2: mask body1+1" in kinds and "round 4: mask body2+1" in kinds
+    assert not any(k.startswith("round 5") for k in kinds)
+    # a limit on the rounds is kept
+    ev = Ladder()
+    assert _ladder_refinement(ev).run(Setting((0,)), rounds=1).state.candidate.size_bytes == 10000 - 200
+    assert len(ev.measured) == 1
+
+
+def test_a_later_round_starts_only_if_its_screens_and_one_measurement_fit_the_budget():
+    # round 1 takes 13 s (2 screens, 1 joint screen, 1 measurement); a later round of two
+    # layers is expected to take (2 + 5) screens + 1 measurement = 17 s
+    ev = Ladder(minutes=40 / 60)  # round 2 fits (13 + 17 < 40), round 3 does not (26 + 17)
+    outcome = _ladder_refinement(ev).run(Setting((0,)))
+    assert [_pushed(steps) for steps in ev.measured] == [{"body1": 0.7, "body2": 0.7}, {"body1": 0.8, "body2": 0.8}]
+    assert outcome.budget_exhausted and outcome.state.candidate.size_bytes == 10000 - 400
+    assert not any(m.kind.startswith("round 3") for m in outcome.moves)  # refused before its first screen
+    assert ev.now == 26.0
+
+
+class TwoStages(Ladder):
+    """mask (0.5, 0.7, 0.8) then quant (8, 6, 4) bits: a body layer costs 0.005 per
+    position past the start on either ladder and saves 100 bytes per mask position,
+    300 per quant position."""
+
+    target = 0.8995
+    ladders = {"mask": (0.5, 0.7, 0.8), "quant": (8, 6, 4)}
+    saving = {"mask": 100, "quant": 300}
+
+    def _estimate(self, steps):
+        cost, size = 0.0, 10000
+        for spec in parse_pipeline(",".join(steps)):
+            levels, option = self.ladders[spec.name], "sparsity" if spec.name == "mask" else "bits"
+            layers = spec.options.get("layers", {})
+            past = sum(levels.index(layers.get(name, spec.options[option])) for name in ("body1", "body2"))
+            cost, size = cost + 0.005 * past, size - self.saving[spec.name] * past
+        return 0.95 - cost, size
+
+    def screen_pipeline(self, parent, specs, stage, level, steps=None):
+        return super().screen_pipeline(parent, steps, stage, level)
+
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
+        return super().measure_pipeline(parent, steps, stage, level, steps=steps, effort=effort)
+
+
+def test_a_later_round_starts_with_the_stage_that_saved_most_in_the_one_before():
+    gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
+    parent = SimpleNamespace(gm=gm, val_accuracy=0.95, candidate=SimpleNamespace(size_bytes=10000))
+    stages = [Stage("mask", TwoStages.ladders["mask"]), Stage("quant", TwoStages.ladders["quant"])]
+    oracle = SimpleNamespace(stages=stages, absolute=[True, True], state=lambda s: parent,
+                             measured_from=lambda setting, overrides, accepted: accepted)
+    ev = TwoStages()
+    outcome = LayerRefinement(ev, oracle, margin=0.001).run(Setting((0, 0)), rounds=2)
+    measured = [m.kind for m in outcome.moves if m.verified]
+    # round 1 in the search's order; quant saved 600 bytes to mask's 200, so round 2 starts with it
+    assert measured == ["mask: 2 layers +1", "quant: 2 layers +1", "round 2: quant: 2 layers +1",
+                        "round 2: mask: 2 layers +1"]
+    assert outcome.state.candidate.size_bytes == 10000 - 2 * 2 * 100 - 2 * 2 * 300
