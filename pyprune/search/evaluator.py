@@ -345,37 +345,56 @@ class Evaluator:
 
     def measure_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
                          steps: Sequence[str] | None = None, within_budget: bool = True,
-                         effort: int = 1) -> Candidate:
+                         effort: int = 1, untrained_first: bool = False) -> Candidate:
         """:meth:`measure` of several passes applied to ``parent`` at once, fine-tuned
         ``effort`` times the configured epochs (a power of two: see :meth:`tuned_to`,
         which continues the same candidate's shorter fine-tune when this run holds
         it, so a retry at twice the effort costs one fine-tune, not two). With
         ``within_budget`` False it runs even when the budget is spent (the search's
-        one measurement that keeps a screened answer)."""
+        one measurement that keeps a screened answer). With ``untrained_first`` the
+        recalibrated model is first measured on all of val (:meth:`validate_pipeline`),
+        and if that meets the target it is the measurement and nothing is trained: a
+        small push from a model fine-tuned already can lose more to a restarted
+        schedule than it needs back (a ResNet-56 push that screened no loss at all
+        measured 0.6 points lower after its 0.5 epoch)."""
         epochs = self.settings.finetune_epochs * effort
+        if epochs <= 0 or untrained_first:
+            c = self.validate_pipeline(parent, specs, stage, level, steps, within_budget)
+            if epochs <= 0 or c.meets:
+                return c
         base_key = f"{parent.key}>{','.join(specs)}"
-        key = f"{self._tuned_key(base_key, effort)}#val" if epochs > 0 else f"{base_key}@bn#val"
+        key = f"{self._tuned_key(base_key, effort)}#val"
         c = self._cached(key)
         if c is not None:
             return c
-        held = self._held_effort(base_key, effort) if epochs > 0 else 0
+        held = self._held_effort(base_key, effort)
         if within_budget:
-            self.budget.check(self.expected_seconds("finetune") * (effort - held) if epochs > 0 else
-                              self.expected_seconds("val"))
+            self.budget.check(self.expected_seconds("finetune") * (effort - held))
         start = time.perf_counter()
-        if epochs > 0:
-            try:
-                child = self.tuned_to(parent, specs, steps, effort)
-            except DivergenceError as exc:
-                pipeline = ",".join(s for s in (parent.prefix, *(steps or (*parent.steps, *specs))) if s)
-                return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
-                                    status="failed", reason=f"rolled back: {exc}", pipeline=pipeline,
-                                    trained=epochs - self.settings.finetune_epochs * held)
-        else:
-            child = self.apply(parent, specs, steps)
-        return self._record(key, child, stage, level, "finetune" if epochs > 0 else "val",
-                            self.accuracy(child.gm, self.data.val), len(self.data.val), epochs, start,
-                            trained=epochs - self.settings.finetune_epochs * held)
+        trained = epochs - self.settings.finetune_epochs * held
+        try:
+            child = self.tuned_to(parent, specs, steps, effort)
+        except DivergenceError as exc:
+            pipeline = ",".join(s for s in (parent.prefix, *(steps or (*parent.steps, *specs))) if s)
+            return self._record(key, None, stage, level, "finetune", None, len(self.data.val), epochs, start,
+                                status="failed", reason=f"rolled back: {exc}", pipeline=pipeline, trained=trained)
+        return self._record(key, child, stage, level, "finetune", self.accuracy(child.gm, self.data.val),
+                            len(self.data.val), epochs, start, trained=trained)
+
+    def validate_pipeline(self, parent: State, specs: Sequence[str], stage: str, level: Any,
+                          steps: Sequence[str] | None = None, within_budget: bool = True) -> Candidate:
+        """``specs`` applied to ``parent``, BatchNorm recalibrated, measured on all of
+        val without training (phase ``val``)."""
+        key = f"{parent.key}>{','.join(specs)}@bn#val"
+        c = self._cached(key)
+        if c is not None:
+            return c
+        if within_budget:
+            self.budget.check(self.expected_seconds("val"))
+        start = time.perf_counter()
+        child = self.apply(parent, specs, steps)
+        return self._record(key, child, stage, level, "val", self.accuracy(child.gm, self.data.val),
+                            len(self.data.val), 0.0, start)
 
     @staticmethod
     def _tuned_key(base_key: str, effort: int) -> str:

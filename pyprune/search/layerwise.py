@@ -18,7 +18,9 @@ screened as a whole first and halved, best layers kept, until that joint screen 
 within the margin of the target. Only
 then is it measured like any candidate (fine-tuned, all of val), and kept if it
 meets the target and is smaller; when it misses, the first half of it is screened
-and measured again, twice at most.
+and measured again, twice at most. A push whose screen already meets the target
+is first measured without training (recalibrated, all of val): if that meets, no
+fine-tune is spent on it (``Evaluator.measure_pipeline``'s ``untrained_first``).
 
 Floors are the stem (the first weight layer), the classifier (the last) and 1x1
 convolutions (the shortcuts): small layers whose errors reach every later layer.
@@ -193,15 +195,20 @@ class LayerRefinement:
                         self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
                     chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
                     for _ in range(MAX_TRIES):
-                        chosen = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k,
-                                                     {name: pushes[name] for name in chosen}, base_accuracy, label)
+                        chosen, estimate = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k,
+                                                               {name: pushes[name] for name in chosen},
+                                                               base_accuracy, label)
                         if not chosen:
                             break
+                        if len(chosen) == 1:
+                            estimate = base_accuracy - costs[next(iter(chosen))]
                         trial = {**overrides, k: {**fixed, **chosen}}
                         specs, steps = self._specs(setting, trial, k)
                         start, specs = self.oracle.measured_from(setting, trial, accepted=(parent, specs))
+                        # a push that screened at the target may need no training (measure_pipeline)
                         c = self.ev.measure_pipeline(start, specs, stage.name, next(iter(chosen.values())),
-                                                     steps=steps, effort=self.effort)
+                                                     steps=steps, effort=self.effort,
+                                                     untrained_first=start is parent and estimate >= self.ev.target)
                         accepted = c.meets and c.size_bytes < best_bytes
                         self._log(outcome, "layers", f"{label}: {len(chosen)} layers +1", c, c.accuracy, accepted)
                         if accepted:
@@ -258,11 +265,12 @@ class LayerRefinement:
 
     def _fit_on_screen(self, outcome: LayerOutcome, parent: State, setting: Setting,
                        overrides: Mapping[int, dict[str, Any]], k: int, chosen: Mapping[str, Any],
-                       base_accuracy: float, label: str | None = None) -> dict[str, Any]:
+                       base_accuracy: float, label: str | None = None) -> tuple[dict[str, Any], float | None]:
         """The longest prefix of ``chosen`` (layer -> its next level, best first;
         halving) whose layers, pushed together, screen :meth:`within` reach of the
         target from ``base_accuracy`` (the parent's accuracy after the floors' step
-        back), down to its best layer alone."""
+        back), down to its best layer alone; and that joint screen's estimate (None
+        for one layer, which allocate took on its own screen)."""
         stage = self.oracle.stages[k]
         chosen = dict(chosen)
         while len(chosen) > 1:  # one layer's own screen fits: allocate took it within the slack
@@ -272,9 +280,9 @@ class LayerRefinement:
             estimate = self.ev.screen_estimate(parent, c)
             self._log(outcome, "layers", f"{label or stage.name}: {len(chosen)} layers +1", c, estimate, False)
             if estimate is not None and self.within(estimate, base_accuracy):
-                return chosen
+                return chosen, estimate
             chosen = dict(list(chosen.items())[:len(chosen) // 2])
-        return chosen
+        return chosen, None
 
     @staticmethod
     def _log(outcome: LayerOutcome, phase: str, kind: str, c: Any, accuracy: float | None, accepted: bool) -> None:

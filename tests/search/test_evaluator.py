@@ -119,6 +119,24 @@ def test_a_retry_at_twice_the_effort_continues_the_held_fine_tune(fine_tunes):
     assert [c.epochs for c in fine_tunes] == [0.5]
 
 
+def test_untrained_first_spends_no_fine_tune_on_a_model_that_meets_without_one(fine_tunes):
+    specs = ["mask(sparsity=0.5)"]
+    ev, base = tiny_evaluator(), tiny_base()  # target 0: the recalibrated child meets
+    c = ev.measure_pipeline(base, specs, "mask", 0.5, untrained_first=True)
+    assert fine_tunes == [] and c.phase == "val" and c.finetune_epochs == 0 and c.n == 200 and c.meets
+    state = ev.state_of(base, specs, c)  # the recalibrated child, rebuilt exactly
+    assert ev.accuracy(state.gm, ev.data.val) == c.accuracy
+    assert all(torch.equal(a, b) for a, b in zip(state.gm.state_dict().values(),
+                                                  ev.apply(base, specs).gm.state_dict().values()))
+    # a model that does not meet untrained is fine-tuned as without the flag, and both are recorded
+    ev, base = tiny_evaluator(target=1.01), tiny_base()
+    c = ev.measure_pipeline(base, specs, "mask", 0.5, untrained_first=True)
+    assert [t.epochs for t in fine_tunes] == [0.5] and c.phase == "finetune"
+    plain = tiny_evaluator(target=1.01).measure_pipeline(tiny_base(), specs, "mask", 0.5)
+    assert c.accuracy == plain.accuracy and c.key == plain.key
+    assert [r.phase for r in ev.journal] == ["val", "finetune"]
+
+
 def test_divergence_rolls_the_candidate_back_and_marks_it_failed():
     ev, base = tiny_evaluator(lr=1e12), tiny_base()
     before = {k: v.clone() for k, v in base.gm.state_dict().items()}

@@ -3,6 +3,7 @@ floors, and one refinement on a tiny model."""
 
 from types import SimpleNamespace
 
+import pytest
 from torch import nn
 
 from pyprune.ir import example_input, propagate_shapes, trace
@@ -136,11 +137,12 @@ def test_an_allocation_is_halved_until_its_joint_screen_is_within_the_margin():
     layers = {f"l{i}": 0.8 for i in range(8)}
     # 8 layers estimate 0.85, 4 layers 0.89: below 0.90 - 0.005; 2 layers 0.91 fit, the best two
     outcome = LayerOutcome(None)
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == {"l0": 0.8, "l1": 0.8}
+    chosen, estimate = refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93)
+    assert chosen == {"l0": 0.8, "l1": 0.8} and estimate == pytest.approx(0.91)
     assert ev.screened == [8, 4, 2] and [m.kind for m in outcome.moves] == [
         "mask: 8 layers +1", "mask: 4 layers +1", "mask: 2 layers +1"]
     ev.target = 0.93  # the best layer alone is left: its own screen fitted when it was allocated
-    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == {"l0": 0.8}
+    assert refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93) == ({"l0": 0.8}, None)
     assert ev.screened[3:] == [8, 4, 2]
 
 
@@ -153,7 +155,7 @@ def test_under_the_proportional_model_a_joint_screen_is_judged_by_its_expected_r
     # 8 layers screen 0.85: expected 0.85 + 0.5 * 0.08 = 0.89 < 0.90 - 0.005; 4 layers 0.89:
     # expected 0.91, measured (the additive margin of 0.005 stopped at 2 layers, above)
     outcome = LayerOutcome(None)
-    assert list(refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93)) == [
+    assert list(refinement._fit_on_screen(outcome, parent, Setting((0,)), {}, 0, layers, 0.93)[0]) == [
         "l0", "l1", "l2", "l3"]
     assert ev.screened == [8, 4]
     # the allocation's slack is the drop whose unrecovered half still meets: (0.93 - 0.90 + 0.005) / 0.5
@@ -188,7 +190,7 @@ class FloorsMatter:
     def screen_estimate(self, parent, c):
         return c.estimate
 
-    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1, untrained_first=False):
         self.measured.append(steps)
         self.efforts.append(effort)
         estimate, size = self._estimate(specs)
@@ -258,6 +260,7 @@ class Ladder:
         self.now = 0.0
         self.budget = Budget(minutes, SimpleNamespace(replayed_seconds=0.0), clock=lambda: self.now)
         self.measured = []
+        self.untrained_first = []
 
     def expected_seconds(self, phase):
         return {"screen": 1.0, "finetune": 10.0}[phase]
@@ -276,9 +279,10 @@ class Ladder:
     def screen_estimate(self, parent, c):
         return c.estimate
 
-    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1, untrained_first=False):
         self.now += 10.0
         self.measured.append(steps)
+        self.untrained_first.append(untrained_first)
         estimate, size = self._estimate(specs)
         return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
 
@@ -286,12 +290,12 @@ class Ladder:
         return SimpleNamespace(steps=steps, candidate=c, val_accuracy=c.accuracy, gm=parent.gm)
 
 
-def _ladder_refinement(ev):
+def _ladder_refinement(ev, margin=0.001):
     gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
     parent = SimpleNamespace(gm=gm, val_accuracy=0.95, candidate=SimpleNamespace(size_bytes=10000))
     oracle = SimpleNamespace(stages=[Stage("mask", Ladder.levels)], absolute=[True], state=lambda s: parent,
                              measured_from=lambda setting, overrides, accepted: accepted)
-    return LayerRefinement(ev, oracle, margin=0.001)
+    return LayerRefinement(ev, oracle, margin=margin)
 
 
 def _pushed(steps):
@@ -312,6 +316,8 @@ def test_a_round_that_kept_a_model_is_followed_by_one_from_it_each_layer_one_pos
     assert kinds[:3] == ["mask body1+1", "mask body2+1", "mask: 2 layers +1"]
     assert "round 2: mask body1+1" in kinds and "round 4: mask body2+1" in kinds
     assert not any(k.startswith("round 5") for k in kinds)
+    # every push screened at or above the target: each was first measured untrained
+    assert ev.untrained_first == [True, True, True]
     # a limit on the rounds is kept
     ev = Ladder()
     assert _ladder_refinement(ev).run(Setting((0,)), rounds=1).state.candidate.size_bytes == 10000 - 200
@@ -350,8 +356,9 @@ class TwoStages(Ladder):
     def screen_pipeline(self, parent, specs, stage, level, steps=None):
         return super().screen_pipeline(parent, steps, stage, level)
 
-    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1):
-        return super().measure_pipeline(parent, steps, stage, level, steps=steps, effort=effort)
+    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1, untrained_first=False):
+        return super().measure_pipeline(parent, steps, stage, level, steps=steps, effort=effort,
+                                        untrained_first=untrained_first)
 
 
 def test_a_later_round_starts_with_the_stage_that_saved_most_in_the_one_before():
@@ -367,3 +374,12 @@ def test_a_later_round_starts_with_the_stage_that_saved_most_in_the_one_before()
     assert measured == ["mask: 2 layers +1", "quant: 2 layers +1", "round 2: quant: 2 layers +1",
                         "round 2: mask: 2 layers +1"]
     assert outcome.state.candidate.size_bytes == 10000 - 2 * 2 * 100 - 2 * 2 * 300
+
+
+def test_a_push_that_screens_below_the_target_is_fine_tuned_without_an_untrained_look_first():
+    ev = Ladder()
+    ev.target = 0.935  # two bodies pushed screen 0.93: within the 0.02 margin, under the target
+    outcome = _ladder_refinement(ev, margin=0.02).run(Setting((0,)), rounds=1)
+    # that misses; its first half, body1 alone, is judged on its own screen (0.94), which meets
+    assert [_pushed(steps) for steps in ev.measured] == [{"body1": 0.7, "body2": 0.7}, {"body1": 0.7}]
+    assert ev.untrained_first == [False, True] and outcome.state.candidate.size_bytes == 10000 - 100
