@@ -165,25 +165,17 @@ def test_under_the_proportional_model_a_joint_screen_is_judged_by_its_expected_r
     assert refinement.within(0.88, 0.93) and not refinement.within(0.88, 0.90)
 
 
-class FloorsMatter:
-    """mask at 0.7: floors back at 0.5 screen `floor_gain` better; each body layer at
-    0.8 screens 0.015 worse and saves 100 bytes; the floors back cost 10 bytes."""
+class FakeStep:
+    """The evaluator the step sees, by ``_estimate(specs)`` -> (accuracy, bytes): a
+    screen advances the clock ``now`` 1 s and a deciding measurement 10 s, and the
+    measurements are recorded (their pipelines, efforts and ``untrained_first``)."""
 
-    target = 0.90
-
-    def __init__(self, floor_gain):
-        self.floor_gain = floor_gain
-        self.measured = []
-        self.efforts = []
-
-    def _estimate(self, specs):
-        (spec,) = parse_pipeline(",".join(specs))
-        layers = spec.options.get("layers", {})
-        back = sum(v == 0.5 for v in layers.values()) == 3
-        pushed = sum(v == 0.8 for v in layers.values())
-        return 0.91 + (self.floor_gain if back else 0.0) - 0.015 * pushed, 10000 - 100 * pushed + (10 if back else 0)
+    def __init__(self):
+        self.now = 0.0
+        self.measured, self.efforts, self.untrained_first = [], [], []
 
     def screen_pipeline(self, parent, specs, stage, level, steps=None):
+        self.now += 1.0
         estimate, size = self._estimate(specs)
         return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate)
 
@@ -191,13 +183,33 @@ class FloorsMatter:
         return c.estimate
 
     def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1, untrained_first=False):
+        self.now += 10.0
         self.measured.append(steps)
         self.efforts.append(effort)
+        self.untrained_first.append(untrained_first)
         estimate, size = self._estimate(specs)
         return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
 
     def state_of(self, parent, specs, c, steps=None):
         return SimpleNamespace(steps=steps, candidate=c, val_accuracy=c.accuracy, gm=parent.gm)
+
+
+class FloorsMatter(FakeStep):
+    """mask at 0.7: floors back at 0.5 screen `floor_gain` better; each body layer at
+    0.8 screens 0.015 worse and saves 100 bytes; the floors back cost 10 bytes."""
+
+    target = 0.90
+
+    def __init__(self, floor_gain):
+        super().__init__()
+        self.floor_gain = floor_gain
+
+    def _estimate(self, specs):
+        (spec,) = parse_pipeline(",".join(specs))
+        layers = spec.options.get("layers", {})
+        back = sum(v == 0.5 for v in layers.values()) == 3
+        pushed = sum(v == 0.8 for v in layers.values())
+        return 0.91 + (self.floor_gain if back else 0.0) - 0.015 * pushed, 10000 - 100 * pushed + (10 if back else 0)
 
 
 def test_floors_kept_less_compressed_give_their_accuracy_to_the_other_layers():
@@ -246,7 +258,7 @@ def test_the_compiles_per_layer_step_judges_screens_by_the_searchs_recovery_mode
     assert seen == [None, shares[-1]] and 0 < shares[-1] <= 1
 
 
-class Ladder:
+class Ladder(FakeStep):
     """mask from 0.5 on the ladder (0.5, 0.7, 0.8, 0.9): every position a body layer
     goes past 0.5 costs it 0.01 of accuracy and saves 100 bytes; the floors stay.
     A screen advances the clock 1 s and a deciding measurement 10 s."""
@@ -257,10 +269,8 @@ class Ladder:
     def __init__(self, minutes=None):
         from pyprune.search.evaluator import Budget
 
-        self.now = 0.0
+        super().__init__()
         self.budget = Budget(minutes, SimpleNamespace(replayed_seconds=0.0), clock=lambda: self.now)
-        self.measured = []
-        self.untrained_first = []
 
     def expected_seconds(self, phase):
         return {"screen": 1.0, "finetune": 10.0}[phase]
@@ -270,24 +280,6 @@ class Ladder:
         layers = spec.options.get("layers", {})
         past = sum(self.levels.index(layers.get(name, spec.options["sparsity"])) for name in ("body1", "body2"))
         return 0.95 - 0.01 * past, 10000 - 100 * past
-
-    def screen_pipeline(self, parent, specs, stage, level, steps=None):
-        self.now += 1.0
-        estimate, size = self._estimate(specs)
-        return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate)
-
-    def screen_estimate(self, parent, c):
-        return c.estimate
-
-    def measure_pipeline(self, parent, specs, stage, level, steps=None, effort=1, untrained_first=False):
-        self.now += 10.0
-        self.measured.append(steps)
-        self.untrained_first.append(untrained_first)
-        estimate, size = self._estimate(specs)
-        return SimpleNamespace(size_bytes=size, phase="finetune", accuracy=estimate, meets=estimate >= self.target)
-
-    def state_of(self, parent, specs, c, steps=None):
-        return SimpleNamespace(steps=steps, candidate=c, val_accuracy=c.accuracy, gm=parent.gm)
 
 
 def _ladder_refinement(ev, margin=0.001):
