@@ -101,6 +101,15 @@ def allocate(gains: Mapping[str, int], costs: Mapping[str, float], slack: float,
 
 
 @dataclass
+class _Position:
+    """Where the step stands: the model the next push starts from, its bytes, and
+    the per-layer overrides (stage -> layer -> level) that made it."""
+    parent: State
+    bytes: int
+    overrides: dict[int, dict[str, Any]]
+
+
+@dataclass
 class LayerOutcome:
     state: State | None  # the smaller model that met the target, or None
     moves: list[Move] = field(default_factory=list)
@@ -161,72 +170,79 @@ class LayerRefinement:
         stage only if its screens and one deciding measurement fit the budget."""
         outcome = LayerOutcome(None)
         parent = self.oracle.state(setting)
-        best_bytes = parent.candidate.size_bytes
+        at = _Position(parent, parent.candidate.size_bytes, {})
         floors = floor_layers(parent.gm)
-        overrides: dict[int, dict[str, Any]] = {}
-        order, saved = self._stages(setting), {}
+        order = self._stages(setting)
         round_ = 1
         try:
             while rounds is None or round_ <= rounds:
-                kept = False
-                for k in order:
-                    stage = self.oracle.stages[k]
-                    label = stage.name if round_ == 1 else f"round {round_}: {stage.name}"
-                    if round_ == 1:
-                        back, base_accuracy, base_bytes = self._floors_back(outcome, parent, setting, overrides, k,
-                                                                            floors, best_bytes)
-                    else:
-                        back, base_accuracy, base_bytes = {}, parent.val_accuracy, best_bytes
-                    fixed = {**overrides.get(k, {}), **back}
-                    pushes = {name: nxt for name in screened_layers(parent.gm, floors)
-                              if (nxt := self._next(setting, {k: fixed}, k, name)) is not None}
-                    if not pushes:
-                        continue
-                    if round_ > 1:
-                        self.ev.budget.check(self._stage_seconds(len(pushes), measurements=1))
-                    gains, costs = {}, {}
-                    for name, nxt in pushes.items():
-                        specs, steps = self._specs(setting, {**overrides, k: {**fixed, name: nxt}}, k)
-                        c = self.ev.screen_pipeline(parent, specs, stage.name, nxt, steps=steps)
-                        estimate = self.ev.screen_estimate(parent, c)
-                        if estimate is None:
-                            continue
-                        gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
-                        self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
-                    chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
-                    for _ in range(MAX_TRIES):
-                        chosen, estimate = self._fit_on_screen(outcome, parent, setting, {**overrides, k: fixed}, k,
-                                                               {name: pushes[name] for name in chosen},
-                                                               base_accuracy, label)
-                        if not chosen:
-                            break
-                        if len(chosen) == 1:
-                            estimate = base_accuracy - costs[next(iter(chosen))]
-                        trial = {**overrides, k: {**fixed, **chosen}}
-                        specs, steps = self._specs(setting, trial, k)
-                        start, specs = self.oracle.measured_from(setting, trial, accepted=(parent, specs))
-                        # a push that screened at the target may need no training (measure_pipeline)
-                        c = self.ev.measure_pipeline(start, specs, stage.name, next(iter(chosen.values())),
-                                                     steps=steps, effort=self.effort,
-                                                     untrained_first=start is parent and estimate >= self.ev.target)
-                        accepted = c.meets and c.size_bytes < best_bytes
-                        self._log(outcome, "layers", f"{label}: {len(chosen)} layers +1", c, c.accuracy, accepted)
-                        if accepted:
-                            # the next stage's layers start from this model, its overrides in the weights
-                            outcome.state = parent = self.ev.state_of(start, specs, c, steps=steps)
-                            saved[k] = best_bytes - c.size_bytes
-                            best_bytes, overrides, kept = c.size_bytes, trial, True
-                            break
-                        chosen = dict(list(chosen.items())[:len(chosen) // 2])
-                if not kept:
+                saved = {k: bytes_ for k in order
+                         if (bytes_ := self._push_stage(outcome, setting, at, k, floors, round_))}
+                if not saved:
                     break
                 # the stage that saved most goes first: the budget may end the round before the last
                 order = sorted(order, key=lambda k: -saved.get(k, 0))
-                saved = {}
                 round_ += 1
         except BudgetExhausted:
             outcome.budget_exhausted = True
         return outcome
+
+    def _push_stage(self, outcome: LayerOutcome, setting: Setting, at: _Position, k: int,
+                    floors: set[str], round_: int) -> int:
+        """One stage's push in one round: screen each layer one position further
+        than ``at``, allocate the slack by bytes per point, fit the allocation on a
+        joint screen and measure it (halving on a miss, :data:`MAX_TRIES` times at
+        most). A push that meets the target and is smaller moves ``at`` to it and
+        becomes ``outcome.state``. Returns the bytes it saved (0: nothing kept)."""
+        stage = self.oracle.stages[k]
+        label = stage.name if round_ == 1 else f"round {round_}: {stage.name}"
+        if round_ == 1:
+            back, base_accuracy, base_bytes = self._floors_back(outcome, at.parent, setting, at.overrides, k,
+                                                                floors, at.bytes)
+        else:
+            back, base_accuracy, base_bytes = {}, at.parent.val_accuracy, at.bytes
+        fixed = {**at.overrides.get(k, {}), **back}
+        pushes = {name: nxt for name in screened_layers(at.parent.gm, floors)
+                  if (nxt := self._next(setting, {k: fixed}, k, name)) is not None}
+        if not pushes:
+            return 0
+        if round_ > 1:
+            self.ev.budget.check(self._stage_seconds(len(pushes), measurements=1))
+        gains, costs = {}, {}
+        for name, nxt in pushes.items():
+            specs, steps = self._specs(setting, {**at.overrides, k: {**fixed, name: nxt}}, k)
+            c = self.ev.screen_pipeline(at.parent, specs, stage.name, nxt, steps=steps)
+            estimate = self.ev.screen_estimate(at.parent, c)
+            if estimate is None:
+                continue
+            gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
+            self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
+        chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
+        for _ in range(MAX_TRIES):
+            chosen, estimate = self._fit_on_screen(outcome, at.parent, setting, {**at.overrides, k: fixed}, k,
+                                                   {name: pushes[name] for name in chosen},
+                                                   base_accuracy, label)
+            if not chosen:
+                return 0
+            if len(chosen) == 1:
+                estimate = base_accuracy - costs[next(iter(chosen))]
+            trial = {**at.overrides, k: {**fixed, **chosen}}
+            specs, steps = self._specs(setting, trial, k)
+            start, specs = self.oracle.measured_from(setting, trial, accepted=(at.parent, specs))
+            # a push that screened at the target may need no training (measure_pipeline)
+            c = self.ev.measure_pipeline(start, specs, stage.name, next(iter(chosen.values())),
+                                         steps=steps, effort=self.effort,
+                                         untrained_first=start is at.parent and estimate >= self.ev.target)
+            accepted = c.meets and c.size_bytes < at.bytes
+            self._log(outcome, "layers", f"{label}: {len(chosen)} layers +1", c, c.accuracy, accepted)
+            if accepted:
+                # the next stage's layers start from this model, its overrides in the weights
+                saved = at.bytes - c.size_bytes
+                outcome.state = self.ev.state_of(start, specs, c, steps=steps)
+                at.parent, at.bytes, at.overrides = outcome.state, c.size_bytes, trial
+                return saved
+            chosen = dict(list(chosen.items())[:len(chosen) // 2])
+        return 0
 
     def slack(self, base_accuracy: float) -> float:
         """The estimated accuracy the layers pushed together may lose from
