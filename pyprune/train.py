@@ -130,6 +130,7 @@ class EvalResult:
     n: int
     seconds: float
     predictions: torch.Tensor | None = None  # int64 [n]: the top-1 class of every image, in dataset order
+    log_probs: torch.Tensor | None = None  # float32 [n, classes], in dataset order, when asked for
 
 
 def bn_gamma_l1(strength: float) -> Hook:
@@ -447,10 +448,12 @@ def recalibrate_bn(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std: Sequence[float],
-             batch_size: int = 500, progress: bool = True, channels_last: bool = False) -> EvalResult:
+             batch_size: int = 500, progress: bool = True, channels_last: bool = False,
+             log_probs: bool = False) -> EvalResult:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset``, in eval
-    mode. Under torchrun each process evaluates a contiguous part of the images and
-    every process returns the result over all of them. ``channels_last`` runs a plain
+    mode, and with ``log_probs`` the log-softmax of every image's logits. Under
+    torchrun each process evaluates a contiguous part of the images and every
+    process returns the result over all of them. ``channels_last`` runs a plain
     PyTorch model in NHWC (its weights are plain NCHW again on return): on the CPU
     here ResNet-20's forward at batch 500 runs 2.1x faster so; not for modules with
     their own kernels (the runtime's), which expect NCHW."""
@@ -462,7 +465,7 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
         part = dataset.subset(slice(bounds[shard.rank], bounds[shard.rank + 1]))
     loader = part.batches(batch_size, mean, std)
     loss_sum = correct = 0.0
-    predictions = []
+    predictions, logs = [], []
     start = time.perf_counter()
     with in_mode(model, training=False), _layout(model, channels_last) as layout:
         for x, y in _progress(loader, len(loader), f"eval {dataset.name}", progress and shard.rank == 0):
@@ -470,8 +473,13 @@ def evaluate(model: nn.Module, dataset: ArrayDataset, mean: Sequence[float], std
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             predictions.append(logits.argmax(1))
             correct += (predictions[-1] == y).sum().item()
+            if log_probs:
+                logs.append(F.log_softmax(logits.float(), dim=1))
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    logged = torch.cat(logs) if logs else None
     if shard.distributed:
         loss_sum, correct = distributed.all_reduce_sum([loss_sum, correct])
         predicted = torch.cat(distributed.all_gather_objects(predicted))
-    return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start, predicted)
+        if logged is not None:
+            logged = torch.cat(distributed.all_gather_objects(logged))
+    return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - start, predicted, logged)

@@ -227,6 +227,9 @@ def test_evaluate_matches_direct_computation():
     assert result.accuracy == pytest.approx((logits.argmax(1) == data.labels).float().mean().item())
     assert result.loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-5)
     assert torch.equal(result.predictions, logits.argmax(1))  # per image, in dataset order, across batches
+    assert result.log_probs is None  # only when asked for
+    logged = evaluate(net, data, MEAN, STD, batch_size=32, progress=False, log_probs=True).log_probs
+    torch.testing.assert_close(logged, F.log_softmax(logits, dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_and_recalibrate_in_channels_last_match_nchw_and_hand_the_weights_back_nchw():

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .. import distributed
@@ -18,7 +20,7 @@ from ..data import ArrayDataset
 from ..encode import ppz_bytes
 from ..ir import PassManager, example_input
 from ..passes import constraint_hooks, create_pass, parse_pipeline, pass_class, read_codebooks
-from ..train import DivergenceError, TrainConfig, evaluate, fine_tune, recalibrate_bn
+from ..train import DivergenceError, EvalResult, TrainConfig, evaluate, fine_tune, recalibrate_bn
 from .candidates import Candidate, Stage, State
 from .journal import Journal
 from .progress import Progress
@@ -33,6 +35,15 @@ L1_BUDGET_SHARE = 0.2
 #: and exports and verifies it in onnxruntime: measured at 7-8 times one evaluation
 #: of val (make demo, idle and under load), which the budget keeps back for it.
 WRITING_EVALS = 8
+
+
+def kl_divergence(parent: torch.Tensor, child: torch.Tensor) -> float:
+    """Mean over images of KL(parent || child), from log-softmax outputs [n, classes]:
+    how far a screened child's predictions moved from its parent's, whether or not
+    the top-1 class changed. Unlike a top-1 difference on a thousand images (a few
+    flips, about as many as noise makes), it moves with every image, so it ranks
+    small pushes far more steadily (``bench/screen_noise.py``)."""
+    return F.kl_div(child, parent, log_target=True, reduction="batchmean").item()
 
 
 class BudgetExhausted(Exception):
@@ -141,6 +152,7 @@ class Evaluator:
         self.measured = 0  # candidates measured in this run (not replayed)
         self._states: dict[str, State] = {}  # fine-tuned states of this run, by key
         self._offsets: dict[str, float] = {}  # state key -> val accuracy minus screen-subset accuracy
+        self._screen_log_probs: dict[str, torch.Tensor] = {}  # state key -> its log-softmax on the screening subset
         self._seconds: dict[str, list[float]] = {}  # phase -> how long its measurements in this run took
         self.teacher: fx.GraphModule | None = None  # what fine-tunes distil from (the uncompressed model)
 
@@ -172,8 +184,12 @@ class Evaluator:
         return State(gm, steps, key, parent.prefix)
 
     def accuracy(self, gm: fx.GraphModule, dataset: ArrayDataset) -> float:
+        return self._evaluate(gm, dataset).accuracy
+
+    def _evaluate(self, gm: fx.GraphModule, dataset: ArrayDataset, log_probs: bool = False) -> EvalResult:
         # NHWC: screens are mostly forward passes, and they run twice as fast so here
-        return evaluate(gm, dataset, self.data.mean, self.data.std, progress=False, channels_last=True).accuracy
+        return evaluate(gm, dataset, self.data.mean, self.data.std, progress=False, channels_last=True,
+                        log_probs=log_probs)
 
     def size(self, state: State) -> tuple[int, int]:
         """(bytes of the state's .ppz file, parameters)."""
@@ -239,11 +255,13 @@ class Evaluator:
     def _record(self, key: str, state: State | None, stage: str, level: Any, phase: str, accuracy: float | None,
                 n: int, epochs: float, start: float, status: str = "ok", reason: str = "",
                 pipeline: str | None = None, estimate: float | None = None,
-                trained: float | None = None) -> Candidate:
+                trained: float | None = None, divergence: float | None = None) -> Candidate:
         size, params = self.size(state) if state is not None else (0, 0)
         judged = estimate if estimate is not None else accuracy
         meets = status == "ok" and judged is not None and judged >= self.target
         extra = {"estimate": estimate} if estimate is not None else {}
+        if divergence is not None:
+            extra["divergence"] = divergence
         c = Candidate(key, self.search, pipeline if pipeline is not None else state.pipeline, stage, level, phase,
                       accuracy, n, meets, size, params, epochs, time.perf_counter() - start, status, reason, extra)
         # fine-tunes by the time of one of the configured length, so efforts compare
@@ -302,9 +320,11 @@ class Evaluator:
                 return self._record(key, None, stage, level, "screen", None, len(self.data.screen), 0.0, start,
                                     status="failed", reason=f"screen's recovery: {exc}",
                                     pipeline=child.pipeline)
-        accuracy = self.accuracy(child.gm, self.data.screen)
-        return self._record(key, child, stage, level, "screen", accuracy, len(self.data.screen), 0.0, start,
-                            estimate=accuracy + self._offset(parent))
+        offset = self._offset(parent)
+        result = self._evaluate(child.gm, self.data.screen, log_probs=True)
+        return self._record(key, child, stage, level, "screen", result.accuracy, len(self.data.screen), 0.0, start,
+                            estimate=result.accuracy + offset,
+                            divergence=kl_divergence(self._screen_log_probs[parent.key], result.log_probs))
 
     def _recover_briefly(self, child: State) -> State:
         """``child`` after :attr:`EvalSettings.screen_steps` steps of fine-tuning in
@@ -316,10 +336,14 @@ class Evaluator:
         return child
 
     def _offset(self, parent: State) -> float:
+        """``parent``'s val accuracy minus its accuracy on the screening subset (and
+        its predictions there, which a screen's divergence is measured from)."""
         if parent.key not in self._offsets:
             if parent.val_accuracy is None:
                 raise ValueError(f"state {parent.key} has no val accuracy to estimate from")
-            self._offsets[parent.key] = parent.val_accuracy - self.accuracy(parent.gm, self.data.screen)
+            result = self._evaluate(parent.gm, self.data.screen, log_probs=True)
+            self._offsets[parent.key] = parent.val_accuracy - result.accuracy
+            self._screen_log_probs[parent.key] = result.log_probs
         return self._offsets[parent.key]
 
     def screen_estimate(self, parent: State, candidate: Candidate) -> float | None:

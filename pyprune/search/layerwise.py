@@ -6,10 +6,14 @@ For each stage whose knob has a per-layer option (quantization's and masking's
 ``layers``) and that is on in the chosen setting with a further position on its
 ladder, every layer but the *floors* and the smallest layers (:func:`screened_layers`)
 is screened one position further than the rest (BatchNorm recalibration,
-screening subset): what it costs (estimated points of val accuracy) and what it saves (bytes). :func:`allocate` takes layers by bytes
-per point until their summed cost uses the slack: the chosen model's val accuracy
-minus the target, plus the recovery margin (what fine-tuning has been seen to
-recover). Under the proportional recovery model (``share``, see :mod:`.marginal`) a
+screening subset): what it costs (estimated points of val accuracy), how far it
+moves the predictions (KL divergence from the chosen model's, same images) and what
+it saves (bytes). One layer's top-1 cost is a few images in a thousand, about what
+noise flips, so the stage's summed cost is shared among its layers by their
+divergences (:func:`spread_by_divergence`), and :func:`allocate` takes layers by
+bytes per unit of divergence until their summed cost uses the slack: the chosen
+model's val accuracy minus the target, plus the recovery margin (what fine-tuning
+has been seen to recover). Under the proportional recovery model (``share``, see :mod:`.marginal`) a
 push is judged as the marginal search judges a move: fine-tuning is expected to win
 back ``share`` of the screen's drop from the chosen model, so the slack is the drop
 whose unrecovered part still meets the target. Single-layer costs do not add up
@@ -60,6 +64,8 @@ MAX_TRIES = 3  # measurements of one stage's allocation: all of it, then halves
 # its screen. On ResNet-56 that skips the 18 16-channel layers (2,304 weights each,
 # 4.9% of its weights together), a third of the step's screens.
 SMALL_SHARE = 0.25
+# A push that moved no prediction ranks by its bytes alone (as MIN_COST does for costs).
+MIN_DIVERGENCE = 1e-9
 
 
 def floor_layers(gm: fx.GraphModule) -> set[str]:
@@ -84,13 +90,18 @@ def screened_layers(gm: fx.GraphModule, floors: set[str]) -> list[str]:
 
 
 def allocate(gains: Mapping[str, int], costs: Mapping[str, float], slack: float,
-             floors: set[str] = frozenset()) -> list[str]:
-    """Layers to push one position further, best bytes per point first, while their
-    summed cost (each at least 0) stays within ``slack``. Floors and layers that save
-    nothing are never chosen; a layer that does not fit is skipped and the next
-    ones are still tried (greedy knapsack)."""
+             floors: set[str] = frozenset(), divergences: Mapping[str, float] | None = None) -> list[str]:
+    """Layers to push one position further, best bytes per point first (per unit of
+    ``divergences``, when given), while their summed cost (each at least 0) stays
+    within ``slack``. Floors and layers that save nothing are never chosen; a layer
+    that does not fit is skipped and the next ones are still tried (greedy knapsack)."""
+    def rate(name: str) -> float:
+        if divergences is not None:
+            return gains[name] / max(divergences[name], MIN_DIVERGENCE)
+        return gains[name] / max(costs[name], MIN_COST)
+
     ranked = sorted((name for name in gains if name not in floors and gains[name] > 0),
-                    key=lambda n: (-gains[n] / max(costs[n], MIN_COST), n))
+                    key=lambda n: (-rate(n), n))
     chosen, spent = [], 0.0
     for name in ranked:
         cost = max(costs[name], 0.0)
@@ -98,6 +109,24 @@ def allocate(gains: Mapping[str, int], costs: Mapping[str, float], slack: float,
             chosen.append(name)
             spent += cost
     return chosen
+
+
+def spread_by_divergence(costs: Mapping[str, float], divergences: Mapping[str, float]) -> dict[str, float]:
+    """Single-layer costs with their noise taken out: the stage's summed cost
+    (the points its layers' screens lost on the screening subset, together; never
+    below 0) shared among the layers in proportion to each one's divergence (the KL
+    divergence of its screen's predictions from the parent's on the same images).
+
+    Why: a layer pushed one step costs a few images of a thousand, as many as noise
+    flips, so the top-1 costs rank layers on noise (``bench/screen_noise.py``: on
+    ResNet-56, masking's single-layer costs on the subset correlated 0.16 with the
+    same pushes on 4,000 other images, their divergences 0.42). The sum keeps what
+    the screens say about the stage as a whole, the divergences say which layers."""
+    total_divergence = sum(max(d, 0.0) for d in divergences.values())
+    if total_divergence <= 0:
+        return dict(costs)
+    total = max(sum(costs.values()), 0.0)
+    return {name: total * max(divergences[name], 0.0) / total_divergence for name in costs}
 
 
 @dataclass
@@ -120,7 +149,7 @@ class LayerRefinement:
     """See the module docstring; ``setting`` is what the marginal search chose."""
 
     def __init__(self, ev: Evaluator, oracle: EvaluatorOracle, margin: float, effort: int = 1,
-                 share: float | None = None) -> None:
+                 share: float | None = None, by_divergence: bool = True) -> None:
         self.ev = ev
         self.oracle = oracle
         self.margin = margin
@@ -129,6 +158,9 @@ class LayerRefinement:
         # model: a shorter restart of the schedule can lose what the longer one bought
         # (2-bit codebooks fell 16 points in 0.5 epoch after 4 epochs had them meeting).
         self.effort = effort
+        # rank layers by bytes per unit of divergence and spread the stage's cost by it
+        # (:func:`spread_by_divergence`); False: by each layer's own top-1 cost
+        self.by_divergence = by_divergence
 
     def _specs(self, setting: Setting, overrides: Mapping[int, dict[str, Any]], k: int) -> tuple[list[str], tuple[str, ...]]:
         """(passes to run on the chosen model, the pipeline the result stands for)
@@ -208,7 +240,7 @@ class LayerRefinement:
             return 0
         if round_ > 1:
             self.ev.budget.check(self._stage_seconds(len(pushes), measurements=1))
-        gains, costs = {}, {}
+        gains, costs, divergences = {}, {}, {}
         for name, nxt in pushes.items():
             specs, steps = self._specs(setting, {**at.overrides, k: {**fixed, name: nxt}}, k)
             c = self.ev.screen_pipeline(at.parent, specs, stage.name, nxt, steps=steps)
@@ -216,8 +248,14 @@ class LayerRefinement:
             if estimate is None:
                 continue
             gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
+            if "divergence" in c.extra:
+                divergences[name] = c.extra["divergence"]
             self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
-        chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
+        if self.by_divergence and divergences.keys() == costs.keys():
+            costs = spread_by_divergence(costs, divergences)
+            chosen = allocate(gains, costs, self.slack(base_accuracy), floors, divergences)
+        else:
+            chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
         for _ in range(MAX_TRIES):
             chosen, estimate = self._fit_on_screen(outcome, at.parent, setting, {**at.overrides, k: fixed}, k,
                                                    {name: pushes[name] for name in chosen},

@@ -26,6 +26,29 @@ def test_a_candidate_is_measured_once_then_served_from_the_cache():
     assert first.extra["estimate"] == pytest.approx(0.5 + first.accuracy - parent_on_subset)
 
 
+def _log_probs_by_hand(gm, data):
+    from .tiny import MEAN, STD
+
+    x = (data.images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return torch.log_softmax(gm.eval()(x), dim=1)
+
+
+def test_a_screen_records_how_far_its_predictions_moved_from_the_parents():
+    ev, base = tiny_evaluator(), tiny_base()
+    nothing = "mask(sparsity=0.0)"
+    base = ev.apply(base, [nothing])  # recalibrated, so BatchNorm is the same on both sides
+    base.val_accuracy = 0.5
+    c = ev.screen_pipeline(base, [MASK.spec(0.8)], "mask", 0.8)
+    child = ev.apply(base, [MASK.spec(0.8)])  # the same child: the passes and the recalibration are seeded
+    parent, pushed = _log_probs_by_hand(base.gm, ev.data.screen), _log_probs_by_hand(child.gm, ev.data.screen)
+    by_hand = (parent.exp() * (parent - pushed)).sum(1).mean().item()  # KL(parent || child), per image, averaged
+    assert by_hand > 0.0
+    assert c.extra["divergence"] == pytest.approx(by_hand, rel=1e-3)
+    # a screen that changes nothing moves nothing
+    assert ev.screen_pipeline(base, [nothing], "mask", 0.0).extra["divergence"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_measured_size_is_the_ppz_file_and_shrinks_with_sparsity():
     ev, base = tiny_evaluator(), tiny_base()
     sizes = [ev.screen(base, MASK, s).size_bytes for s in MASK.levels]

@@ -9,7 +9,8 @@ from torch import nn
 from pyprune.ir import example_input, propagate_shapes, trace
 from pyprune.passes import parse_pipeline
 from pyprune.search.candidates import Stage
-from pyprune.search.layerwise import LayerOutcome, LayerRefinement, allocate, floor_layers, screened_layers
+from pyprune.search.layerwise import (LayerOutcome, LayerRefinement, allocate, floor_layers, screened_layers,
+                                      spread_by_divergence)
 from pyprune.search.marginal import Setting
 from pyprune.search.marginal_oracle import EvaluatorOracle
 
@@ -26,6 +27,25 @@ def test_allocation_takes_bytes_per_point_first_within_the_slack_and_never_a_flo
     # a layer that does not fit is skipped, cheaper ones after it are still taken
     assert allocate({"x": 500, "y": 10}, {"x": 0.05, "y": 0.001}, slack=0.01) == ["y"]
     assert allocate(gains, costs, slack=-0.01) == []
+
+
+def test_by_divergence_layers_rank_by_bytes_per_unit_of_it_and_fit_by_cost():
+    gains = {"a": 1000, "b": 900, "c": 100, "stem": 5000}
+    costs = {"a": 0.0, "b": 0.010, "c": 0.001, "stem": 0.0}
+    divergences = {"a": 0.05, "b": 0.001, "c": 0.0, "stem": 0.0}
+    # by bytes per unit of divergence: c (100 / 1e-9 floor), b (900,000), a (20,000); not by cost (a first)
+    assert allocate(gains, costs, 0.02, {"stem"}, divergences) == ["c", "b", "a"]
+    assert allocate(gains, costs, 0.005, {"stem"}, divergences) == ["c", "a"]  # b's cost does not fit
+
+
+def test_spreading_shares_the_stages_summed_cost_by_divergence():
+    costs = {"a": 0.010, "b": -0.002, "c": 0.004}  # 0.012 together
+    spread = spread_by_divergence(costs, {"a": 1.0, "b": 2.0, "c": 3.0})
+    assert spread == pytest.approx({"a": 0.002, "b": 0.004, "c": 0.006})
+    # screens that gained together cost nothing, whatever they moved
+    assert spread_by_divergence({"a": 0.001, "b": -0.003}, {"a": 1.0, "b": 1.0}) == {"a": 0.0, "b": 0.0}
+    # nothing moved: nothing to spread by, the costs stand
+    assert spread_by_divergence(costs, {"a": 0.0, "b": 0.0, "c": 0.0}) == costs
 
 
 class WithShortcut(nn.Module):
@@ -177,7 +197,10 @@ class FakeStep:
     def screen_pipeline(self, parent, specs, stage, level, steps=None):
         self.now += 1.0
         estimate, size = self._estimate(specs)
-        return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate)
+        return SimpleNamespace(size_bytes=size, phase="screen", estimate=estimate, extra=self._extra(specs))
+
+    def _extra(self, specs):
+        return {}
 
     def screen_estimate(self, parent, c):
         return c.estimate
@@ -375,3 +398,56 @@ def test_a_push_that_screens_below_the_target_is_fine_tuned_without_an_untrained
     # that misses; its first half, body1 alone, is judged on its own screen (0.94), which meets
     assert [_pushed(steps) for steps in ev.measured] == [{"body1": 0.7, "body2": 0.7}, {"body1": 0.7}]
     assert ev.untrained_first == [False, True] and outcome.state.candidate.size_bytes == 10000 - 100
+
+
+class NoisyScreens(FakeStep):
+    """mask at 0.5 -> 0.7 per body layer. In truth body1 costs 0.02 and body2 nothing;
+    the single-layer screens say the opposite (body1 0.0, body2 0.02: noise), while
+    their divergences (body1 0.05, body2 0.001) follow the truth. Joint screens and
+    deciding measurements see the truth. Each push saves 100 bytes."""
+
+    target = 0.90
+    truth = {"body1": 0.02, "body2": 0.0}
+    noise = {"body1": 0.0, "body2": 0.02}
+    divergence = {"body1": 0.05, "body2": 0.001}
+
+    def _pushed(self, specs):
+        (spec,) = parse_pipeline(",".join(specs))
+        return [name for name, v in spec.options.get("layers", {}).items() if v == 0.7]
+
+    def _estimate(self, specs):
+        pushed = self._pushed(specs)
+        costs = self.noise if len(pushed) == 1 and not self.measuring else self.truth
+        return 0.915 - sum(costs[n] for n in pushed), 10000 - 100 * len(pushed)
+
+    def _extra(self, specs):
+        pushed = self._pushed(specs)
+        return {"divergence": sum(self.divergence[n] for n in pushed)}
+
+    measuring = False
+
+    def measure_pipeline(self, *args, **kwargs):
+        self.measuring = True
+        try:
+            return super().measure_pipeline(*args, **kwargs)
+        finally:
+            self.measuring = False
+
+
+@pytest.mark.parametrize("by_divergence", [True, False])
+def test_divergences_keep_a_layer_that_screened_cheap_by_noise_out_of_the_push(by_divergence):
+    gm = propagate_shapes(trace(WithShortcut()), example_input(SHAPE))
+    parent = SimpleNamespace(gm=gm, val_accuracy=0.915, candidate=SimpleNamespace(size_bytes=10000))
+    oracle = SimpleNamespace(stages=[Stage("mask", (0.5, 0.7))], absolute=[True], state=lambda s: parent,
+                             measured_from=lambda setting, overrides, accepted: accepted)
+    ev = NoisyScreens()
+    # slack 0.015 + 0.001: one layer's 0.02 does not fit, so one of the two is pushed
+    outcome = LayerRefinement(ev, oracle, margin=0.001, by_divergence=by_divergence).run(Setting((0,)), rounds=1)
+    (steps,) = ev.measured
+    if by_divergence:
+        # the summed cost 0.02 spread: body1 0.0196, body2 0.0004; body2 pushed, and meets
+        assert _pushed(steps) == {"body2": 0.7}
+        assert outcome.state is not None and outcome.state.candidate.size_bytes == 9900
+    else:
+        # by its own screen body1 is free: pushed, and misses
+        assert _pushed(steps) == {"body1": 0.7} and outcome.state is None
