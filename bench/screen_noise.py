@@ -28,28 +28,17 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 
 from _measure import table
 from _recovery import add_recovery_args, recovery_setup
 
-from pyprune.data import ArrayDataset
 from pyprune.passes import build_pipeline, parse_pipeline
+from pyprune.search.evaluator import kl_divergence
 from pyprune.search.layerwise import floor_layers, screened_layers
-from pyprune.train import recalibrate_bn
+from pyprune.train import evaluate, recalibrate_bn
 
 NEXT = {"mask": ("sparsity", {0.5: 0.6, 0.6: 0.7, 0.7: 0.75, 0.75: 0.8, 0.8: 0.85}),
         "quant": ("bits", {6: 5, 5: 4, 4: 3, 3: 2})}
-
-
-@torch.no_grad()
-def logits_of(gm: torch.nn.Module, data: ArrayDataset, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    gm.eval()
-    out, labels = [], []
-    for x, y in data.batches(500, mean, std):
-        out.append(gm(x))
-        labels.append(y)
-    return torch.cat(out), torch.cat(labels)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -85,12 +74,15 @@ def main() -> None:
         recalibrate_bn(g, train, model.mean, model.std, 1024, channels_last=True)
         return g
 
+    def measured(g: torch.nn.Module, data) -> tuple[float, float, torch.Tensor]:
+        """(top-1, mean cross-entropy, log-probs) on ``data``."""
+        r = evaluate(g, data, model.mean, model.std, progress=False, log_probs=True)
+        return r.accuracy, r.loss, r.log_probs
+
     base = built({})
-    base_a, ya = logits_of(base, a, model.mean, model.std)
-    base_b, yb = logits_of(base, b, model.mean, model.std)
-    top1 = lambda z, y: (z.argmax(1) == y).double().mean().item()  # noqa: E731
-    print(f"{args.arch} ({setup.checkpoint}), base {args.base}: top-1 A {top1(base_a, ya):.4f} "
-          f"({len(a)} images), B {top1(base_b, yb):.4f} ({len(b)})", flush=True)
+    base_a, base_b = measured(base, a), measured(base, b)
+    print(f"{args.arch} ({setup.checkpoint}), base {args.base}: top-1 A {base_a[0]:.4f} "
+          f"({len(a)} images), B {base_b[0]:.4f} ({len(b)})", flush=True)
     layers = screened_layers(base, floor_layers(base))
     rows = []
     for stage in args.stages:
@@ -101,13 +93,11 @@ def main() -> None:
         start = time.perf_counter()
         for name in layers:
             g = built({stage: {name: nxt}})
-            za, _ = logits_of(g, a, model.mean, model.std)
-            zb, _ = logits_of(g, b, model.mean, model.std)
-            measures["top-1"].append(top1(base_a, ya) - top1(za, ya))
-            measures["CE"].append((F.cross_entropy(za, ya) - F.cross_entropy(base_a, ya)).item())
-            measures["KL"].append(F.kl_div(F.log_softmax(za, 1), F.log_softmax(base_a, 1), log_target=True,
-                                           reduction="batchmean").item())
-            measures["B"].append(top1(base_b, yb) - top1(zb, yb))
+            on_a, on_b = measured(g, a), measured(g, b)
+            measures["top-1"].append(base_a[0] - on_a[0])
+            measures["CE"].append(on_a[1] - base_a[1])
+            measures["KL"].append(kl_divergence(base_a[2], on_a[2]))
+            measures["B"].append(base_b[0] - on_b[0])
             print(f"  {stage} {name} -> {nxt}: " + ", ".join(f"{k} {v[-1]:+.4f}" for k, v in measures.items()),
                   flush=True)
         rows.append([f"{stage} {level} -> {nxt}", str(len(layers)),
