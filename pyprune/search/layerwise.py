@@ -251,11 +251,10 @@ class LayerRefinement:
             if "divergence" in c.extra:
                 divergences[name] = c.extra["divergence"]
             self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
-        if self.by_divergence and divergences.keys() == costs.keys():
-            costs = spread_by_divergence(costs, divergences)
-            chosen = allocate(gains, costs, self.slack(base_accuracy), floors, divergences)
-        else:
-            chosen = allocate(gains, costs, self.slack(base_accuracy), floors)
+        ranked_by = divergences if self.by_divergence and divergences.keys() == costs.keys() else None
+        if ranked_by is not None:
+            costs = spread_by_divergence(costs, ranked_by)
+        chosen = allocate(gains, costs, self.slack(base_accuracy), floors, ranked_by)
         for _ in range(MAX_TRIES):
             chosen, estimate = self._fit_on_screen(outcome, at.parent, setting, {**at.overrides, k: fixed}, k,
                                                    {name: pushes[name] for name in chosen},
