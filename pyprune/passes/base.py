@@ -149,6 +149,11 @@ class Knob:
     # The option of {layer: value} overrides that set single layers apart from the
     # knob's one value (None: the pass has none), for per-layer searches.
     per_layer: str | None = None
+    # Whether one layer pushed one position further shows on a screen (a thousand
+    # images). False where it moves top-1 by less than a screen's noise, so a
+    # per-layer search learns nothing from single-layer screens and ranks layers by
+    # what they save instead, letting screens of many layers together decide how many.
+    layer_screens: bool = True
 
     def aggressiveness(self, value: Any) -> Any:
         """A sort key: the least aggressive setting sorts first."""

@@ -41,6 +41,10 @@ class Stage:
     def per_layer(self) -> str | None:
         return pass_class(self.name).knob.per_layer
 
+    @property
+    def layer_screens(self) -> bool:
+        return pass_class(self.name).knob.layer_screens
+
 
 def make_stages(order: tuple[str, ...] | list[str],
                 levels: dict[str, tuple[float | int, ...]] | None = None) -> list[Stage]:

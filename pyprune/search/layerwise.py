@@ -16,7 +16,10 @@ model's val accuracy minus the target, plus the recovery margin (what fine-tunin
 has been seen to recover). Under the proportional recovery model (``share``, see :mod:`.marginal`) a
 push is judged as the marginal search judges a move: fine-tuning is expected to win
 back ``share`` of the screen's drop from the chosen model, so the slack is the drop
-whose unrecovered part still meets the target. Single-layer costs do not add up
+whose unrecovered part still meets the target. A stage whose single layers do not show on a screen (quantization: one layer a
+bit coarser moves top-1 by less than a screen's noise; ``Knob.layer_screens``)
+skips those screens: all its layers are taken, most non-zero weights first, and the
+joint screens' halving below decides how many. Single-layer costs do not add up
 (two layers pushed together cost more than the two alone), so the allocation is
 screened as a whole first and halved, best layers kept, until that joint screen is
 within the margin of the target. Only
@@ -53,7 +56,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..passes import weight_layers
-from .candidates import State
+from .candidates import Stage, State
 from .evaluator import BudgetExhausted, Evaluator
 from .marginal import MIN_COST, MIN_MARGIN, Move, Setting, expected_recovery
 from .marginal_oracle import EvaluatorOracle, rerun
@@ -87,6 +90,11 @@ def screened_layers(gm: fx.GraphModule, floors: set[str]) -> list[str]:
         return []
     mean = sum(sizes.values()) / len(sizes)
     return [name for name, n in sizes.items() if n >= SMALL_SHARE * mean]
+
+
+def nonzero_weights(gm: fx.GraphModule, name: str) -> int:
+    """The non-zero weights of layer ``name``: what one bit less per weight re-codes."""
+    return int(gm.get_submodule(name).weight.count_nonzero())
 
 
 def allocate(gains: Mapping[str, int], costs: Mapping[str, float], slack: float,
@@ -183,14 +191,16 @@ class LayerRefinement:
 
     def expected_seconds(self, setting: Setting) -> float:
         """About how long one round of :meth:`run` takes: per stage, a screen per
-        layer, one for the floors, a few joint screens and two deciding measurements,
-        at this run's pace."""
+        layer (where single layers show on a screen), one for the floors, a few joint
+        screens and two deciding measurements, at this run's pace."""
         gm = self.oracle.state(setting).gm
         layers = len(screened_layers(gm, floor_layers(gm)))
-        return len(self._stages(setting)) * self._stage_seconds(layers, measurements=2)
+        return sum(self._stage_seconds(self.oracle.stages[k], layers, measurements=2) for k in self._stages(setting))
 
-    def _stage_seconds(self, layers: int, measurements: int) -> float:
-        return (layers + 5) * self.ev.expected_seconds("screen") + \
+    def _stage_seconds(self, stage: Stage, layers: int, measurements: int) -> float:
+        # unscreened layers cost the joint screens of a halving from all of them
+        screens = layers + 5 if stage.layer_screens else layers.bit_length() + 3
+        return screens * self.ev.expected_seconds("screen") + \
             measurements * self.effort * self.ev.expected_seconds("finetune")
 
     def run(self, setting: Setting, rounds: int | None = None) -> LayerOutcome:
@@ -239,21 +249,15 @@ class LayerRefinement:
         if not pushes:
             return 0
         if round_ > 1:
-            self.ev.budget.check(self._stage_seconds(len(pushes), measurements=1))
-        gains, costs, divergences = {}, {}, {}
-        for name, nxt in pushes.items():
-            specs, steps = self._specs(setting, {**at.overrides, k: {**fixed, name: nxt}}, k)
-            c = self.ev.screen_pipeline(at.parent, specs, stage.name, nxt, steps=steps)
-            estimate = self.ev.screen_estimate(at.parent, c)
-            if estimate is None:
-                continue
-            gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
-            if "divergence" in c.extra:
-                divergences[name] = c.extra["divergence"]
-            self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
-        ranked_by = divergences if self.by_divergence and divergences.keys() == costs.keys() else None
-        if ranked_by is not None:
-            costs = spread_by_divergence(costs, ranked_by)
+            self.ev.budget.check(self._stage_seconds(stage, len(pushes), measurements=1))
+        if stage.layer_screens:
+            gains, costs, ranked_by = self._screen_layers(outcome, setting, at, k, fixed, pushes,
+                                                          base_accuracy, base_bytes, label)
+        else:
+            # a single layer's screen would be noise: every layer, the most weights
+            # re-coded first, and the joint screens find how many fit
+            gains = {name: nonzero_weights(at.parent.gm, name) for name in pushes}
+            costs, ranked_by = dict.fromkeys(pushes, 0.0), None
         chosen = allocate(gains, costs, self.slack(base_accuracy), floors, ranked_by)
         for _ in range(MAX_TRIES):
             chosen, estimate = self._fit_on_screen(outcome, at.parent, setting, {**at.overrides, k: fixed}, k,
@@ -261,7 +265,7 @@ class LayerRefinement:
                                                    base_accuracy, label)
             if not chosen:
                 return 0
-            if len(chosen) == 1:
+            if estimate is None:  # one layer, which allocate took on its own screen
                 estimate = base_accuracy - costs[next(iter(chosen))]
             trial = {**at.overrides, k: {**fixed, **chosen}}
             specs, steps = self._specs(setting, trial, k)
@@ -280,6 +284,30 @@ class LayerRefinement:
                 return saved
             chosen = dict(list(chosen.items())[:len(chosen) // 2])
         return 0
+
+    def _screen_layers(self, outcome: LayerOutcome, setting: Setting, at: _Position, k: int,
+                       fixed: Mapping[str, Any], pushes: Mapping[str, Any], base_accuracy: float,
+                       base_bytes: int, label: str) -> tuple[dict[str, int], dict[str, float],
+                                                             dict[str, float] | None]:
+        """Each layer of ``pushes`` screened alone one position further: (bytes it
+        saves, points it costs, and the divergences to rank by, or None where a
+        screen has none or ``by_divergence`` is off); with divergences the costs are
+        the stage's sum spread by them (:func:`spread_by_divergence`)."""
+        stage = self.oracle.stages[k]
+        gains, costs, divergences = {}, {}, {}
+        for name, nxt in pushes.items():
+            specs, steps = self._specs(setting, {**at.overrides, k: {**fixed, name: nxt}}, k)
+            c = self.ev.screen_pipeline(at.parent, specs, stage.name, nxt, steps=steps)
+            estimate = self.ev.screen_estimate(at.parent, c)
+            if estimate is None:
+                continue
+            gains[name], costs[name] = base_bytes - c.size_bytes, base_accuracy - estimate
+            if "divergence" in c.extra:
+                divergences[name] = c.extra["divergence"]
+            self._log(outcome, "layers", f"{label} {name}+1", c, estimate, False)
+        if not (self.by_divergence and divergences.keys() == costs.keys()):
+            return gains, costs, None
+        return gains, spread_by_divergence(costs, divergences), divergences
 
     def slack(self, base_accuracy: float) -> float:
         """The estimated accuracy the layers pushed together may lose from
@@ -323,10 +351,13 @@ class LayerRefinement:
         halving) whose layers, pushed together, screen :meth:`within` reach of the
         target from ``base_accuracy`` (the parent's accuracy after the floors' step
         back), down to its best layer alone; and that joint screen's estimate (None
-        for one layer, which allocate took on its own screen)."""
+        for one layer, which allocate took on its own screen). Where the stage's layers
+        were not screened alone (``layer_screens``), the best layer alone is screened
+        too, and nothing is left ({}, None) if it does not fit."""
         stage = self.oracle.stages[k]
         chosen = dict(chosen)
-        while len(chosen) > 1:  # one layer's own screen fits: allocate took it within the slack
+        # one layer's own screen fits: allocate took it within the slack
+        while len(chosen) > (1 if stage.layer_screens else 0):
             trial = {**overrides, k: {**overrides.get(k, {}), **chosen}}
             specs, steps = self._specs(setting, trial, k)
             c = self.ev.screen_pipeline(parent, specs, stage.name, next(iter(chosen.values())), steps=steps)

@@ -451,3 +451,53 @@ def test_divergences_keep_a_layer_that_screened_cheap_by_noise_out_of_the_push(b
     else:
         # by its own screen body1 is free: pushed, and misses
         assert _pushed(steps) == {"body1": 0.7} and outcome.state is None
+
+
+class PerLayerBits(FakeStep):
+    """quant on the ladder (8, 6, 4) over WithSmallLayer's body (wide: 2,304 weights,
+    narrow_in and narrow_out: 288 each): every body layer one position past 8 bits
+    costs 0.01 of accuracy and saves bytes in proportion to its weights. Records the
+    layers of every screen."""
+
+    target = 0.93
+
+    def __init__(self):
+        super().__init__()
+        self.screened = []
+
+    def _estimate(self, specs):
+        (spec,) = parse_pipeline(",".join(specs))
+        pushed = sorted(name for name, bits in spec.options.get("layers", {}).items() if bits < 8)
+        self.screened.append(pushed)
+        weights = {"wide": 2304, "narrow_in": 288, "narrow_out": 288}
+        return 0.955 - 0.01 * len(pushed), 10000 - sum(weights[n] for n in pushed) // 4
+
+
+def _bits_refinement(ev):
+    gm = propagate_shapes(trace(WithSmallLayer()), example_input(SHAPE))
+    parent = SimpleNamespace(gm=gm, val_accuracy=0.955, candidate=SimpleNamespace(size_bytes=10000))
+    oracle = SimpleNamespace(stages=[Stage("quant", (8, 6, 4))], absolute=[True], state=lambda s: parent,
+                             measured_from=lambda setting, overrides, accepted: accepted)
+    return LayerRefinement(ev, oracle, margin=0.001)
+
+
+def test_a_stage_whose_single_layers_a_screen_cannot_see_is_pushed_by_weights_and_fitted_on_joint_screens():
+    assert not Stage("quant").layer_screens and Stage("mask").layer_screens
+    ev = PerLayerBits()
+    outcome = _bits_refinement(ev).run(Setting((0,)), rounds=1)
+    # no layer screened alone: all three together (0.925 misses 0.93 - 0.001), then the
+    # first half by weights, the wide layer alone (0.945), which is measured and kept
+    assert ev.screened[:2] == [["narrow_in", "narrow_out", "wide"], ["wide"]]
+    assert [m.kind for m in outcome.moves] == ["quant: 3 layers +1", "quant: 1 layers +1", "quant: 1 layers +1"]
+    (steps,) = ev.measured
+    assert parse_pipeline(",".join(steps))[0].options["layers"] == {"wide": 6}
+    assert outcome.state.candidate.size_bytes == 10000 - 2304 // 4
+    assert ev.untrained_first == [True]  # its joint screen met the target
+
+
+def test_without_single_layer_screens_a_push_that_fits_no_joint_screen_measures_nothing():
+    ev = PerLayerBits()
+    ev.target = 0.95  # one layer screens 0.945: under 0.95 - 0.001
+    outcome = _bits_refinement(ev).run(Setting((0,)), rounds=1)
+    assert ev.screened == [["narrow_in", "narrow_out", "wide"], ["wide"]]
+    assert ev.measured == [] and outcome.state is None
